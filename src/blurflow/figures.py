@@ -1,0 +1,49 @@
+"""Figures: PSF gallery (and, later, the paper's figures). Matplotlib, Agg backend."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from blurflow.optics import MotionPSF, MotionScales, Optics  # noqa: E402
+
+GALLERY = {  # title: (v1, v2, v3, z0)
+    "in focus": (0.0, 0.0, 0.0, 0.0),
+    "defocused": (0.0, 0.0, 0.0, 1.0),
+    "lateral motion": (0.8, 0.4, 0.0, 0.0),
+    "axial motion": (0.0, 0.0, 1.0, 0.0),
+    "lateral + axial": (0.6, 0.6, 0.8, 0.2),
+}
+
+
+def psf_gallery(optics: Optics, scales: MotionScales, size: int = 48) -> plt.Figure:
+    """Motion PSFs of :data:`GALLERY`, linear (top) and log10 (bottom), axes in um."""
+    params = torch.tensor(list(GALLERY.values()))
+    kernels = MotionPSF(optics, scales, size=size)(params).numpy()
+    lo, hi = (-size // 2 - 0.5) * optics.pixel_um, (size // 2 - 0.5) * optics.pixel_um
+    extent = (lo, hi, hi, lo)  # pixel edges; the origin is the centre of pixel size // 2
+    fig, axes = plt.subplots(2, len(GALLERY), figsize=(3.0 * len(GALLERY), 6.4), constrained_layout=True)
+    for col, ((title, (v1, v2, v3, z0)), kernel) in enumerate(zip(GALLERY.items(), kernels)):
+        top, bottom = axes[0, col], axes[1, col]
+        top.imshow(kernel / kernel.max(), cmap="magma", extent=extent, vmin=0, vmax=1)
+        im = bottom.imshow(np.log10(np.maximum(kernel, 1e-7)), cmap="magma", extent=extent, vmin=-6, vmax=-0.5)
+        lateral = np.hypot(v1, v2) * scales.lateral_scale_px * optics.pixel_um
+        top.set_title(
+            f"{title}\nv=({v1:g}, {v2:g}, {v3:g}), z0={z0:g}\n"
+            f"lateral {lateral:.1f} um, axial {v3 * scales.axial_scale_um:.1f} um from {z0 * scales.axial_scale_um:.1f} um",
+            fontsize=9,
+        )
+        for ax in (top, bottom):
+            ax.set_xlabel("x (um)")
+        top.set_ylabel("y (um)" if col == 0 else "")
+        bottom.set_ylabel("y (um), log10 scale" if col == 0 else "")
+    fig.colorbar(im, ax=axes[1, :], shrink=0.8, label="log10 fraction of energy per pixel")
+    fig.suptitle(
+        f"Motion PSFs: NA {optics.na:g}, n {optics.n:g}, lambda {optics.wavelength_um:g} um, "
+        f"pixel {optics.pixel_um:.3g} um, L = {scales.lateral_scale_px:g} px, A = {scales.axial_scale_um:g} um"
+    )
+    return fig

@@ -1,0 +1,343 @@
+"""Widefield optics: 3D PSF from a scalar pupil and the 3D motion PSF (paper Eq. 2-4).
+
+Units: lengths in micrometres (um) in the sample unless a name says ``_px`` (camera pixels
+projected to the sample, i.e. ``camera_pixel_um / magnification``). Spatial frequencies are in
+cycles/um for pupil quantities and cycles/px for kernel quantities. Kernels are arrays of shape
+(B, size, size) whose origin (the midpoint of the lateral path) is at index ``size // 2``; every
+kernel sums to 1. Axis convention: index ``[..., row, col]`` = ``[y, x]``; v1 moves along x
+(columns), v2 along y (rows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "Optics",
+    "MotionScales",
+    "MotionPSF",
+    "psf3d",
+    "zernike",
+    "noll_to_nm",
+    "canonical_sign",
+]
+
+
+@dataclass(frozen=True)
+class Optics:
+    """Widefield microscope. Lengths in um; aberrations as {Noll index: waves RMS}."""
+
+    na: float = 0.3
+    n: float = 1.0
+    wavelength_um: float = 0.65
+    magnification: float = 10.0
+    camera_pixel_um: float = 6.5
+    zernike: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("na", "n", "wavelength_um", "magnification", "camera_pixel_um"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"optics.{name} must be a positive number, got {value!r}")
+        if self.na >= self.n:
+            raise ValueError(
+                f"optics.na must be smaller than the immersion index optics.n "
+                f"(got na={self.na}, n={self.n})"
+            )
+        clean = {}
+        for j, c in dict(self.zernike).items():
+            if isinstance(j, str) and j.strip().isdigit():
+                j = int(j)
+            if not isinstance(j, int) or isinstance(j, bool) or j < 1:
+                raise ValueError(f"optics.zernike keys must be Noll indices >= 1, got {j!r}")
+            if not isinstance(c, (int, float)) or not math.isfinite(c):
+                raise ValueError(f"optics.zernike[{j}] must be a finite number (waves RMS), got {c!r}")
+            if c != 0:
+                clean[j] = float(c)
+        object.__setattr__(self, "zernike", dict(sorted(clean.items())))
+
+    @classmethod
+    def from_config(cls, cfg: Mapping | None) -> Optics:
+        """Build from the ``optics`` config section; unknown keys are an error."""
+        cfg = dict(cfg or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown optics field(s): {', '.join(unknown)}")
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON/HDF5-attribute friendly; Noll keys as strings)."""
+        return {
+            "na": self.na,
+            "n": self.n,
+            "wavelength_um": self.wavelength_um,
+            "magnification": self.magnification,
+            "camera_pixel_um": self.camera_pixel_um,
+            "zernike": {str(j): c for j, c in self.zernike.items()},
+        }
+
+    @property
+    def pixel_um(self) -> float:
+        """Camera pixel size projected to the sample (um)."""
+        return self.camera_pixel_um / self.magnification
+
+    @property
+    def cutoff(self) -> float:
+        """Coherent (pupil) cutoff NA/lambda in cycles/um."""
+        return self.na / self.wavelength_um
+
+    @property
+    def lateral_nyquist_um(self) -> float:
+        """Nyquist sampling of the intensity PSF, lambda / (4 NA), in um."""
+        return self.wavelength_um / (4 * self.na)
+
+    @property
+    def axial_nyquist_um(self) -> float:
+        """Axial Nyquist sampling of the intensity PSF, lambda / (2 (n - sqrt(n^2 - NA^2))), um."""
+        return self.wavelength_um / (2 * (self.n - math.sqrt(self.n**2 - self.na**2)))
+
+    @property
+    def min_oversample(self) -> int:
+        """Smallest grid refinement of the camera pixel that holds the whole OTF unaliased."""
+        return max(1, math.floor(4 * self.na * self.pixel_um / self.wavelength_um) + 1)
+
+
+@dataclass(frozen=True)
+class MotionScales:
+    """Label scales: lateral motion (v1, v2) * L px, axial motion v3 * A um, start depth z0 * A um."""
+
+    lateral_scale_px: float = 8.0
+    axial_scale_um: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("lateral_scale_px", "axial_scale_um"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"motion.{name} must be a positive number, got {value!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping | None) -> MotionScales:
+        """Build from the ``motion`` config section (other keys of that section are ignored)."""
+        cfg = dict(cfg or {})
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+    def to_dict(self) -> dict:
+        return {"lateral_scale_px": self.lateral_scale_px, "axial_scale_um": self.axial_scale_um}
+
+
+def noll_to_nm(j: int) -> tuple[int, int]:
+    """Radial order n and azimuthal frequency m of Noll index j (m < 0: sine term)."""
+    if j < 1:
+        raise ValueError(f"Noll index must be >= 1, got {j}")
+    n, j1 = 0, j - 1
+    while j1 > n:
+        n += 1
+        j1 -= n
+    m = (-1) ** j * ((n % 2) + 2 * ((j1 + ((n + 1) % 2)) // 2))
+    return n, m
+
+
+def zernike(j: int, rho: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """RMS-normalised Zernike polynomial Z_j (Noll) on the unit disc (zero outside)."""
+    n, m = noll_to_nm(j)
+    am = abs(m)
+    radial = torch.zeros_like(rho)
+    for k in range((n - am) // 2 + 1):
+        coef = (-1) ** k * math.factorial(n - k)
+        coef /= math.factorial(k) * math.factorial((n + am) // 2 - k) * math.factorial((n - am) // 2 - k)
+        radial = radial + coef * rho ** (n - 2 * k)
+    if m == 0:
+        z = math.sqrt(n + 1) * radial
+    elif m > 0:
+        z = math.sqrt(2 * (n + 1)) * radial * torch.cos(am * theta)
+    else:
+        z = math.sqrt(2 * (n + 1)) * radial * torch.sin(am * theta)
+    return torch.where(rho <= 1, z, torch.zeros_like(z))
+
+
+def _fine_otf(optics: Optics, z_um: torch.Tensor, m: int, pitch_um: float, pixel_integrate: bool) -> torch.Tensor:
+    """Normalised OTF (value 1 at DC) of the intensity PSF at depths z_um (B,), float64.
+
+    Computed on a periodic grid of m x m samples of pitch ``pitch_um`` (FFT order, origin at
+    index 0); with ``pixel_integrate`` it includes the camera-pixel box (a sinc on the OTF).
+    Normalisation uses the pupil energy (Parseval), the same for every depth, so the unit DC value
+    is energy conservation, not a per-slice rescaling. Returns (B, M, M) complex128.
+    """
+    f = torch.fft.fftfreq(m, d=pitch_um, dtype=torch.float64, device=z_um.device)  # cycles/um
+    ky, kx = torch.meshgrid(f, f, indexing="ij")
+    k2 = kx**2 + ky**2
+    rho = torch.sqrt(k2) / optics.cutoff
+    inside = rho <= 1
+    phase = torch.zeros_like(rho)
+    theta = torch.atan2(ky, kx)
+    for j, c in optics.zernike.items():
+        phase = phase + c * zernike(j, rho, theta)
+    kn = optics.n / optics.wavelength_um
+    kz = torch.sqrt(torch.clamp(kn**2 - k2, min=0.0)) - kn  # piston removed, exact (non-paraxial)
+    pupil = torch.where(inside, torch.polar(torch.ones_like(rho), 2 * math.pi * phase), 0)
+    energy = inside.sum().to(torch.float64) / m**2  # sum |a|^2 by Parseval
+    field = pupil * torch.polar(torch.ones_like(rho), 2 * math.pi * z_um.to(torch.float64)[:, None, None] * kz)
+    intensity = torch.fft.ifft2(field).abs() ** 2
+    otf = torch.fft.fft2(intensity) / energy
+    if pixel_integrate:
+        otf = otf * (torch.sinc(kx * optics.pixel_um) * torch.sinc(ky * optics.pixel_um))
+    return otf
+
+
+def psf3d(
+    optics: Optics,
+    z_um: torch.Tensor | float,
+    size: int,
+    oversample: int = 1,
+    pixel_integrate: bool = True,
+) -> torch.Tensor:
+    """Static 3D PSF at depths ``z_um`` (um; tensor (B,) or scalar) -> (B, size*oversample, ...).
+
+    Output pitch is ``pixel_um / oversample``; with ``pixel_integrate`` every value is the
+    intensity integrated over a camera pixel centred on that sample. Computed on a grid fine
+    enough to hold the OTF unaliased, then decimated (folded in the Fourier domain). Each PSF
+    sums to 1, float32, origin at index ``(size * oversample) // 2``.
+    """
+    z = torch.as_tensor(z_um, dtype=torch.float64).reshape(-1)
+    fold = math.ceil(optics.min_oversample / oversample)
+    out = size * oversample
+    otf = _fine_otf(optics, z, out * fold, optics.pixel_um / (oversample * fold), pixel_integrate)
+    otf = otf.reshape(-1, fold, out, fold, out).sum(dim=(1, 3))
+    psf = torch.fft.ifft2(otf).real
+    return torch.fft.fftshift(psf, dim=(-2, -1)).to(torch.float32)
+
+
+def canonical_sign(params: torch.Tensor) -> torch.Tensor:
+    """Flip (v1, v2) -> (-v1, -v2) so that v2 > 0, or v2 == 0 and v1 >= 0 (DESIGN.md)."""
+    v1, v2 = params[..., 0], params[..., 1]
+    flip = (v2 < 0) | ((v2 == 0) & (v1 < 0))
+    sign = torch.where(flip, -1.0, 1.0).to(params.dtype)
+    out = params.clone()
+    out[..., 0] = v1 * sign
+    out[..., 1] = v2 * sign
+    return out
+
+
+class MotionPSF:
+    """Batched motion PSF (paper Eq. 4) for one optics, label scales and kernel size.
+
+    The time average of the pixel-integrated 3D PSF along the path that starts at depth
+    ``z0 * A`` um and moves by ``(v1, v2) * L`` px laterally and ``v3 * A`` um axially during the
+    exposure. Method: the exposure is split into K equal steps (midpoint rule in depth); within a
+    step the lateral motion is integrated exactly (a sinc on the OTF), and the step's shift is a
+    phase ramp updated by complex multiplication. Depth enters through a table of defocus OTFs
+    (linear interpolation, pitch ``axial_nyquist / 32``) built once on a grid fine enough that
+    the OTF is not aliased; the result is folded to the camera grid and inverse transformed.
+    K is 1 without axial motion (exact); otherwise consecutive positions differ by at most
+    ``lateral_step_px`` laterally and ``axial_nyquist / axial_steps_per_nyquist`` axially.
+    """
+
+    table_per_nyquist = 32
+
+    def __init__(
+        self,
+        optics: Optics,
+        scales: MotionScales,
+        size: int = 32,
+        z_range_um: tuple[float, float] | None = None,
+        lateral_step_px: float = 0.5,
+        axial_steps_per_nyquist: float = 16.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if size < 4 or size % 2:
+            raise ValueError(f"motion.kernel_px must be an even number >= 4, got {size}")
+        self.optics, self.scales, self.size = optics, scales, size
+        self.device = torch.device(device or "cpu")
+        self.lateral_step_px = lateral_step_px
+        self.axial_step_um = optics.axial_nyquist_um / axial_steps_per_nyquist
+        lo, hi = z_range_um or (-2 * scales.axial_scale_um, 2 * scales.axial_scale_um)
+        dz = optics.axial_nyquist_um / self.table_per_nyquist
+        nz = max(2, math.ceil((hi - lo) / dz) + 1)
+        self.z_lo, self.dz = lo, (hi - lo) / (nz - 1)
+        self.z_hi = lo + (nz - 1) * self.dz
+
+        sub = optics.min_oversample
+        m = size * sub
+        z = torch.linspace(lo, self.z_hi, nz, dtype=torch.float64)
+        otf = _fine_otf(optics, z, m, optics.pixel_um / sub, pixel_integrate=True)
+        k = torch.fft.fftfreq(m, d=1.0 / m, dtype=torch.float64).round().long()
+        ky, kx = torch.meshgrid(k, k, indexing="ij")
+        r_max = 2 * optics.cutoff * optics.pixel_um * size + 1  # OTF support radius, in samples
+        keep = (kx**2 + ky**2 <= r_max**2) & (kx % size <= size // 2)  # support x rfft half
+        self._fy = (ky[keep].to(torch.float32) / size).to(self.device)  # cycles/px
+        self._fx = (kx[keep].to(torch.float32) / size).to(self.device)
+        self._fold = ((ky[keep] % size) * (size // 2 + 1) + kx[keep] % size).to(self.device)
+        table = otf[:, keep].to(torch.complex64)
+        self._table = table.to(self.device)
+        self._slope = torch.diff(table, dim=0).to(self.device)
+
+    def n_steps(self, params: torch.Tensor, step_factor: int = 1) -> torch.Tensor:
+        """Time steps per parameter set (B,), int64 (1 when there is no axial motion)."""
+        v1, v2, v3 = params[:, 0], params[:, 1], params[:, 2]
+        lateral = torch.hypot(v1, v2) * self.scales.lateral_scale_px / self.lateral_step_px
+        axial = v3.abs() * self.scales.axial_scale_um / self.axial_step_um
+        k = torch.ceil(torch.maximum(lateral, axial)).clamp(min=1).long()
+        return torch.where(v3 == 0, torch.ones_like(k), k) * step_factor
+
+    def __call__(self, params: torch.Tensor, step_factor: int = 1, chunk: int = 256) -> torch.Tensor:
+        """Kernels (B, size, size) float32 for params (B, 4) = (v1, v2, v3, z0), normalised units."""
+        params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, 4)
+        if not torch.isfinite(params).all():
+            raise ValueError("motion parameters must be finite")
+        z_start = params[:, 3] * self.scales.axial_scale_um
+        z_end = z_start + params[:, 2] * self.scales.axial_scale_um
+        z_min, z_max = torch.minimum(z_start, z_end).min(), torch.maximum(z_start, z_end).max()
+        tol = 1e-4 * self.dz
+        if params.shape[0] and (z_min < self.z_lo - tol or z_max > self.z_hi + tol):
+            raise ValueError(
+                f"depths {z_min:.3g}..{z_max:.3g} um leave the PSF table range "
+                f"{self.z_lo:.3g}..{self.z_hi:.3g} um (set z_range_um)"
+            )
+        steps = self.n_steps(params, step_factor)
+        out = torch.empty(params.shape[0], self.size, self.size, device=self.device)
+        order = torch.argsort(steps, descending=True, stable=True)
+        for start in range(0, params.shape[0], chunk):
+            idx = order[start : start + chunk]
+            out[idx] = self._kernels(params[idx], steps[idx])
+        return out
+
+    def _kernels(self, params: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Kernels for params sorted by descending step count."""
+        kf = steps.to(torch.float32)[:, None]
+        d = params[:, :2] * self.scales.lateral_scale_px  # (dx, dy) px over the exposure
+        a = d[:, :1] * self._fx + d[:, 1:2] * self._fy  # cycles of phase over the exposure
+        ones = torch.ones_like(a)
+        phase = torch.polar(ones, -2 * math.pi * a * (0.5 / kf - 0.5))  # step 0, path midpoint = 0
+        ratio = torch.polar(ones, -2 * math.pi * a / kf)
+        acc = torch.zeros_like(phase)  # sum of OTF(z_k) * shift_k
+        acc_slope = torch.zeros_like(phase)  # sum of dOTF/dt(z_k) * shift_k
+        speed = (params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)  # rows/exposure
+        counts = torch.bincount(steps, minlength=int(steps.max()) + 1)
+        active = params.shape[0] - torch.cumsum(counts, 0)  # kernels with more than k steps
+        last = self._table.shape[0] - 2
+        for k in range(int(steps.max())):
+            n = int(active[k])
+            p = params[:n]
+            z = (p[:, 3] + p[:, 2] * (k + 0.5) / steps[:n]) * self.scales.axial_scale_um
+            u = ((z - self.z_lo) / self.dz).clamp(0, last + 1)
+            j = u.floor().long().clamp(max=last)
+            slope = self._slope[j]
+            acc[:n].addcmul_(self._table[j] + (u - j).to(torch.complex64)[:, None] * slope, phase[:n])
+            acc_slope[:n].addcmul_(slope * speed[:n, None], phase[:n])
+            phase[:n].mul_(ratio[:n])
+        # Exact integral over each step of (OTF + slope * tau) * exp(-i 2 pi a tau), |tau| <= h/2.
+        h = 1 / kf
+        x = a * h
+        small = x.abs() < 1e-3
+        dsinc = torch.where(small, -(math.pi**2) * x / 3, (torch.cos(math.pi * x) - torch.sinc(x)) / torch.where(small, 1, x))
+        acc.mul_(h * torch.sinc(x)).addcmul_(acc_slope, (1j * h**2 / (2 * math.pi)) * dsinc)
+        b = params.shape[0]
+        coarse = torch.zeros(b, self.size * (self.size // 2 + 1), dtype=acc.dtype, device=acc.device)
+        coarse.index_add_(1, self._fold, acc)
+        kern = torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))
+        return torch.fft.fftshift(kern, dim=(-2, -1))

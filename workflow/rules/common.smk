@@ -1,0 +1,3 @@
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
