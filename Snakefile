@@ -10,6 +10,8 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/sources.smk"
+include: "workflow/rules/synthesis.smk"
 include: "workflow/rules/figures.smk"
 
 
@@ -17,3 +19,7 @@ rule all:
     default_target: True
     input:
         rules.psf_gallery.output.figure,
+        rules.training_samples.output.figure,
+        shard_paths("train"),
+        shard_paths("val"),
+        "results/sources/test.h5",

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from blurflow.data import ShardDataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,6 +25,7 @@ def workdir(tmp_path: Path) -> Path:
         shutil.copy(ROOT / name, tmp_path / name)
     for name in ("workflow", "envs"):
         shutil.copytree(ROOT / name, tmp_path / name)
+    shutil.copy(ROOT / "tests/config/tiny.yaml", tmp_path / "tiny.yaml")
     return tmp_path
 
 
@@ -48,10 +51,19 @@ def test_bad_config_is_rejected_before_any_job(workdir):
     assert "exclusiveMinimum" in run.stderr + run.stdout and "na" in run.stderr + run.stdout
 
 
-def test_gallery_builds_end_to_end(workdir):
-    run = snakemake(cwd=workdir)
+def test_pipeline_builds_end_to_end_on_the_tiny_config(workdir):
+    run = snakemake("--configfile", "tiny.yaml", cwd=workdir)
     assert run.returncode == 0, run.stderr
-    with Image.open(workdir / "results/figures/psf_gallery.png") as im:
-        assert im.size[0] > 1000 and im.size[1] > 400
+    for figure in ("psf_gallery", "training_samples"):
+        with Image.open(workdir / f"results/figures/{figure}.png") as im:
+            assert im.size[0] > 600 and im.size[1] > 400
+    train = ShardDataset(sorted((workdir / "results/shards/train").glob("shard-*.h5")))
+    val = ShardDataset(sorted((workdir / "results/shards/val").glob("shard-*.h5")))
+    assert len(train) == 32 and len(val) == 16
+    assert train[0]["image"].shape == (1, 64, 64)
+    assert (workdir / "results/sources/test.h5").exists()
     assert (workdir / "logs/psf_gallery.log").exists()
     assert (workdir / "results/benchmarks/psf_gallery.tsv").exists()
+    assert not list(workdir.glob("results/**/.*tmp*"))  # nothing half-written left behind
+    rerun = snakemake("--configfile", "tiny.yaml", "-n", cwd=workdir)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr

@@ -47,3 +47,29 @@ def psf_gallery(optics: Optics, scales: MotionScales, size: int = 48) -> plt.Fig
         f"pixel {optics.pixel_um:.3g} um, L = {scales.lateral_scale_px:g} px, A = {scales.axial_scale_um:g} um"
     )
     return fig
+
+
+def velocity_rgb(target: np.ndarray) -> np.ndarray:
+    """(4, H, W) canonical labels -> (H, W, 3) RGB: |v1| red, v2 green, v3 blue (paper Fig. 2)."""
+    return np.clip(np.stack([np.abs(target[0]), np.abs(target[1]), target[2]], -1), 0, 1)
+
+
+def training_samples(dataset, count: int = 6) -> plt.Figure:
+    """Samples of a ShardDataset: camera image, regions, validity w, labels as RGB, z0."""
+    fig, axes = plt.subplots(count, 5, figsize=(12.5, 2.6 * count), constrained_layout=True)
+    for row, index in enumerate(np.linspace(0, len(dataset) - 1, count).astype(int)):
+        item = dataset[int(index)]
+        target = item["target"].numpy()
+        image = item["image"][0].numpy()
+        panels = [
+            (image, "gray", f"camera counts #{index}", (np.percentile(image, 0.5), np.percentile(image, 99.5))),
+            (velocity_rgb(target), None, "labels (|v1|, v2, v3) as RGB", (0, 1)),
+            (target[3], "viridis", "z0", (0, 1)),
+            (item["valid"][0].numpy(), "gray", "validity w", (0, 1)),
+            (item["region"].numpy(), "tab10", "regions", (0, 9)),
+        ]
+        for ax, (data, cmap, title, (lo, hi)) in zip(axes[row], panels):
+            ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    return fig

@@ -1,3 +1,11 @@
 from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
+
+CONDA_ENV = "../../envs/blurflow.yaml"
+
+
+def shard_paths(split):
+    """All synthesis shards of a split ('train' or 'val')."""
+    n = config["synthesis"]["shards"][split]
+    return [f"results/shards/{split}/shard-{i:04d}.h5" for i in range(n)]

@@ -10,7 +10,7 @@ rule psf_gallery:
     benchmark:
         "results/benchmarks/psf_gallery.tsv"
     conda:
-        "../../envs/blurflow.yaml"
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,
@@ -21,3 +21,27 @@ rule psf_gallery:
         motion=config["motion"],
     script:
         "../scripts/psf_gallery.py"
+
+
+rule training_samples:
+    input:
+        shard="results/shards/train/shard-0000.h5",
+    output:
+        figure=report(
+            "results/figures/training_samples.png",
+            caption="../report/training_samples.rst",
+            category="Training data",
+        ),
+    log:
+        "logs/training_samples.log",
+    benchmark:
+        "results/benchmarks/training_samples.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    script:
+        "../scripts/training_samples.py"

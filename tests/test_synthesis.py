@@ -1,0 +1,187 @@
+"""Synthesis of blurred noisy images with labels: shard format, determinism, physics, statistics."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from blurflow import sources, synthesis
+from blurflow.data import ShardDataset
+from blurflow.optics import MotionScales, Optics
+
+OPTICS, SCALES = Optics(), MotionScales()
+CFG = synthesis.SynthesisConfig(image_px=64, regions=(1, 3))
+
+
+@pytest.fixture(scope="module")
+def source_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("src") / "train.h5"
+    sources.write_sources(sources.phantom_images(3, 128, seed=0), path, 128, "phantom")
+    return path
+
+
+@pytest.fixture(scope="module")
+def shard(source_file, tmp_path_factory):
+    path = tmp_path_factory.mktemp("shards") / "shard-0000.h5"
+    synthesis.write_shard(path, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=0, samples=12, progress=False)
+    return path
+
+
+def flat_sources(path, value: float, size: int = 128):
+    with h5py.File(path, "w") as f:
+        f["images"] = np.full((1, size, size), round(value * 65535), np.uint16)
+        f["source"] = np.zeros(1, np.int32)
+    return path
+
+
+def test_shard_schema_and_dtypes(shard):
+    with h5py.File(shard) as f:
+        assert f["image"].dtype == np.uint16 and f["image"].shape == (12, 64, 64)
+        assert f["region"].dtype == np.uint8 and f["valid"].dtype == np.uint8
+        assert f["params"].dtype == np.float32 and f["params"].shape == (12, 3, 4)
+        for name in ("image", "region", "valid"):
+            assert f[name].chunks == (1, 64, 64) and f[name].compression is not None
+        attrs = dict(f.attrs)
+    for key in ("optics", "scales", "synthesis", "seed", "shard", "blurflow_version", "config_hash"):
+        assert key in attrs
+    assert json.loads(attrs["optics"])["na"] == OPTICS.na
+    assert json.loads(attrs["scales"])["axial_scale_um"] == SCALES.axial_scale_um
+    assert attrs["seed"] == 3 and attrs["shard"] == 0
+
+
+def test_labels_are_consistent_with_regions_and_canonical(shard):
+    with h5py.File(shard) as f:
+        region, params = f["region"][()], f["params"][()]
+    for r, p in zip(region, params):
+        used = np.isfinite(p).all(1)
+        assert used[: used.sum()].all()  # regions 0..n-1 have labels, the rest are NaN
+        assert np.isin(np.unique(r), np.flatnonzero(used)).all()
+        p = p[used]
+        assert np.all((p[:, 1] > 0) | ((p[:, 1] == 0) & (p[:, 0] >= 0)))
+        assert np.all(np.abs(p[:, :2]) <= 1) and np.all((p[:, 2:] >= 0) & (p[:, 2:] <= 1))
+    assert len({int(r.max()) for r in region}) > 1  # region counts vary between samples
+
+
+def test_same_seed_gives_the_same_bytes(source_file, shard, tmp_path):
+    again = tmp_path / "again.h5"
+    synthesis.write_shard(again, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=0, samples=12, progress=False)
+    assert again.read_bytes() == shard.read_bytes()
+    other = tmp_path / "other.h5"
+    synthesis.write_shard(other, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=1, samples=12, progress=False)
+    with h5py.File(other) as a, h5py.File(shard) as b:
+        assert not np.array_equal(a["image"][()], b["image"][()])
+
+
+def test_blur_matches_direct_convolution_per_region():
+    rng = np.random.default_rng(0)
+    canvas = rng.random((1, 40, 40)).astype(np.float32)
+    regions = synthesis.region_map(40, 2, rng)[None].astype(np.int64)
+    kernels = torch.from_numpy(rng.random((1, 2, 8, 8)).astype(np.float32))
+    out = synthesis.blur(torch.from_numpy(canvas), torch.from_numpy(regions), kernels)[0].numpy()
+    expected = np.zeros((40, 40))
+    for n in range(2):  # out(y, x) = sum_ij k_n[i, j] * (m_n o)(y - (i - 4), x - (j - 4)), periodic
+        masked = canvas[0] * (regions[0] == n)
+        for i in range(8):
+            for j in range(8):
+                expected += kernels[0, n, i, j].item() * np.roll(masked, (i - 4, j - 4), axis=(0, 1))
+    assert np.abs(out - expected).max() < 1e-4 * expected.max()
+
+
+def test_blur_conserves_total_flux():
+    rng = np.random.default_rng(1)
+    canvas = torch.from_numpy(rng.random((2, 48, 48)).astype(np.float32))
+    regions = torch.from_numpy(np.stack([synthesis.region_map(48, 3, rng) for _ in range(2)]).astype(np.int64))
+    kernels = torch.from_numpy(rng.random((2, 3, 16, 16)).astype(np.float32))
+    kernels /= kernels.sum((-2, -1), keepdim=True)
+    out = synthesis.blur(canvas, regions, kernels)
+    assert torch.allclose(out.double().sum((1, 2)), canvas.double().sum((1, 2)), rtol=1e-5)
+
+
+def test_one_region_keeps_a_flat_source_flat(tmp_path):
+    cfg = synthesis.SynthesisConfig(image_px=64, regions=(1, 1))
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, cfg)
+    blurred = syn.render([syn.draw(np.random.default_rng(i)) for i in range(4)])
+    assert torch.allclose(blurred, torch.full_like(blurred, 0.5), atol=1e-4)
+
+
+def test_poisson_statistics_match_quantum_efficiency_and_photons(tmp_path):
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
+    rng = np.random.default_rng(0)
+    draw = {"photons": 400.0, "quantum_efficiency": 0.6, "background_sigma": 0.0}
+    counts = syn.camera(np.full((256, 256), 0.5), draw, rng).astype(np.float64)
+    expected = 0.6 * 400 * 0.5
+    assert counts.mean() == pytest.approx(expected, rel=0.01)
+    assert counts.var() == pytest.approx(expected, rel=0.03)  # Poisson: variance = mean
+
+
+def test_background_is_half_normal(tmp_path):
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
+    draw = {"photons": 1.0, "quantum_efficiency": 1.0, "background_sigma": 20.0}
+    counts = syn.camera(np.zeros((256, 256)), draw, np.random.default_rng(1)).astype(np.float64)
+    assert counts.min() >= 0
+    assert counts.mean() == pytest.approx(20 * np.sqrt(2 / np.pi), rel=0.02)
+    assert counts.var() == pytest.approx(20**2 * (1 - 2 / np.pi), rel=0.05)
+
+
+def test_validity_is_zero_on_flat_and_one_on_texture():
+    flat = torch.full((1, 32, 32), 0.4)
+    texture = torch.from_numpy(np.random.default_rng(0).random((1, 32, 32)).astype(np.float32))
+    assert synthesis.validity(flat, 7, 0.02).sum() == 0
+    assert synthesis.validity(texture, 7, 0.02).all()
+    half = flat.clone()
+    half[:, :, 16:] = texture[:, :, 16:]
+    w = synthesis.validity(half, 7, 0.02)[0]
+    assert w[:, :12].sum() == 0 and w[:, 20:].all()
+
+
+def test_region_map_labels():
+    rng = np.random.default_rng(3)
+    labels = synthesis.region_map(96, 4, rng)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert len(np.unique(labels)) >= 2
+    assert np.array_equal(labels, synthesis.region_map(96, 4, np.random.default_rng(3)))
+    assert not synthesis.region_map(64, 1, rng).any()
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"v3": [1, 0]}, "synthesis.v3"),
+        ({"regions": [0, 2]}, "synthesis.regions"),
+        ({"quantum_efficiency": [0.5, 1.5]}, "quantum_efficiency"),
+    ],
+)
+def test_bad_synthesis_config_is_rejected(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        synthesis.SynthesisConfig.from_config(cfg)
+
+
+def test_tiles_smaller_than_the_image_are_rejected(source_file):
+    with pytest.raises(ValueError, match="smaller than synthesis.image_px"):
+        synthesis.Synthesizer(source_file, OPTICS, SCALES, 32, synthesis.SynthesisConfig(image_px=256))
+
+
+# --- dataset -----------------------------------------------------------------------------------
+
+
+def test_dataset_builds_dense_targets(shard):
+    ds = ShardDataset([shard, shard])
+    assert len(ds) == 24
+    item = ds[13]
+    with h5py.File(shard) as f:
+        params, region, valid = f["params"][1], f["region"][1], f["valid"][1]
+    assert item["image"].shape == (1, 64, 64) and item["image"].dtype == torch.float32
+    assert torch.equal(item["target"], torch.from_numpy(params[region].transpose(2, 0, 1)))
+    assert torch.equal(item["valid"][0], torch.from_numpy(valid.astype(np.float32)))
+    assert ds.attrs["scales"]["lateral_scale_px"] == SCALES.lateral_scale_px
+    with pytest.raises(IndexError):
+        ds[24]
+
+
+def test_dataset_works_with_worker_processes(shard):
+    ds = ShardDataset([shard])
+    serial = [b["image"] for b in torch.utils.data.DataLoader(ds, batch_size=4)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork")
+    parallel = [b["image"] for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
