@@ -12,6 +12,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/sources.smk"
 include: "workflow/rules/synthesis.smk"
+include: "workflow/rules/train.smk"
 include: "workflow/rules/figures.smk"
 
 
@@ -20,6 +21,6 @@ rule all:
     input:
         rules.psf_gallery.output.figure,
         rules.training_samples.output.figure,
-        shard_paths("train"),
-        shard_paths("val"),
+        rules.train.output.model,
+        rules.training_curve.output.figure,
         "results/sources/test.h5",

@@ -1,4 +1,4 @@
-"""Figures: PSF gallery (and, later, the paper's figures). Matplotlib, Agg backend."""
+"""Figures: PSF gallery, training data and training curves, the paper's figures. Matplotlib, Agg."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from blurflow.optics import MotionPSF, MotionScales, Optics  # noqa: E402
@@ -72,4 +73,19 @@ def training_samples(dataset, count: int = 6) -> plt.Figure:
             ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
+    return fig
+
+
+def training_curve(log: pd.DataFrame) -> plt.Figure:
+    """Training log (blurflow.train CSV): losses against epochs, validation R^2 against minutes."""
+    fig, (ax_loss, ax_r2) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    ax_loss.plot(log["epoch"], log["train_loss"], "o-", label="training")
+    ax_loss.plot(log["epoch"], log["val_loss"], "s-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_loss.legend()
+    for comp, style in (("v1", "r"), ("v2", "g"), ("v3", "b"), ("z0", "m")):
+        ax_r2.plot(log["minutes"], log[f"val_r2_{comp}"], f"{style}.-", label=f"|{comp}|" if comp in ("v1", "v2") else comp)
+    ax_r2.plot(log["minutes"], log["val_r2_mean"], "k-", lw=2.5, label="mean (paper's R²)")
+    ax_r2.set(xlabel="training time (minutes)", ylabel="validation R² (squared Pearson)", ylim=(0, 1), title="validation R²")
+    ax_r2.legend(loc="upper left", fontsize=8)
     return fig

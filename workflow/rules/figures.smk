@@ -45,3 +45,27 @@ rule training_samples:
         gpu=0,
     script:
         "../scripts/training_samples.py"
+
+
+rule training_curve:
+    input:
+        log="results/model/training_log.csv",
+    output:
+        figure=report(
+            "results/figures/training_curve.png",
+            caption="../report/training_curve.rst",
+            category="Training",
+        ),
+    log:
+        "logs/training_curve.log",
+    benchmark:
+        "results/benchmarks/training_curve.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+        gpu=0,
+    script:
+        "../scripts/training_curve.py"

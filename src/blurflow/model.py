@@ -1,0 +1,172 @@
+"""The network: a U-Net with a ResNet encoder (segmentation-models-pytorch), its output encoding,
+input normalisation, losses, and the self-describing model file.
+
+Outputs per pixel (5 channels):
+
+- encoding ``doubled_angle`` (default): (rho cos 2theta, rho sin 2theta, v3, z0, validity logit)
+  with rho = |(v1, v2)| and theta its angle. Lateral motion is an orientation (a streak does not
+  show its direction), and doubling the angle makes (v1, v2) and (-v1, -v2) the same point.
+- encoding ``paper``: (v1, v2, v3, z0, validity logit), trained with paper Eq. 6 on |v|.
+
+Input normalisation: camera counts c -> Anscombe 2 sqrt(c + 3/8) (Poisson noise of unit variance),
+then standardised per image (zero mean, unit standard deviation), so the network does not depend on
+the photon level or the camera offset.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+
+from blurflow import __version__
+from blurflow.optics import canonical_sign
+
+ENCODERS = ("resnet18", "resnet34", "resnet50")
+ENCODINGS = ("doubled_angle", "paper")
+LOSSES = ("ours", "paper")
+
+
+def normalise(counts: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) camera counts -> Anscombe-transformed, per-image standardised input."""
+    a = 2 * torch.sqrt(counts.clamp(min=0) + 0.375)
+    mean = a.mean(dim=(-2, -1), keepdim=True)
+    std = a.std(dim=(-2, -1), keepdim=True)
+    return (a - mean) / (std + 1e-3)
+
+
+def encode(target: torch.Tensor, encoding: str) -> torch.Tensor:
+    """(B, 4, H, W) canonical (v1, v2, v3, z0) -> the 4 regression channels of ``encoding``."""
+    if encoding == "paper":
+        return target
+    v1, v2 = target[:, 0], target[:, 1]
+    rho = torch.hypot(v1, v2)
+    safe = torch.where(rho > 0, rho, torch.ones_like(rho))
+    c2 = torch.where(rho > 0, (v1 * v1 - v2 * v2) / safe, torch.zeros_like(rho))
+    s2 = torch.where(rho > 0, 2 * v1 * v2 / safe, torch.zeros_like(rho))
+    return torch.stack([c2, s2, target[:, 2], target[:, 3]], dim=1)
+
+
+def decode(output: torch.Tensor, encoding: str) -> torch.Tensor:
+    """(B, 5, H, W) network output -> (B, 5, H, W) canonical (v1, v2, v3, z0, w in [0, 1])."""
+    w = torch.sigmoid(output[:, 4:5])
+    if encoding == "paper":
+        v = output[:, :4]
+    else:
+        c2, s2 = output[:, 0], output[:, 1]
+        rho = torch.hypot(c2, s2)
+        theta = torch.atan2(s2, c2) / 2
+        v = torch.stack([rho * torch.cos(theta), rho * torch.sin(theta), output[:, 2], output[:, 3]], dim=1)
+    v = canonical_sign(v.movedim(1, -1)).movedim(-1, 1)
+    return torch.cat([v, w], dim=1)
+
+
+def loss_fn(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, loss: str, encoding: str, gamma: float = 1.0) -> torch.Tensor:
+    """Training loss (scalar).
+
+    ``ours``: gamma * BCE(validity logit, w) + mean over pixels with w = 1 of the squared error of
+    the 4 regression channels in ``encoding``.
+    ``paper`` (Eq. 6, with w = 1 marking legitimate pixels as DESIGN.md says): per pixel
+    gamma (w - sigmoid(logit))^2 + w / (U + 1) [sum_u (|v_u| - |v~_u|)^2 + (z0 - z0~)^2] with
+    U = 3, averaged over all pixels; the velocity channels are the network's (v1, v2, v3).
+    """
+    w = valid[:, 0]
+    logit = output[:, 4]
+    if loss == "paper":
+        if encoding != "paper":
+            raise ValueError("loss 'paper' needs encoding 'paper' (Eq. 6 is on the velocity components)")
+        err = (output[:, :3].abs() - target[:, :3].abs()) ** 2
+        reg = (err.sum(1) + (output[:, 3] - target[:, 3]) ** 2) / 4
+        return (gamma * (w - torch.sigmoid(logit)) ** 2 + w * reg).mean()
+    if loss != "ours":
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    reg = ((output[:, :4] - encode(target, encoding)) ** 2).mean(1)
+    return gamma * F.binary_cross_entropy_with_logits(logit, w) + (w * reg).sum() / w.sum().clamp(min=1)
+
+
+class FlowNet(torch.nn.Module):
+    """U-Net (ResNet encoder) from camera counts (B, 1, H, W) to raw outputs (B, 5, H, W).
+
+    Any H, W: the input is reflect-padded to a multiple of 32 and the output cropped back.
+    """
+
+    def __init__(self, encoder: str = "resnet18", encoding: str = "doubled_angle"):
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {encoder!r}; choose one of {ENCODERS}")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"unknown encoding {encoding!r}; choose one of {ENCODINGS}")
+        self.encoder_name, self.encoding = encoder, encoding
+        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=5)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        h, w = counts.shape[-2:]
+        ph, pw = -h % 32, -w % 32
+        x = normalise(counts)
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        return self.unet(x)[..., :h, :w]
+
+    def predict(self, counts: torch.Tensor) -> torch.Tensor:
+        """Canonical (v1, v2, v3, z0, w) maps (B, 5, H, W), normalised units."""
+        return decode(self(counts), self.encoding)
+
+    def load_encoder_weights(self, path: str | Path) -> None:
+        """ImageNet weights for the encoder from a local file (a torchvision/timm ResNet state dict).
+
+        The 3-channel first convolution is summed over colour channels for the 1-channel input.
+        A missing file or a state dict that does not match the encoder is a ``ValueError``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"pretrained encoder weights {path} not found (train.pretrained_weights)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        if "conv1.weight" in state and state["conv1.weight"].shape[1] == 3:
+            state["conv1.weight"] = state["conv1.weight"].sum(1, keepdim=True)
+        own = self.unet.encoder.state_dict()
+        missing = sorted(set(own) - set(state))
+        shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+        if missing or shapes:
+            raise ValueError(
+                f"{path} does not match encoder {self.encoder_name}: "
+                f"{len(missing)} missing tensors (e.g. {missing[:2]}), {len(shapes)} of other shapes (e.g. {shapes[:2]})"
+            )
+        self.unet.encoder.load_state_dict({k: state[k] for k in own})
+
+
+def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
+    """Model file: weights plus everything needed to use them (architecture, encoding, optics,
+    scales, normalisation, version, config hash, ...). Written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {
+        "encoder": model.encoder_name,
+        "encoding": model.encoding,
+        "input_normalisation": "anscombe + per-image standardisation",
+        "outputs": "v1,v2,v3,z0,w (canonical; normalised units, see scales)",
+        "blurflow_version": __version__,
+        **meta,
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"state_dict": model.state_dict(), "meta": info}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowNet, dict]:
+    """(model in eval mode, metadata) from a model file written by :func:`save_model`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file {path} not found")
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+        meta = blob["meta"]
+        model = FlowNet(meta["encoder"], meta["encoding"])
+        model.load_state_dict(blob["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - whatever fails to parse is not a model file
+        raise ValueError(f"{path} is not a blurflow model file: {exc}") from exc
+    return model.to(device).eval(), meta

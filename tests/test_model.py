@@ -1,0 +1,190 @@
+"""Network, output encodings, losses, metrics, training and the model file."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from blurflow import sources, synthesis, train
+from blurflow.evaluate import PearsonR2
+from blurflow.model import FlowNet, decode, encode, load_model, loss_fn, normalise, save_model
+from blurflow.optics import MotionScales, Optics, canonical_sign
+
+
+def canonical_labels(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.cat([torch.rand(n, 2, generator=g) * 2 - 1, torch.rand(n, 2, generator=g)], 1)
+    return canonical_sign(p)
+
+
+def as_maps(labels: torch.Tensor) -> torch.Tensor:
+    """(N, 4) -> (1, 4, 1, N)."""
+    return labels.T[None, :, None, :]
+
+
+@pytest.mark.parametrize("encoding", ["doubled_angle", "paper"])
+def test_output_conversion_round_trips_canonical_labels(encoding):
+    labels = torch.cat([canonical_labels(200), torch.tensor([[0.0, 0.0, 0.3, 0.1], [0.5, 0.0, 0.0, 0.0]])])
+    target = as_maps(labels)
+    logits = torch.full((1, 1, 1, labels.shape[0]), 3.0)
+    out = decode(torch.cat([encode(target, encoding), logits], 1), encoding)
+    assert torch.allclose(out[:, :4], target, atol=1e-5)
+    assert torch.allclose(out[:, 4], torch.sigmoid(logits[:, 0]))
+
+
+def test_doubled_angle_identifies_opposite_directions():
+    v = torch.tensor([[0.3, -0.4, 0.5, 0.2]])
+    flipped = torch.tensor([[-0.3, 0.4, 0.5, 0.2]])
+    assert torch.allclose(encode(as_maps(v), "doubled_angle"), encode(as_maps(flipped), "doubled_angle"))
+    rho_cos, rho_sin = encode(as_maps(v), "doubled_angle")[0, :2, 0, 0].tolist()
+    assert rho_cos == pytest.approx((0.09 - 0.16) / 0.5) and rho_sin == pytest.approx(2 * 0.3 * -0.4 / 0.5)
+
+
+def test_our_loss_on_a_hand_computed_example():
+    target = torch.tensor([[0.6, 0.8, 0.5, 0.2], [0.0, 0.0, 0.0, 0.0]]).T[None, :, None, :]  # 2 pixels
+    valid = torch.tensor([[[[1.0, 0.0]]]])
+    out = torch.zeros(1, 5, 1, 2)
+    out[0, :4, 0, 0] = torch.tensor([-0.28, 0.96, 0.5, 0.2]) + torch.tensor([0.1, 0.0, -0.2, 0.0])
+    # pixel 0 target encodes to rho (cos, sin) 2theta = ((0.36 - 0.64) / 1, 2 * 0.48 / 1) = (-0.28, 0.96)
+    # squared errors 0.01, 0, 0.04, 0 -> mean 0.0125 on the one valid pixel; pixel 1 is invalid
+    bce = math.log(2)  # logits 0: -log(sigmoid(0)) for w = 1 and -log(1 - sigmoid(0)) for w = 0
+    assert float(loss_fn(out, target, valid, "ours", "doubled_angle", gamma=2.0)) == pytest.approx(2 * bce + 0.0125, rel=1e-5)
+
+
+def test_paper_loss_on_a_hand_computed_example():
+    target = torch.tensor([[-0.3, 0.6, 0.8, 0.1], [0.5, 0.5, 0.5, 0.5]]).T[None, :, None, :]
+    valid = torch.tensor([[[[1.0, 0.0]]]])
+    out = torch.zeros(1, 5, 1, 2)
+    out[0, :4, 0, 0] = torch.tensor([0.3, 0.5, 0.8, 0.3])  # |v1| matches: Eq. 6 compares |v|
+    out[0, 4] = torch.tensor([0.0, 0.0])
+    # pixel 0: gamma (1 - 0.5)^2 + (0 + 0.01 + 0 + 0.04) / 4; pixel 1: gamma (0 - 0.5)^2, velocity ignored
+    expected = ((0.25 + 0.05 / 4) + 0.25) / 2
+    assert float(loss_fn(out, target, valid, "paper", "paper", gamma=1.0)) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="encoding 'paper'"):
+        loss_fn(out, target, valid, "paper", "doubled_angle")
+
+
+def test_normalisation_standardises_and_stabilises_poisson_variance():
+    counts = torch.poisson(torch.full((1, 1, 64, 64), 400.0, dtype=torch.float64), generator=torch.Generator().manual_seed(0))
+    x = normalise(counts)
+    assert abs(float(x.mean())) < 1e-6 and float(x.std()) == pytest.approx(1, rel=2e-3)  # std + 1e-3 in the denominator
+    # Anscombe: Poisson noise becomes unit variance before standardisation
+    a = 2 * torch.sqrt(counts + 0.375)
+    assert float(a.var()) == pytest.approx(1.0, rel=0.1)
+
+
+def test_flownet_keeps_any_image_size():
+    model = FlowNet("resnet18").eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 50, 70) * 100).shape == (2, 5, 50, 70)
+        assert model.predict(torch.rand(1, 1, 64, 64) * 100).shape == (1, 5, 64, 64)
+
+
+def test_bad_model_choices_raise():
+    with pytest.raises(ValueError, match="encoder"):
+        FlowNet("vgg16")
+    with pytest.raises(ValueError, match="train.encoder"):
+        train.TrainConfig.from_config({"encoder": "vgg16"})
+    with pytest.raises(ValueError, match="needs train.encoding 'paper'"):
+        train.TrainConfig.from_config({"loss": "paper"})
+
+
+def test_pearson_r2_matches_numpy_over_batches():
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.random((3, 4, 8, 8)))
+    pred = target + torch.from_numpy(rng.normal(0, 0.2, (3, 4, 8, 8)))
+    valid = torch.from_numpy((rng.random((3, 1, 8, 8)) > 0.3).astype(np.float64))
+    acc = PearsonR2()
+    for i in range(3):
+        acc.update(pred[i : i + 1], target[i : i + 1], valid[i : i + 1])
+    r2 = acc.compute()
+    m = valid[:, 0].numpy() > 0.5
+    for k, comp in enumerate(("v1", "v2", "v3", "z0")):
+        x, y = pred[:, k].numpy()[m], target[:, k].numpy()[m]
+        if k < 2:  # lateral components are compared as |v1|, |v2|
+            x, y = np.abs(x), np.abs(y)
+        assert r2[comp] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2, rel=1e-9)
+    assert r2["mean"] == pytest.approx(np.mean([r2[c] for c in ("v1", "v2", "v3", "z0")]))
+
+
+# --- pretrained encoder weights from a local file ----------------------------------------------
+
+
+def test_encoder_weights_load_from_a_local_file(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    model = FlowNet("resnet18")
+    model.load_encoder_weights(path)
+    expected = torch.load(path)["conv1.weight"].sum(1, keepdim=True)
+    assert torch.equal(model.unet.encoder.conv1.weight, expected)
+
+
+def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        FlowNet("resnet18").load_encoder_weights(tmp_path / "nope.pth")
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match="does not match encoder resnet18"):
+        FlowNet("resnet18").load_encoder_weights(path)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    src = d / "src.h5"
+    sources.write_sources(sources.phantom_images(2, 64, seed=0), src, 64, "phantom")
+    cfg = synthesis.SynthesisConfig(image_px=32, regions=(1, 2))
+    paths = []
+    for split, shard in (("train", 0), ("val", 0)):
+        p = d / f"{split}.h5"
+        synthesis.write_shard(p, src, Optics(), MotionScales(), 16, cfg, seed=0, split=split, shard=shard, samples=16, progress=False)
+        paths.append(p)
+    return paths
+
+
+def run(tmp, shards, stop=None, **kw):
+    cfg = train.TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 3e-3, "schedule": "constant", **kw})
+    return train.train([shards[0]], [shards[1]], tmp / "model.pt", tmp / "log.csv", tmp / "ck.pt", cfg, {"scales": {"a": 1}}, stop_after_epochs=stop, progress=False)
+
+
+def test_tiny_training_lowers_the_loss(tiny_shards, tmp_path):
+    torch.set_num_threads(2)
+    rows = run(tmp_path, tiny_shards, epochs=8)
+    assert rows[-1]["train_loss"] < 0.85 * rows[0]["train_loss"]
+    text = (tmp_path / "log.csv").read_text().splitlines()
+    assert text[0].startswith("epoch,train_loss,val_loss,val_r2_v1") and len(text) == 9
+
+
+def test_interrupted_training_resumes_to_the_same_model(tiny_shards, tmp_path):
+    straight, interrupted = tmp_path / "a", tmp_path / "b"
+    straight.mkdir(), interrupted.mkdir()
+    run(straight, tiny_shards)
+    first = run(interrupted, tiny_shards, stop=1)
+    assert len(first) == 1 and not (interrupted / "model.pt").exists() and (interrupted / "ck.pt").exists()
+    rows = run(interrupted, tiny_shards)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    a, _ = load_model(straight / "model.pt")
+    b, meta = load_model(interrupted / "model.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert meta["epochs_trained"] == 2 and meta["scales"] == {"a": 1} and meta["encoder"] == "resnet18"
+
+
+def test_model_file_loads_back_to_identical_outputs(tmp_path):
+    model = FlowNet("resnet18", "paper").eval()
+    save_model(model, tmp_path / "m.pt", {"optics": Optics().to_dict(), "config_hash": "abc"})
+    loaded, meta = load_model(tmp_path / "m.pt")
+    x = torch.rand(2, 1, 64, 64) * 500
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert meta["encoding"] == "paper" and meta["optics"]["na"] == 0.3 and "blurflow_version" in meta
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError):
+        load_model(tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not found"):
+        load_model(tmp_path / "none.pt")
