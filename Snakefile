@@ -13,6 +13,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/sources.smk"
 include: "workflow/rules/synthesis.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/testsets.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
 
 
@@ -23,4 +25,8 @@ rule all:
         rules.training_samples.output.figure,
         rules.train.output.model,
         rules.training_curve.output.figure,
-        "results/sources/test.h5",
+        expand("results/metrics/{testset}.json", testset=["two_zone", "cylinder"]),
+        rules.fig2_two_zone.output.figure,
+        rules.fig3_cylinder_sketch.output.figure,
+        rules.fig4_cylinder.output.figure,
+        rules.table1.output.figure,

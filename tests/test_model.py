@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 from blurflow import sources, synthesis, train
-from blurflow.evaluate import PearsonR2
+from blurflow.evaluate import FlowMetrics
 from blurflow.model import FlowNet, decode, encode, load_model, loss_fn, normalise, save_model
 from blurflow.optics import MotionScales, Optics, canonical_sign
 
@@ -96,10 +96,10 @@ def test_pearson_r2_matches_numpy_over_batches():
     target = torch.from_numpy(rng.random((3, 4, 8, 8)))
     pred = target + torch.from_numpy(rng.normal(0, 0.2, (3, 4, 8, 8)))
     valid = torch.from_numpy((rng.random((3, 1, 8, 8)) > 0.3).astype(np.float64))
-    acc = PearsonR2()
+    acc = FlowMetrics()
     for i in range(3):
         acc.update(pred[i : i + 1], target[i : i + 1], valid[i : i + 1])
-    r2 = acc.compute()
+    r2 = acc.r2()
     m = valid[:, 0].numpy() > 0.5
     for k, comp in enumerate(("v1", "v2", "v3", "z0")):
         x, y = pred[:, k].numpy()[m], target[:, k].numpy()[m]

@@ -1,15 +1,20 @@
 """The Snakemake workflow: lint-clean, formatted, config validated, builds end to end on a copy."""
 
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
 
 from blurflow.data import ShardDataset
+from blurflow.model import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,19 +56,41 @@ def test_bad_config_is_rejected_before_any_job(workdir):
     assert "exclusiveMinimum" in run.stderr + run.stdout and "na" in run.stderr + run.stdout
 
 
+FIGURES = (
+    "psf_gallery", "training_samples", "training_curve", "fig2_two_zone", "fig3_cylinder_sketch",
+    "fig4_cylinder", "table1", "scatter_two_zone", "scatter_cylinder",
+)  # fmt: skip
+
+
 def test_pipeline_builds_end_to_end_on_the_tiny_config(workdir):
     run = snakemake("--configfile", "tiny.yaml", cwd=workdir)
     assert run.returncode == 0, run.stderr
-    for figure in ("psf_gallery", "training_samples"):
-        with Image.open(workdir / f"results/figures/{figure}.png") as im:
-            assert im.size[0] > 600 and im.size[1] > 400
-    train = ShardDataset(sorted((workdir / "results/shards/train").glob("shard-*.h5")))
-    val = ShardDataset(sorted((workdir / "results/shards/val").glob("shard-*.h5")))
-    assert len(train) == 32 and len(val) == 16
-    assert train[0]["image"].shape == (1, 64, 64)
-    assert (workdir / "results/sources/test.h5").exists()
-    assert (workdir / "logs/psf_gallery.log").exists()
-    assert (workdir / "results/benchmarks/psf_gallery.tsv").exists()
+    results = workdir / "results"
+    for figure in FIGURES:
+        with Image.open(results / f"figures/{figure}.png") as im:
+            assert im.size[0] > 400 and im.size[1] > 200, figure
+    train = ShardDataset(sorted((results / "shards/train").glob("shard-*.h5")))
+    val = ShardDataset(sorted((results / "shards/val").glob("shard-*.h5")))
+    assert len(train) == 32 and len(val) == 16 and train[0]["image"].shape == (1, 64, 64)
+    log = pd.read_csv(results / "model/training_log.csv")
+    assert list(log["epoch"]) == [1] and np.isfinite(log["train_loss"]).all()
+    model, meta = load_model(results / "model/model.pt")
+    assert meta["image_px"] == 64 and meta["scales"]["axial_scale_um"] == 10
+    for name, paper in (("two_zone", 0.92), ("cylinder", 0.91)):
+        metrics = json.loads((results / f"metrics/{name}.json").read_text())
+        assert metrics["paper_r2"] == paper and metrics["pixels"] > 0
+        assert -1 <= metrics["r2_pearson"]["v3"] <= 1
+        table = pd.read_csv(results / f"metrics/{name}.csv")
+        assert list(table["component"]) == ["v1", "v2", "v3", "z0", "mean"]
+    with h5py.File(results / "predictions/two_zone.h5") as f:
+        assert f["pred"].shape == (3, 5, 64, 64)  # `evaluated` of the 4 generated
+    table1 = pd.read_csv(results / "tables/table1.csv")
+    assert list(table1["case"]) == list("abcde") and table1[["pred_v1", "pred_v3"]].notna().all().all()
+    assert (results / "tables/table1.md").read_text().startswith("| case")
+    assert (workdir / "logs/train.log").exists() and (results / "benchmarks/train.tsv").exists()
     assert not list(workdir.glob("results/**/.*tmp*"))  # nothing half-written left behind
     rerun = snakemake("--configfile", "tiny.yaml", "-n", cwd=workdir)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
+    report = snakemake("--configfile", "tiny.yaml", "--report", "report.html", cwd=workdir)
+    assert report.returncode == 0 and "ERROR" not in report.stderr, report.stderr
+    assert (workdir / "report.html").stat().st_size > 100_000

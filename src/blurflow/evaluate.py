@@ -1,41 +1,223 @@
-"""Metrics of predicted against true flow maps (DESIGN.md, Evaluation)."""
+"""Inference (batched, tiled with overlap) and metrics of predicted against true flow maps.
+
+Metrics (DESIGN.md, Evaluation), over all valid pixels of all images of a test set:
+
+- R^2, the paper's number: squared Pearson correlation per component (|v1|, |v2|, v3, z0),
+  averaged over the components that vary in the test set;
+- coefficient of determination 1 - SS_res / SS_tot per component;
+- orientation error of the lateral motion (degrees, modulo 180, where the true |v| > 0.1);
+- mean absolute error per component in physical units (um per exposure; z0 in um).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
 import torch
+from tqdm import tqdm
+
+from blurflow.data import ShardDataset
+from blurflow.model import FlowNet, decode
 
 COMPONENTS = ("v1", "v2", "v3", "z0")
+ORIENTATION_MIN_SPEED = 0.1
 
 
-class PearsonR2:
-    """Streaming squared Pearson correlation per component over valid pixels (paper's R^2).
+def _window(size: int, overlap: int) -> torch.Tensor:
+    """1D blending weights: linear ramps of ``overlap`` samples at both ends, 1 in between."""
+    w = torch.ones(size)
+    if overlap > 0:
+        ramp = (torch.arange(overlap) + 0.5) / overlap
+        w[:overlap], w[-overlap:] = ramp, ramp.flip(0)
+    return w
 
-    Compares |v1|, |v2|, v3 and z0 (the paper's components: lateral motion is an orientation, so
-    the sign of v1 relative to v2 is scored by the orientation error instead). Sums are float64,
-    so any number of batches gives the exact value for all pixels together.
+
+def _starts(length: int, tile: int, step: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, step)) + [length - tile]
+    return sorted(set(starts))
+
+
+@torch.no_grad()
+def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8) -> torch.Tensor:
+    """Canonical (v1, v2, v3, z0, w) maps (N, 5, H, W) for camera counts (N, 1, H, W).
+
+    Images larger than ``tile`` are cut into overlapping tiles whose raw outputs (doubled-angle
+    channels and logits, which blend linearly) are averaged with ramp weights, then decoded.
+    Runs on the model's device; returns float32 on the CPU.
     """
+    device = next(model.parameters()).device
+    n, _, h, w = counts.shape
+    tile = tile or max(h, w)
+    th, tw = min(tile, h), min(tile, w)
+    ov = min(overlap, th // 2, tw // 2)
+    weight = (_window(th, ov if h > th else 0)[:, None] * _window(tw, ov if w > tw else 0)[None]).to(device)
+    boxes = [(y, x) for y in _starts(h, th, th - ov) for x in _starts(w, tw, tw - ov)]
+    out = torch.empty(n, 5, h, w)
+    for i in range(n):
+        acc = torch.zeros(5, h, w, device=device)
+        norm = torch.zeros(1, h, w, device=device)
+        for b in range(0, len(boxes), batch):
+            chunk = boxes[b : b + batch]
+            tiles = torch.stack([counts[i, :, y : y + th, x : x + tw] for y, x in chunk]).to(device)
+            raw = model(tiles).float()
+            for (y, x), r in zip(chunk, raw):
+                acc[:, y : y + th, x : x + tw] += r * weight
+                norm[:, y : y + th, x : x + tw] += weight
+        out[i] = decode((acc / norm)[None], model.encoding)[0].cpu()
+    return out
+
+
+class FlowMetrics:
+    """Streaming metrics over valid pixels (float64 sums; exact for any batching)."""
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(6, 4, dtype=torch.float64)  # n, sx, sy, sxx, syy, sxy
+        self.sums = torch.zeros(7, 4, dtype=torch.float64)  # n, sx, sy, sxx, syy, sxy, sum|x - y|
+        self.orientation = torch.zeros(181, dtype=torch.float64)  # histogram, 0.5 degree bins
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> None:
-        """pred (B, >=4, H, W) canonical, target (B, 4, H, W), valid (B, 1, H, W) in {0, 1}."""
-        x = pred[:, :4].detach().double().clone()
-        y = target[:, :4].detach().double().clone()
+        """pred (B, >=4, H, W) canonical, target (B, 4, H, W) canonical, valid (B, 1, H, W)."""
+        x = pred[:, :4].detach().double().cpu().clone()
+        y = target[:, :4].detach().double().cpu().clone()
+        m = (valid.detach().cpu() > 0.5).expand_as(y)
+        lateral_x, lateral_y = x[:, :2].clone(), y[:, :2].clone()
         x[:, :2], y[:, :2] = x[:, :2].abs(), y[:, :2].abs()
-        m = (valid > 0.5).expand_as(y)
         x, y = torch.where(m, x, 0), torch.where(m, y, 0)
         dims = (0, 2, 3)
-        self.sums += torch.stack(
-            [m.sum(dims).double(), x.sum(dims), y.sum(dims), (x * x).sum(dims), (y * y).sum(dims), (x * y).sum(dims)]
-        ).cpu()
+        stats = [m.sum(dims).double(), x.sum(dims), y.sum(dims), (x * x).sum(dims), (y * y).sum(dims), (x * y).sum(dims), (x - y).abs().sum(dims)]
+        self.sums += torch.stack(stats)
+        moving = m[:, 0] & (torch.hypot(lateral_y[:, 0], lateral_y[:, 1]) > ORIENTATION_MIN_SPEED)
+        diff = torch.atan2(lateral_x[:, 1], lateral_x[:, 0]) - torch.atan2(lateral_y[:, 1], lateral_y[:, 0])
+        deg = torch.rad2deg(torch.remainder(diff, math.pi))
+        deg = torch.minimum(deg, 180 - deg)[moving]
+        self.orientation += torch.bincount((deg * 2).round().long().clamp(0, 180), minlength=181).double()
 
-    def compute(self) -> dict[str, float]:
-        """{component: R^2} and 'mean' (NaN where a component is constant or no pixel is valid)."""
-        n, sx, sy, sxx, syy, sxy = self.sums
-        cov = sxy - sx * sy / n
+    def r2(self) -> dict[str, float]:
+        """Squared Pearson correlation per component and their mean (NaN components skipped)."""
+        n, sx, sy, sxx, syy, sxy, _ = self.sums
         var_x, var_y = sxx - sx * sx / n, syy - sy * sy / n
-        r2 = cov**2 / (var_x * var_y)
+        r2 = (sxy - sx * sy / n) ** 2 / (var_x * var_y)
+        r2 = torch.where((var_y > 1e-12 * n) & (var_x > 0), r2, torch.nan)
         out = {c: float(v) for c, v in zip(COMPONENTS, r2)}
-        out["mean"] = float(r2.mean())
+        out["mean"] = float(np.nanmean(r2.numpy())) if torch.isfinite(r2).any() else math.nan
         return out
+
+    def compute(self, scales: Mapping, pixel_um: float) -> dict:
+        """All metrics; ``scales`` has lateral_scale_px and axial_scale_um (for physical units)."""
+        n, sx, sy, sxx, syy, sxy, sad = self.sums
+        ss_tot = syy - sy * sy / n
+        ss_res = sxx - 2 * sxy + syy
+        det = torch.where(ss_tot > 1e-12 * n, 1 - ss_res / ss_tot, torch.nan)
+        to_um = torch.tensor([scales["lateral_scale_px"] * pixel_um] * 2 + [scales["axial_scale_um"]] * 2, dtype=torch.float64)
+        mae = sad / n * to_um
+        hist = self.orientation
+        cdf = torch.cumsum(hist, 0) / hist.sum().clamp(min=1)
+        centres = torch.arange(181, dtype=torch.float64) / 2
+        return {
+            "pixels": int(n[0]),
+            "r2_pearson": self.r2(),
+            "r2_determination": {c: float(v) for c, v in zip(COMPONENTS, det)},
+            "orientation_error_deg": {
+                "mean": float((hist * centres).sum() / hist.sum()) if hist.sum() else math.nan,
+                "median": float(centres[int(torch.searchsorted(cdf, torch.tensor(0.5, dtype=torch.float64)))]) if hist.sum() else math.nan,
+                "pixels": int(hist.sum()),
+            },
+            "mae_um": {f"{c}": float(v) for c, v in zip(COMPONENTS, mae)},
+        }
+
+
+def predict_testset(model: FlowNet, testset: str | Path, out: str | Path, evaluated: int | None = None, tile: int | None = None, batch: int = 8, progress: bool = True) -> None:
+    """Predictions (N, 5, H, W) float16 for the first ``evaluated`` images of a test set (HDF5)."""
+    ds = ShardDataset([testset])
+    n = min(evaluated or len(ds), len(ds))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    h, w = ds[0]["image"].shape[-2:]
+    try:
+        with h5py.File(tmp, "w") as f:
+            pred = f.create_dataset("pred", (n, 5, h, w), np.float16, chunks=(1, 5, h, w), compression="lzf")
+            f.attrs["channels"] = "v1,v2,v3,z0,w (canonical, normalised units)"
+            f.attrs["testset"] = str(testset)
+            for start in tqdm(range(0, n, batch), desc=f"predict {Path(testset).stem}", disable=not progress):
+                idx = range(start, min(start + batch, n))
+                counts = torch.stack([ds[i]["image"] for i in idx])
+                pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch).numpy().astype(np.float16)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def evaluate_testset(testset: str | Path, predictions: str | Path, name: str, paper_r2: float | None = None) -> dict:
+    """Metrics of a prediction file against its test set."""
+    ds = ShardDataset([testset])
+    metrics = FlowMetrics()
+    with h5py.File(predictions) as f:
+        pred = f["pred"]
+        for i in range(pred.shape[0]):
+            item = ds[i]
+            metrics.update(torch.from_numpy(pred[i : i + 1].astype(np.float32)), item["target"][None], item["valid"][None])
+    scales = ds.attrs["scales"]
+    out = {"test_set": name, "images": int(pred.shape[0]), **metrics.compute(scales, pixel_um_of(ds.attrs))}
+    out["paper_r2"] = paper_r2
+    return out
+
+
+def pixel_um_of(attrs: Mapping) -> float:
+    optics = attrs["optics"]
+    return optics["camera_pixel_um"] / optics["magnification"]
+
+
+def write_metrics(metrics: dict, json_path: str | Path, csv_path: str | Path) -> None:
+    """Metrics as JSON and as a per-component CSV table (pandas/spreadsheet friendly)."""
+    Path(json_path).write_text(json.dumps(metrics, indent=2))
+    rows = [
+        {
+            "component": c,
+            "r2_pearson": metrics["r2_pearson"][c],
+            "r2_determination": metrics["r2_determination"][c],
+            "mae": metrics["mae_um"][c],
+            "mae_unit": "um" if c == "z0" else "um per exposure",
+        }
+        for c in COMPONENTS
+    ]
+    rows.append({"component": "mean", "r2_pearson": metrics["r2_pearson"]["mean"], "paper_r2_pearson": metrics["paper_r2"]})
+    pd.DataFrame(rows).to_csv(csv_path, index=False)
+
+
+def table1_rows(testset: str | Path, predictions: str | Path) -> pd.DataFrame:
+    """Table 1: per case, the true motion, the prediction averaged over the valid pixels of its
+    images (all pixels when none is valid), and the paper's prediction."""
+    from blurflow.testsets import TABLE1, TABLE1_PAPER
+
+    ds = ShardDataset([testset])
+    cases = ds.attrs["cases"]
+    with h5py.File(predictions) as f:
+        pred = f["pred"][()].astype(np.float64)
+    rows = []
+    for case in dict.fromkeys(cases):
+        idx = [i for i, c in enumerate(cases) if c == case and i < len(pred)]
+        values = []
+        for i in idx:
+            m = ds[i]["valid"][0].numpy() > 0.5
+            values.append(pred[i, :4][:, m] if m.any() else pred[i, :4].reshape(4, -1))
+        mean = np.concatenate(values, 1).mean(1) if values else np.full(4, np.nan)
+        truth = TABLE1[case][0]
+        rows.append(
+            {
+                "case": case,
+                "source": TABLE1[case][1],
+                **dict(zip(COMPONENTS, truth)),
+                **{f"pred_{c}": float(v) for c, v in zip(COMPONENTS, mean)},
+                **{f"paper_{c}": v for c, v in zip(COMPONENTS, TABLE1_PAPER[case])},
+                "images": len(idx),
+            }
+        )
+    return pd.DataFrame(rows)

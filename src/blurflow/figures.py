@@ -89,3 +89,133 @@ def training_curve(log: pd.DataFrame) -> plt.Figure:
     ax_r2.set(xlabel="training time (minutes)", ylabel="validation R² (squared Pearson)", ylim=(0, 1), title="validation R²")
     ax_r2.legend(loc="upper left", fontsize=8)
     return fig
+
+
+def _counts_panel(ax, image: np.ndarray, title: str) -> None:
+    ax.imshow(image, cmap="gray", vmin=np.percentile(image, 0.5), vmax=np.percentile(image, 99.5))
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def _rgb_panel(ax, maps: np.ndarray, title: str) -> None:
+    ax.imshow(velocity_rgb(maps), interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def two_zone_examples(dataset, pred: np.ndarray, count: int = 4) -> plt.Figure:
+    """Paper Fig. 2: blurred input, ground truth and prediction (|v1| red, v2 green, v3 blue)."""
+    count = min(count, len(pred))
+    fig, axes = plt.subplots(count, 4, figsize=(10, 2.6 * count), constrained_layout=True, squeeze=False)
+    for row in range(count):
+        item = dataset[row]
+        _counts_panel(axes[row, 0], item["image"][0].numpy(), f"input i(s) #{row}")
+        _rgb_panel(axes[row, 1], item["target"].numpy(), "ground truth v(s)")
+        _rgb_panel(axes[row, 2], pred[row, :4], "prediction")
+        axes[row, 3].imshow(pred[row, 4], cmap="gray", vmin=0, vmax=1)
+        axes[row, 3].set_title("predicted validity w", fontsize=9)
+        axes[row, 3].set_axis_off()
+    return fig
+
+
+def cylinder_sketch(speed: float, direction_deg: float, rows: int = 128) -> plt.Figure:
+    """Paper Fig. 3: (a) flow in a cylinder seen by the camera, (b) the expected flow profile."""
+    from blurflow.testsets import cylinder_params
+
+    fig = plt.figure(figsize=(10, 4.2), constrained_layout=True)
+    ax = fig.add_subplot(1, 3, 1)
+    t = np.linspace(0, 2 * np.pi, 200)
+    ax.plot(2.2 * np.cos(t) * 0.35, 2.2 * np.sin(t), "k-", lw=1.5)  # pipe cross-section, ellipse = tilt
+    ax.plot([-1.2, 1.2], [0, 0], "c--", lw=1)
+    ax.text(1.25, 0.05, "focal plane", color="c", fontsize=8)
+    for y in np.linspace(-1.8, 1.8, 7):
+        phi = np.pi / 2 * (y + 1.8) / 3.6  # 0 at the bottom, pi/2 at the top
+        ax.annotate("", xy=(0.9 * np.cos(phi) - 0.45, y + 0.9 * np.sin(phi) * 0.3), xytext=(-0.45, y), arrowprops={"arrowstyle": "->", "color": "C3"})
+    ax.set(xlim=(-1.5, 2.2), ylim=(-2.5, 2.5), title="(a) flow in a cylinder", xticks=[], yticks=[])
+    ax.text(-1.45, -2.4, "bottom: lateral motion", fontsize=8)
+    ax.text(-1.45, 2.25, "top: axial motion", fontsize=8)
+    params = cylinder_params(rows, speed, 0.0, direction_deg)
+    maps = np.repeat(params.T[:, :, None], rows, axis=2)
+    ax = fig.add_subplot(1, 3, 2)
+    ax.imshow(velocity_rgb(maps))
+    ax.set(title="(b) expected flow v(s) as RGB", xticks=[], yticks=[])
+    ax = fig.add_subplot(1, 3, 3)
+    y = np.arange(rows)
+    for k, (name, color) in enumerate((("|v1|", "r"), ("v2", "g"), ("v3", "b"))):
+        ax.plot(np.abs(params[:, k]), y, color, label=name)
+    ax.invert_yaxis()
+    ax.set(xlabel="normalised velocity", ylabel="image row (top to bottom)", title="profile along y", xlim=(0, 1))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def row_profiles(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(C, H) mean over valid pixels of each row of (C, H, W) maps (NaN where none is valid)."""
+    w = valid.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        return (np.abs(maps) * w).sum(-1) / w.sum(-1)
+
+
+def cylinder_result(dataset, pred: np.ndarray, index: int = 0) -> plt.Figure:
+    """Paper Fig. 4: input, ground truth, prediction and the profile of each component along y."""
+    item = dataset[index]
+    target, valid = item["target"].numpy(), item["valid"][0].numpy()
+    fig = plt.figure(figsize=(13, 3.8), constrained_layout=True)
+    gs = fig.add_gridspec(1, 5, width_ratios=[1, 1, 1, 0.9, 0.9])
+    _counts_panel(fig.add_subplot(gs[0]), item["image"][0].numpy(), "input i(s)")
+    _rgb_panel(fig.add_subplot(gs[1]), target, "ground truth")
+    _rgb_panel(fig.add_subplot(gs[2]), pred[index, :4], "prediction")
+    y = np.arange(target.shape[1])
+    true_p = row_profiles(target, valid)
+    pred_all = np.stack([row_profiles(p[:4], ds_valid) for p, ds_valid in ((pred[i], dataset[i]["valid"][0].numpy()) for i in range(len(pred)))])
+    pred_p = np.nanmean(pred_all, 0)
+    for panel, comps in ((gs[3], ((0, "|v1|", "r"), (1, "|v2|", "g"), (2, "v3", "b"))), (gs[4], ((3, "z0", "m"),))):
+        ax = fig.add_subplot(panel)
+        for k, name, color in comps:
+            ax.plot(true_p[k], y, color + "-", lw=2, label=f"{name} truth")
+            ax.plot(pred_p[k], y, color + "--", label=f"{name} predicted")
+        ax.invert_yaxis()
+        ax.set(xlabel="normalised velocity" if len(comps) > 1 else "normalised depth", ylabel="row", xlim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Cylinder flow: prediction averaged over the rows of {len(pred)} images", fontsize=10)
+    return fig
+
+
+def scatter(dataset, pred: np.ndarray, r2: dict, max_points: int = 50_000, seed: int = 0) -> plt.Figure:
+    """Prediction against ground truth over valid pixels, one panel per component (hexbin)."""
+    xs, ys = [], []
+    for i in range(len(pred)):
+        item = dataset[i]
+        m = item["valid"][0].numpy() > 0.5
+        ys.append(item["target"].numpy()[:, m])
+        xs.append(pred[i, :4][:, m])
+    x, y = np.abs(np.concatenate(xs, 1)), np.abs(np.concatenate(ys, 1))
+    if x.shape[1] > max_points:
+        keep = np.random.default_rng(seed).choice(x.shape[1], max_points, replace=False)
+        x, y = x[:, keep], y[:, keep]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), constrained_layout=True)
+    for k, (ax, name) in enumerate(zip(axes, ("|v1|", "|v2|", "v3", "z0"))):
+        ax.hexbin(y[k], x[k], gridsize=40, extent=(0, 1, 0, 1), mincnt=1, cmap="viridis", bins="log")
+        ax.plot([0, 1], [0, 1], "w--", lw=1)
+        ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=f"{name}: R² = {r2[('v1', 'v2', 'v3', 'z0')[k]]:.2f}")
+    return fig
+
+
+def table1_image(rows: pd.DataFrame, thumbnails: list[np.ndarray]) -> plt.Figure:
+    """Paper Table 1: ground truth, blurred thumbnail and predicted values of each case."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(8, 2.1 * len(rows)), constrained_layout=True, gridspec_kw={"width_ratios": [1.2, 1, 1.6]})
+    for (_, r), thumb, (a, b, c) in zip(rows.iterrows(), thumbnails, axes):
+        for ax in (a, c):
+            ax.set_axis_off()
+        a.text(0, 0.5, f"{r['case']}\nv1 = {r['v1']:.2f}\nv2 = {r['v2']:.2f}\nv3 = {r['v3']:.2f}\nz0 = {r['z0']:.2f}", va="center", family="monospace", fontsize=9)
+        _counts_panel(b, thumb, "")
+        c.text(
+            0, 0.5,
+            f"predicted (ours)   paper\nv1 = {r['pred_v1']:+.2f}     {r['paper_v1']:+.2f}\nv2 = {r['pred_v2']:+.2f}     {r['paper_v2']:+.2f}\n"
+            f"v3 = {r['pred_v3']:+.2f}     {r['paper_v3']:+.2f}\nz0 = {r['pred_z0']:+.2f}     {r['paper_z0']:+.2f}",
+            va="center", family="monospace", fontsize=9,
+        )  # fmt: skip
+    axes[0, 0].set_title("ground truth v(s)", fontsize=9)
+    axes[0, 1].set_title("blurred image i(s)", fontsize=9)
+    axes[0, 2].set_title("prediction (mean over valid pixels)", fontsize=9)
+    return fig

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,27 +141,37 @@ class Synthesizer:
         self.psf = MotionPSF(optics, scales, size=kernel_px, z_range_um=(min(z_lo, 0.0) - 1, z_hi + 1))
         self.canvas_px = sfft.next_fast_len(cfg.image_px + kernel_px, real=True)
 
-    def draw(self, rng: np.random.Generator) -> dict:
-        """Random choices of one sample (source crop, regions, raw motion, camera)."""
-        cfg, h = self.cfg, self.cfg.image_px
+    def crop(self, rng: np.random.Generator) -> np.ndarray:
+        """Random ``image_px`` crop of a random tile, rotated by k * 90 degrees, maybe mirrored."""
+        h = self.cfg.image_px
         tile = self.tiles[rng.integers(len(self.tiles))]
         y0, x0 = rng.integers(0, tile.shape[0] - h + 1), rng.integers(0, tile.shape[1] - h + 1)
         crop = np.rot90(tile[y0 : y0 + h, x0 : x0 + h], rng.integers(4))
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        n = int(rng.integers(cfg.regions[0], cfg.regions[1] + 1))
-        params = np.stack(
-            [rng.uniform(*cfg.v_lateral, n), rng.uniform(*cfg.v_lateral, n), rng.uniform(*cfg.v3, n), rng.uniform(*cfg.z0, n)],
-            axis=1,
-        )
+        return crop.astype(np.float32) / 65535
+
+    def motions(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """(n, 4) float32 raw (v1, v2, v3, z0), uniform in the configured ranges."""
+        cfg = self.cfg
+        v = [rng.uniform(*cfg.v_lateral, n), rng.uniform(*cfg.v_lateral, n), rng.uniform(*cfg.v3, n), rng.uniform(*cfg.z0, n)]
+        return np.stack(v, axis=1).astype(np.float32)
+
+    def camera_draws(self, rng: np.random.Generator) -> dict:
+        """Photon level, quantum efficiency and background scale of one image."""
+        cfg = self.cfg
         return {
-            "sharp": crop.astype(np.float32) / 65535,
-            "regions": region_map(self.canvas_px, n, rng),
-            "params": params.astype(np.float32),
             "photons": rng.uniform(*cfg.photons),
             "quantum_efficiency": rng.uniform(*cfg.quantum_efficiency),
             "background_sigma": rng.uniform(*cfg.background_sigma),
         }
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """Random choices of one training sample (source crop, regions, raw motion, camera)."""
+        sharp = self.crop(rng)
+        n = int(rng.integers(self.cfg.regions[0], self.cfg.regions[1] + 1))
+        regions = region_map(self.canvas_px, n, rng)
+        return {"sharp": sharp, "regions": regions, "params": self.motions(n, rng), **self.camera_draws(rng)}
 
     def render(self, draws: list[dict]) -> torch.Tensor:
         """Noise-free blurred images (B, H, W), float32, in source intensity units."""
@@ -186,25 +196,26 @@ class Synthesizer:
         return np.clip(np.round(counts), 0, 65535).astype(np.uint16)
 
 
-def write_shard(
+def write_samples(
     path: str | Path,
-    sources: str | Path,
-    optics: Optics,
-    scales: MotionScales,
-    kernel_px: int,
-    cfg: SynthesisConfig,
-    seed: int,
-    split: str,
-    shard: int,
-    samples: int,
+    syn: Synthesizer,
+    draw: Callable[[int, np.random.Generator], dict],
+    keys: Sequence[Sequence[int]],
+    n_max: int,
+    attrs: Mapping,
     batch: int = 16,
     progress: bool = True,
+    desc: str = "",
 ) -> None:
-    """Synthesise ``samples`` images into an HDF5 shard (DESIGN.md format), written atomically."""
+    """Render one sample per seed key with ``draw`` into an HDF5 file (DESIGN.md format), atomically.
+
+    Sample i uses ``numpy.random.default_rng(SeedSequence(keys[i]))``; ``draw(i, rng)`` returns a dict with
+    ``sharp`` (H, W), ``regions`` (canvas, canvas) labels < n_max, raw ``params`` (n, 4) and the
+    camera draws. Labels are stored with the canonical sign.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    syn = Synthesizer(sources, optics, scales, kernel_px, cfg)
-    h, n_max = cfg.image_px, cfg.regions[1]
+    h, samples = syn.cfg.image_px, len(keys)
     lo = (syn.canvas_px - h) // 2
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -216,37 +227,58 @@ def write_shard(
             params = f.create_dataset("params", (samples, n_max, 4), np.float32, fillvalue=np.nan)
             camera = {k: f.create_dataset(k, (samples,), np.float32) for k in ("photons", "quantum_efficiency", "background_sigma")}
             f.attrs.update(
-                optics=json.dumps(optics.to_dict()),
-                scales=json.dumps(scales.to_dict()),
-                synthesis=json.dumps(asdict(cfg)),
-                seed=seed,
-                split=split,
-                shard=shard,
-                kernel_px=kernel_px,
+                optics=json.dumps(syn.optics.to_dict()),
+                scales=json.dumps(syn.scales.to_dict()),
+                synthesis=json.dumps(asdict(syn.cfg)),
+                kernel_px=syn.psf.size,
                 blurflow_version=__version__,
-                config_hash=config_hash(optics.to_dict(), scales.to_dict(), asdict(cfg), {"kernel_px": kernel_px}),
                 label_order="v1,v2,v3,z0 (canonical sign: v2 > 0, or v2 == 0 and v1 >= 0)",
+                **attrs,
             )
-            bar = tqdm(total=samples, desc=f"{split} shard {shard}", unit="img", disable=not progress)
+            bar = tqdm(total=samples, desc=desc or path.name, unit="img", disable=not progress)
             for start in range(0, samples, batch):
-                idx = range(start, min(start + batch, samples))
-                rngs = [np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], shard, i])) for i in idx]
-                draws = [syn.draw(rng) for rng in rngs]
+                sl = slice(start, min(start + batch, samples))
+                rngs = [np.random.default_rng(np.random.SeedSequence(list(k))) for k in keys[sl]]
+                draws = [draw(i, rng) for i, rng in zip(range(sl.start, sl.stop), rngs)]
                 blurred = syn.render(draws).numpy()
                 sharp = torch.from_numpy(np.stack([d["sharp"] for d in draws]))
-                w = validity(sharp, cfg.validity_window_px, cfg.validity_threshold).numpy()
-                sl = slice(idx.start, idx.stop)
                 image[sl] = np.stack([syn.camera(b, d, rng) for b, d, rng in zip(blurred, draws, rngs)])
                 region[sl] = np.stack([d["regions"][lo : lo + h, lo : lo + h] for d in draws])
-                valid[sl] = w
+                valid[sl] = validity(sharp, syn.cfg.validity_window_px, syn.cfg.validity_threshold).numpy()
                 labels = np.full((len(draws), n_max, 4), np.nan, np.float32)
                 for j, d in enumerate(draws):
                     labels[j, : len(d["params"])] = canonical_sign(torch.from_numpy(d["params"])).numpy()
                 params[sl] = labels
                 for k, ds in camera.items():
                     ds[sl] = [d[k] for d in draws]
-                bar.update(len(idx))
+                bar.update(sl.stop - sl.start)
             bar.close()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_shard(
+    path: str | Path,
+    sources: str | Path,
+    optics: Optics,
+    scales: MotionScales,
+    kernel_px: int,
+    cfg: SynthesisConfig,
+    seed: int,
+    split: str,
+    shard: int,
+    samples: int,
+    progress: bool = True,
+) -> None:
+    """Synthesise ``samples`` training images into an HDF5 shard; sample i is keyed by
+    (seed, split, shard, i)."""
+    syn = Synthesizer(sources, optics, scales, kernel_px, cfg)
+    keys = [(seed, SPLITS[split], shard, i) for i in range(samples)]
+    attrs = {
+        "seed": seed,
+        "split": split,
+        "shard": shard,
+        "config_hash": config_hash(optics.to_dict(), scales.to_dict(), asdict(cfg), {"kernel_px": kernel_px}),
+    }
+    write_samples(path, syn, lambda i, rng: syn.draw(rng), keys, cfg.regions[1], attrs, progress=progress, desc=f"{split} shard {shard}")

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from blurflow.data import ShardDataset
-from blurflow.evaluate import COMPONENTS, PearsonR2
+from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, decode, loss_fn, save_model
 from blurflow.synthesis import config_hash
 
@@ -93,15 +93,15 @@ def _write_log(rows: list[dict], path: Path) -> None:
 def evaluate_loss(model: FlowNet, loader, cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
     """Mean loss and R^2 of the model over a loader."""
     model.eval()
-    r2, total, count = PearsonR2(), 0.0, 0
+    metrics, total, count = FlowMetrics(), 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         for batch in loader:
             image, target, valid = (batch[k].to(device) for k in ("image", "target", "valid"))
             out = model(image).float()
             total += float(loss_fn(out, target, valid, cfg.loss, cfg.encoding, cfg.gamma)) * len(image)
             count += len(image)
-            r2.update(decode(out, cfg.encoding), target, valid)
-    return total / max(count, 1), r2.compute()
+            metrics.update(decode(out, cfg.encoding), target, valid)
+    return total / max(count, 1), metrics.r2()
 
 
 def train(

@@ -69,3 +69,108 @@ rule training_curve:
         gpu=0,
     script:
         "../scripts/training_curve.py"
+
+
+rule fig2_two_zone:
+    input:
+        testset="results/testsets/two_zone.h5",
+        predictions="results/predictions/two_zone.h5",
+    output:
+        figure=report(
+            "results/figures/fig2_two_zone.png",
+            caption="../report/fig2.rst",
+            category="Paper figures",
+        ),
+    log:
+        "logs/figures/fig2.log",
+    benchmark:
+        "results/benchmarks/figures/fig2.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    script:
+        "../scripts/fig2_two_zone.py"
+
+
+rule fig3_cylinder_sketch:
+    output:
+        figure=report(
+            "results/figures/fig3_cylinder_sketch.png",
+            caption="../report/fig3.rst",
+            category="Paper figures",
+        ),
+    log:
+        "logs/figures/fig3.log",
+    benchmark:
+        "results/benchmarks/figures/fig3.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+        gpu=0,
+    params:
+        cylinder=config["testsets"]["cylinder"],
+    script:
+        "../scripts/fig3_cylinder_sketch.py"
+
+
+rule fig4_cylinder:
+    input:
+        testset="results/testsets/cylinder.h5",
+        predictions="results/predictions/cylinder.h5",
+    output:
+        figure=report(
+            "results/figures/fig4_cylinder.png",
+            caption="../report/fig4.rst",
+            category="Paper figures",
+        ),
+    log:
+        "logs/figures/fig4.log",
+    benchmark:
+        "results/benchmarks/figures/fig4.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    script:
+        "../scripts/fig4_cylinder.py"
+
+
+rule table1:
+    input:
+        testset="results/testsets/table1.h5",
+        predictions="results/predictions/table1.h5",
+    output:
+        csv=report(
+            "results/tables/table1.csv",
+            caption="../report/table1.rst",
+            category="Paper figures",
+        ),
+        md="results/tables/table1.md",
+        figure=report(
+            "results/figures/table1.png",
+            caption="../report/table1.rst",
+            category="Paper figures",
+        ),
+    log:
+        "logs/figures/table1.log",
+    benchmark:
+        "results/benchmarks/figures/table1.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    script:
+        "../scripts/table1.py"

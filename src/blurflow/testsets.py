@@ -1,0 +1,121 @@
+"""Test sets of the paper's Section 3, in the shard format (readable by blurflow.data.ShardDataset).
+
+- two-zone: a held-out source split in two regions by a random straight boundary, each region with
+  its own random motion (paper Fig. 2, R^2 = 0.92);
+- cylinder: flow in a cylinder seen from the side, v(y) = V (cos phi(y) e_lateral, sin phi(y))
+  with phi going smoothly from 0 at the bottom row (lateral motion) to pi/2 at the top row (axial
+  motion); every row is its own region with its own PSF, so the profile has no bands
+  (paper Fig. 3-4, R^2 = 0.91);
+- Table 1: five fixed motions, a-d on simulated beads, e on a textured held-out image.
+
+Camera draws (photons, quantum efficiency, background) follow the training configuration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from blurflow.optics import MotionScales, Optics
+from blurflow.synthesis import SynthesisConfig, Synthesizer, write_samples
+
+TABLE1 = {  # case: ((v1, v2, v3, z0), source) as in the paper's Table 1
+    "a": ((0.30, 0.30, 0.00, 0.00), "beads"),
+    "b": ((0.30, 0.30, 0.80, 0.00), "beads"),
+    "c": ((0.30, 0.30, 0.80, 0.30), "beads"),
+    "d": ((-0.30, 0.60, 0.80, 0.10), "beads"),
+    "e": ((0.00, 0.40, 1.20, 0.00), "texture"),
+}
+TABLE1_PAPER = {  # the paper's predictions
+    "a": (0.38, 0.31, 0.01, 0.05),
+    "b": (0.35, 0.29, 0.71, 0.08),
+    "c": (0.35, 0.31, 0.77, 0.41),
+    "d": (-0.28, 0.51, 0.96, 0.15),
+    "e": (0.10, 0.35, 0.98, 0.06),
+}
+PAPER_R2 = {"two_zone": 0.92, "cylinder": 0.91}
+TESTSET_KEYS = {"two_zone": 10, "cylinder": 11, "table1": 12}  # seed-key prefixes, apart from training
+
+
+def straight_split(size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size, size) uint8: 0 / 1 on either side of a random line through the central half."""
+    py, px = rng.uniform(0.25 * size, 0.75 * size, 2)
+    angle = rng.uniform(0, math.pi)
+    y, x = np.mgrid[0:size, 0:size]
+    return ((x - px) * math.cos(angle) + (y - py) * math.sin(angle) > 0).astype(np.uint8)
+
+
+def cylinder_params(rows: int, speed: float, z0: float, direction_deg: float) -> np.ndarray:
+    """(rows, 4) (v1, v2, v3, z0) of each image row, top row first: phi = pi/2 at the top, 0 at
+    the bottom; lateral motion along ``direction_deg`` (0: +x, 90: +y)."""
+    phi = (math.pi / 2) * (rows - 1 - np.arange(rows)) / max(rows - 1, 1)
+    a = math.radians(direction_deg)
+    lateral = speed * np.cos(phi)
+    return np.stack([lateral * math.cos(a), lateral * math.sin(a), speed * np.sin(phi), np.full(rows, z0)], 1).astype(np.float32)
+
+
+def row_regions(canvas: int, image: int, bands: int) -> np.ndarray:
+    """Canvas labels: image row -> band (``bands`` equal bands), padding rows clamp to the edge."""
+    rows = np.clip(np.arange(canvas) - (canvas - image) // 2, 0, image - 1)
+    return np.repeat((rows * bands // image).astype(np.uint8)[:, None], canvas, axis=1)
+
+
+def beads(size: int, rng: np.random.Generator, density: float = 0.004) -> np.ndarray:
+    """Sub-resolution fluorescent beads on a dark background, float32 in [0, 1]."""
+    img = np.zeros((size, size), np.float32)
+    n = max(1, rng.poisson(density * size * size))
+    np.add.at(img, (rng.integers(0, size, n), rng.integers(0, size, n)), rng.uniform(0.5, 1.0, n).astype(np.float32))
+    return img / img.max()
+
+
+def _synthesizer(sources, optics, scales, kernel_px, cfg: SynthesisConfig, image_px: int, v3_max: float = 1.0) -> Synthesizer:
+    cfg = replace(cfg, image_px=image_px, v3=(min(cfg.v3[0], 0.0), max(cfg.v3[1], v3_max)))
+    return Synthesizer(sources, optics, scales, kernel_px, cfg)
+
+
+def write_two_zone(path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, count: int, seed: int, progress: bool = True) -> None:
+    """Two-zone test set: ``count`` images of ``image_px``."""
+    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px)
+
+    def draw(i, rng):
+        return {"sharp": syn.crop(rng), "regions": straight_split(syn.canvas_px, rng), "params": syn.motions(2, rng), **syn.camera_draws(rng)}
+
+    keys = [(seed, TESTSET_KEYS["two_zone"], i) for i in range(count)]
+    write_samples(path, syn, draw, keys, 2, {"seed": seed, "testset": "two_zone"}, progress=progress, desc="two-zone")
+
+
+def write_cylinder(
+    path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, count: int, seed: int,
+    speed: float, z0: float, direction_deg: float, progress: bool = True,
+) -> None:  # fmt: skip
+    """Cylinder-flow test set: ``count`` held-out sources under the same row-wise flow profile."""
+    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px, v3_max=speed)
+    bands = min(image_px, 255)
+    params = cylinder_params(bands, speed, z0, direction_deg)
+    regions = row_regions(syn.canvas_px, image_px, bands)
+
+    def draw(i, rng):
+        return {"sharp": syn.crop(rng), "regions": regions, "params": params, **syn.camera_draws(rng)}
+
+    keys = [(seed, TESTSET_KEYS["cylinder"], i) for i in range(count)]
+    attrs = {"seed": seed, "testset": "cylinder", "speed": speed, "z0": z0, "direction_deg": direction_deg}
+    write_samples(path, syn, draw, keys, bands, attrs, batch=1, progress=progress, desc="cylinder")
+
+
+def write_table1(path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, repeats: int, seed: int, progress: bool = True) -> None:
+    """Table 1: ``repeats`` images of each case a-e (in order a, a, ..., e), one region each."""
+    v3_max = max(p[2] for p, _ in TABLE1.values())
+    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px, v3_max=v3_max)
+    cases = [c for c in TABLE1 for _ in range(repeats)]
+
+    def draw(i, rng):
+        params, source = TABLE1[cases[i]]
+        sharp = beads(image_px, rng) if source == "beads" else syn.crop(rng)
+        regions = np.zeros((syn.canvas_px, syn.canvas_px), np.uint8)
+        return {"sharp": sharp, "regions": regions, "params": np.array([params], np.float32), **syn.camera_draws(rng)}
+
+    keys = [(seed, TESTSET_KEYS["table1"], i) for i in range(len(cases))]
+    write_samples(path, syn, draw, keys, 1, {"seed": seed, "testset": "table1", "cases": "".join(cases)}, progress=progress, desc="table 1")

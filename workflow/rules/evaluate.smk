@@ -1,0 +1,63 @@
+rule predict:
+    input:
+        model=rules.train.output.model,
+        testset="results/testsets/{testset}.h5",
+    output:
+        h5="results/predictions/{testset}.h5",
+    log:
+        "logs/predict/{testset}.log",
+    benchmark:
+        "results/benchmarks/predict/{testset}.tsv"
+    wildcard_constraints:
+        testset="two_zone|cylinder|table1",
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    params:
+        evaluated=lambda wc: (
+            config["testsets"]["two_zone"]["evaluated"]
+            if wc.testset == "two_zone"
+            else None
+        ),
+        batch=config["testsets"]["batch"],
+    script:
+        "../scripts/predict.py"
+
+
+rule metrics:
+    input:
+        testset="results/testsets/{testset}.h5",
+        predictions="results/predictions/{testset}.h5",
+    output:
+        json="results/metrics/{testset}.json",
+        csv=report(
+            "results/metrics/{testset}.csv",
+            caption="../report/metrics.rst",
+            category="Scores",
+            subcategory="{testset}",
+        ),
+        scatter=report(
+            "results/figures/scatter_{testset}.png",
+            caption="../report/scatter.rst",
+            category="Scores",
+            subcategory="{testset}",
+        ),
+    log:
+        "logs/metrics/{testset}.log",
+    benchmark:
+        "results/benchmarks/metrics/{testset}.tsv"
+    wildcard_constraints:
+        testset="two_zone|cylinder",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+    script:
+        "../scripts/metrics.py"

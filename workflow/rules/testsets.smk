@@ -1,0 +1,22 @@
+rule testset:
+    input:
+        sources="results/sources/test.h5",
+    output:
+        h5="results/testsets/{testset}.h5",
+    log:
+        "logs/testsets/{testset}.log",
+    benchmark:
+        "results/benchmarks/testsets/{testset}.tsv"
+    wildcard_constraints:
+        testset="two_zone|cylinder|table1",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=0,
+    params:
+        config=config,
+    script:
+        "../scripts/testset.py"

@@ -1,0 +1,26 @@
+"""Generate one test set: two_zone, cylinder or table1 (rule testset)."""
+
+from blurflow import logs, testsets
+from blurflow.optics import MotionScales, Optics
+from blurflow.synthesis import SynthesisConfig
+
+logs.to_file(snakemake.log[0])
+c = snakemake.params.config
+t = c["testsets"]
+name = snakemake.wildcards.testset
+common = (
+    snakemake.output.h5,
+    snakemake.input.sources,
+    Optics.from_config(c["optics"]),
+    MotionScales.from_config(c["motion"]),
+    c["motion"]["kernel_px"],
+    SynthesisConfig.from_config(c["synthesis"]),
+    t["image_px"],
+)
+if name == "two_zone":
+    testsets.write_two_zone(*common, count=t["two_zone"]["count"], seed=c["seed"])
+elif name == "cylinder":
+    cyl = t["cylinder"]
+    testsets.write_cylinder(*common, count=cyl["count"], seed=c["seed"], speed=cyl["speed"], z0=cyl["z0"], direction_deg=cyl["direction_deg"])
+else:
+    testsets.write_table1(*common, repeats=t["table1"]["repeats"], seed=c["seed"])
