@@ -219,3 +219,23 @@ def table1_image(rows: pd.DataFrame, thumbnails: list[np.ndarray]) -> plt.Figure
     axes[0, 1].set_title("blurred image i(s)", fontsize=9)
     axes[0, 2].set_title("prediction (mean over valid pixels)", fontsize=9)
     return fig
+
+
+def flow_overlay(image: np.ndarray, flow: np.ndarray, units: list[str], arrows: int = 24) -> plt.Figure:
+    """Input with the lateral motion as headless segments (orientation, where w > 0.5), and the
+    velocity as RGB (|v1| red, v2 green, v3 blue, each scaled to its maximum). ``flow`` is
+    (5, H, W) in physical units."""
+    h, w = image.shape
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5.2 * h / max(w, 1) + 0.8), constrained_layout=True)
+    a.imshow(image, cmap="gray", vmin=np.percentile(image, 0.5), vmax=np.percentile(image, 99.5))
+    step = max(1, max(h, w) // arrows)
+    yy, xx = np.mgrid[step // 2 : h : step, step // 2 : w : step]
+    v1, v2, valid = flow[0][yy, xx], flow[1][yy, xx], flow[4][yy, xx] > 0.5
+    a.quiver(xx[valid], yy[valid], v1[valid], -v2[valid], color="yellow", pivot="middle", headwidth=0, headlength=0, headaxislength=0, angles="xy", scale_units="xy", scale=np.abs(flow[:2]).max() / step + 1e-12)
+    a.set_title(f"input with lateral motion (w > 0.5); longest segment = {np.hypot(flow[0], flow[1]).max():.2g} {units[0]}", fontsize=9)
+    a.set_axis_off()
+    peak = np.abs(flow[:3]).reshape(3, -1).max(1) + 1e-12
+    b.imshow(velocity_rgb(np.concatenate([flow[:3] / peak[:, None, None], flow[3:4]])), interpolation="nearest")
+    b.set_title(f"|v1| red (max {peak[0]:.2g}), v2 green (max {peak[1]:.2g}), v3 blue (max {peak[2]:.2g}) {units[0]}", fontsize=9)
+    b.set_axis_off()
+    return fig

@@ -3,6 +3,11 @@ from snakemake.utils import validate
 validate(config, "../schemas/config.schema.yaml")
 
 CONDA_ENV = "../../envs/blurflow.yaml"
+GPU_CONDA_ENV = (
+    "../../envs/blurflow-cuda.yaml"
+    if config["conda"]["gpu_env"] == "cuda"
+    else CONDA_ENV
+)
 
 
 def shard_paths(split):

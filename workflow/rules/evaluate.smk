@@ -11,7 +11,7 @@ rule predict:
     wildcard_constraints:
         testset="two_zone|cylinder|table1",
     conda:
-        CONDA_ENV
+        GPU_CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,

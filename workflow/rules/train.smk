@@ -14,7 +14,7 @@ rule train:
     benchmark:
         "results/benchmarks/train.tsv"
     conda:
-        CONDA_ENV
+        GPU_CONDA_ENV
     threads: config["train"]["threads"]
     resources:
         mem_mb=8000,

@@ -1,0 +1,212 @@
+"""Command line: ``blurflow predict`` (flow maps of your own images) and ``blurflow info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from blurflow import __version__
+
+log = logging.getLogger("blurflow")
+CHANNELS = ("v1", "v2", "v3", "z0", "w")
+MIN_SIZE = 32  # px: the U-Net halves the image five times
+
+
+class InputError(ValueError):
+    """A problem with the user's input that is reported in one line."""
+
+
+def load_planes(path: Path) -> np.ndarray:
+    """Image planes (T, H, W) float32 of a TIFF (2D or stack), PNG or JPEG file, in its own units.
+
+    RGB(A) images are converted to grey by luminance with a warning; NaN/Inf pixels, images of
+    more than 4 dimensions and images smaller than 32 px are errors.
+    """
+    from blurflow.sources import read_image
+
+    try:
+        data = np.asarray(read_image(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is 'unreadable'
+        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+    if data.size == 0:
+        raise InputError(f"{path}: cannot read image (no pixel data)")
+    if data.ndim >= 3 and data.shape[-1] in (3, 4):  # (…, H, W, RGB[A]); a stack ends in W >= 32
+        warnings.warn(f"{path}: colour image converted to grey (luminance)", stacklevel=2)
+        data = data[..., :3].astype(np.float64) @ np.array([0.2125, 0.7154, 0.0721])
+    if data.ndim == 2:
+        data = data[None]
+    if data.ndim != 3:
+        raise InputError(f"{path}: expected a 2D image or a stack of 2D images, got shape {data.shape}")
+    data = data.astype(np.float32)
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: image contains NaN or Inf pixels")
+    if min(data.shape[-2:]) < MIN_SIZE:
+        raise InputError(f"{path}: image of {data.shape[-2]} x {data.shape[-1]} px is smaller than the network's minimum {MIN_SIZE} x {MIN_SIZE} px")
+    return data
+
+
+def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: float | None) -> tuple[np.ndarray, list[str]]:
+    """(…, 5, H, W) canonical normalised (v1, v2, v3, z0, w) -> physical units and unit names.
+
+    v1, v2: L px per exposure times the pixel size; v3: A um per exposure; divided by the exposure
+    time (s) when it is given. z0: A um. w stays in [0, 1].
+    """
+    scales = meta["scales"]
+    out = pred.astype(np.float32).copy()
+    out[..., 0:2, :, :] *= scales["lateral_scale_px"] * pixel_um
+    out[..., 2:4, :, :] *= scales["axial_scale_um"]
+    speed_unit = "um/exposure"
+    if exposure_ms:
+        out[..., 0:3, :, :] /= exposure_ms / 1000
+        speed_unit = "um/s"
+    return out, [speed_unit] * 3 + ["um", "1"]
+
+
+def _atomic(path: Path):
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[str], pixel_um: float) -> list[Path]:
+    """``<stem>_flow.tif`` (ImageJ hyperstack, float32, channels v1 v2 v3 z0 w) and ``<stem>_flow.png``."""
+    import tifffile
+
+    from blurflow import figures
+
+    tif, png = stem.with_name(stem.name + "_flow.tif"), stem.with_name(stem.name + "_flow.png")
+    labels = [f"{c} ({u})" for c, u in zip(CHANNELS, units)]
+    data = phys if phys.shape[0] > 1 else phys[0]
+    axes = "TCYX" if phys.shape[0] > 1 else "CYX"
+    tmp_tif, tmp_png = _atomic(tif), _atomic(png)
+    try:
+        tifffile.imwrite(
+            tmp_tif,
+            data.astype(np.float32),
+            imagej=True,
+            resolution=(1 / pixel_um, 1 / pixel_um),
+            metadata={"axes": axes, "unit": "um", "Labels": labels * (phys.shape[0] if phys.shape[0] > 1 else 1), "Info": json.dumps(dict(zip(CHANNELS, units)))},
+        )
+        figures.flow_overlay(planes[0], phys[0], units).savefig(tmp_png, dpi=110, format="png")
+        os.replace(tmp_tif, tif)
+        os.replace(tmp_png, png)
+    finally:
+        tmp_tif.unlink(missing_ok=True)
+        tmp_png.unlink(missing_ok=True)
+    return [tif, png]
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    from blurflow.evaluate import predict
+    from blurflow.model import load_model
+    from blurflow.train import pick_device
+
+    try:
+        model, meta = load_model(args.model, pick_device(args.device))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    model_pixel = meta["optics"]["camera_pixel_um"] / meta["optics"]["magnification"]
+    pixel_um = args.pixel_size_um or model_pixel
+    if abs(pixel_um - model_pixel) > 0.01 * model_pixel:
+        warnings.warn(
+            f"pixel size {pixel_um:g} um differs from the model's {model_pixel:g} um: the blur is measured in pixels "
+            f"of the training optics (NA {meta['optics']['na']}, {meta['optics']['wavelength_um']} um), results are approximate",
+            stacklevel=2,
+        )
+    out_dir = Path(args.out) if args.out else None
+    failed = 0
+    for path in tqdm([Path(p) for p in args.images], desc="predict", unit="image", disable=args.quiet or len(args.images) < 2):
+        try:
+            planes = load_planes(path)
+            counts = torch.from_numpy((planes - args.offset) * args.gain)[:, None]
+            pred = predict(model, counts, tile=meta["image_px"], batch=args.batch).numpy()
+            phys, units = to_physical(pred, meta, pixel_um, args.exposure_ms)
+            folder = out_dir or path.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            written = write_outputs(folder / path.stem, planes, phys, units, pixel_um)
+            if not args.quiet:
+                tqdm.write(f"{path}: wrote {', '.join(str(p) for p in written)}")
+        except InputError as exc:
+            print(f"blurflow: error: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    from blurflow.model import load_model
+
+    try:
+        _, meta = load_model(args.model)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    print(json.dumps(meta, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blurflow",
+        description="3D flow (v1, v2, v3) and start depth z0 of moving particles from single motion-blurred widefield images.",
+        epilog="Method: Shajkofci & Liebling, ISBI 2021. Documentation: README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"blurflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "predict",
+        help="predict flow maps of your own images",
+        description=(
+            "Predict the flow field of each image with a trained model. Writes IMAGE_flow.tif (ImageJ hyperstack, float32, "
+            "channels v1, v2, v3, z0, w; stacks get one time point per plane) and IMAGE_flow.png (velocity as RGB and a quiver "
+            "plot of the lateral motion where w > 0.5). Velocities are in um/s with --exposure-ms, in um per exposure without; "
+            "z0 in um; w is the validity (texture enough to show blur) in [0, 1]. Lateral motion is an orientation: (v1, v2) "
+            "has v2 >= 0."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help="model file from training (results/model/model.pt)")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="TIFF (2D or stack, any dtype), PNG or JPEG; camera counts work best")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: beside each image)")
+    p.add_argument("--exposure-ms", type=float, metavar="T", help="exposure time in ms: velocities in um/s")
+    p.add_argument("--pixel-size-um", type=float, metavar="P", help="sample pixel size in um (default: the model's)")
+    p.add_argument("--offset", type=float, default=0.0, help="camera offset subtracted from the pixel values (default 0)")
+    p.add_argument("--gain", type=float, default=1.0, help="photo-electrons per pixel value after the offset (default 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--batch", type=int, default=8, help="tiles per inference batch (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=predict_command)
+
+    p = sub.add_parser("info", help="show what a model file holds", description="Print the metadata of a model file as JSON.")
+    p.add_argument("model", metavar="MODEL")
+    p.set_defaults(func=info_command)
+    return parser
+
+
+def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name in ("exposure_ms", "pixel_size_um", "gain"):
+        value = getattr(args, name, None)
+        if value is not None and not (np.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check(args, parser)
+    logging.basicConfig(level=logging.WARNING, format="blurflow: %(message)s")
+    warnings.formatwarning = lambda message, *a, **k: f"blurflow: warning: {message}\n"
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"blurflow: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

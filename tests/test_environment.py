@@ -1,0 +1,91 @@
+"""Conda environments, execution profiles and the paper preset."""
+
+import ast
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT_TO_PACKAGE = {  # top-level module -> distribution name (conda-forge name where it differs)
+    "numpy": "numpy", "scipy": "scipy", "h5py": "h5py", "skimage": "scikit-image",
+    "matplotlib": "matplotlib", "pandas": "pandas", "pooch": "pooch", "requests": "requests",
+    "tifffile": "tifffile", "tqdm": "tqdm", "torch": "torch", "yaml": "pyyaml",
+    "segmentation_models_pytorch": "segmentation-models-pytorch",
+}  # fmt: skip
+CONDA_NAMES = {"torch": ("pytorch", "pytorch-gpu"), "matplotlib": ("matplotlib", "matplotlib-base")}
+STDLIB = set(sys.stdlib_module_names) | {"blurflow"}
+
+
+def rule_blocks() -> dict[str, str]:
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow/rules").glob("*.smk")))
+    return {m.group(1): m.group(2) for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M)}
+
+
+def imported_packages() -> set[str]:
+    modules = set()
+    for path in (ROOT / "src/blurflow").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - STDLIB
+    unknown = third_party - set(IMPORT_TO_PACKAGE)
+    assert not unknown, f"map these imports to packages: {unknown}"
+    return third_party
+
+
+def env_packages(path: Path) -> set[str]:
+    deps = yaml.safe_load(path.read_text())["dependencies"]
+    return {re.split(r"[<>=!\s]", d)[0] for d in deps if isinstance(d, str)}
+
+
+def test_every_rule_names_a_conda_env():
+    blocks = rule_blocks()
+    assert {"train", "synthesize_shard", "predict", "metrics"} <= set(blocks)
+    missing = [name for name, body in blocks.items() if "conda:" not in body]
+    assert not missing, f"rules without conda env: {missing}"
+    for name, body in blocks.items():
+        assert "log:" in body and "benchmark:" in body and "resources:" in body, name
+
+
+@pytest.mark.parametrize("env", ["blurflow.yaml", "blurflow-cuda.yaml"])
+def test_env_files_list_the_imported_packages(env):
+    listed = env_packages(ROOT / "envs" / env)
+    for module in imported_packages():
+        names = CONDA_NAMES.get(module, (IMPORT_TO_PACKAGE[module],))
+        assert any(n in listed for n in names), f"{env} lacks {names[0]} (imported as {module})"
+    assert "pytorch-gpu" in listed if "cuda" in env else "pytorch" in listed
+
+
+def test_pyproject_lists_the_imported_packages():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!\s\[]", d)[0].lower() for d in deps}
+    for module in imported_packages():
+        assert IMPORT_TO_PACKAGE[module] in names, module
+
+
+def test_profiles_name_existing_rules_and_send_gpu_rules_to_a_gpu():
+    rules = set(rule_blocks())
+    slurm = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
+    assert slurm["executor"] == "slurm"
+    assert set(slurm["set-resources"]) <= rules and set(slurm["set-threads"]) <= rules
+    for rule in ("train", "predict"):
+        assert slurm["set-resources"][rule]["gpu"] == 1 and slurm["set-resources"][rule]["slurm_partition"] == "gpu"
+        assert "gpu=1" in rule_blocks()[rule].replace(" ", "")
+    assert "gpu" not in slurm["set-resources"]["synthesize_shard"]
+    local = yaml.safe_load((ROOT / "profiles/local/config.yaml").read_text())
+    assert local["cores"] == "all" and "gpu=1" in local["resources"]
+
+
+def test_paper_preset_builds_its_dag_quickly():
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "workflow/presets/paper.yaml"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    stats = dict(re.findall(r"^(\w+)\s+(\d+)$", run.stdout, re.M))
+    assert stats["synthesize_shard"] == "410" and stats["train"] == "1" and stats["predict"] == "3"
