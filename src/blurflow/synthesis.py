@@ -34,16 +34,17 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 class SynthesisConfig:
     """Per-image random draws; ranges are (low, high), uniform."""
 
-    image_px: int = 128
-    regions: tuple[int, int] = (1, 4)
+    image_px: int = 64
+    regions: tuple[int, int] = (1, 2)
     v_lateral: tuple[float, float] = (-1.0, 1.0)
     v3: tuple[float, float] = (0.0, 1.0)
     z0: tuple[float, float] = (0.0, 1.0)
-    photons: tuple[float, float] = (200.0, 2000.0)  # expected photons per pixel at source intensity 1
+    photons: tuple[float, float] = (2000.0, 20000.0)  # expected photons per pixel at source intensity 1
     quantum_efficiency: tuple[float, float] = (0.5, 1.0)
     background_sigma: tuple[float, float] = (0.0, 10.0)  # half-normal scale, counts
     validity_window_px: int = 7
     validity_threshold: float = 0.02  # local standard deviation of the sharp source (0..1 scale)
+    stretch_crops: bool = True  # scale each crop to its 1st..99th percentiles (fill the camera range)
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> SynthesisConfig:
@@ -142,14 +143,20 @@ class Synthesizer:
         self.canvas_px = sfft.next_fast_len(cfg.image_px + kernel_px, real=True)
 
     def crop(self, rng: np.random.Generator) -> np.ndarray:
-        """Random ``image_px`` crop of a random tile, rotated by k * 90 degrees, maybe mirrored."""
+        """Random ``image_px`` crop of a random tile, rotated by k * 90 degrees, maybe mirrored,
+        contrast-stretched to its 1st..99th percentiles when ``stretch_crops``."""
         h = self.cfg.image_px
         tile = self.tiles[rng.integers(len(self.tiles))]
         y0, x0 = rng.integers(0, tile.shape[0] - h + 1), rng.integers(0, tile.shape[1] - h + 1)
         crop = np.rot90(tile[y0 : y0 + h, x0 : x0 + h], rng.integers(4))
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
-        return crop.astype(np.float32) / 65535
+        crop = crop.astype(np.float32) / 65535
+        if self.cfg.stretch_crops:
+            lo, hi = np.percentile(crop, [1, 99])
+            if hi - lo > 1e-3:  # a flat crop stays flat instead of amplifying nothing
+                crop = np.clip((crop - lo) / (hi - lo), 0, 1)
+        return crop
 
     def motions(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(n, 4) float32 raw (v1, v2, v3, z0), uniform in the configured ranges."""

@@ -33,10 +33,10 @@ class TrainConfig:
     encoder: str = "resnet18"
     encoding: str = "doubled_angle"
     loss: str = "ours"
-    gamma: float = 1.0
-    epochs: int = 10
+    gamma: float = 0.5
+    epochs: int = 4
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     schedule: str = "onecycle"  # onecycle | cosine | constant
     warmup_fraction: float = 0.1
@@ -158,7 +158,7 @@ def train(
         loader = torch.utils.data.DataLoader(train_ds, shuffle=True, drop_last=True, generator=g, **loader_kw)
         model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False, mininterval=5)
         for batch in bar:
             image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
             if device.type == "cuda":
