@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +14,8 @@ import torch
 from tqdm import tqdm
 
 from blurflow import __version__
+from blurflow.files import atomic_path
+from blurflow.optics import Optics
 
 log = logging.getLogger("blurflow")
 CHANNELS = ("v1", "v2", "v3", "z0", "w")
@@ -71,10 +72,6 @@ def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: floa
     return out, [speed_unit] * 3 + ["um", "1"]
 
 
-def _atomic(path: Path):
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[str], pixel_um: float) -> list[Path]:
     """``<stem>_flow.tif`` (ImageJ hyperstack, float32, channels v1 v2 v3 z0 w) and ``<stem>_flow.png``."""
     import tifffile
@@ -85,8 +82,7 @@ def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[
     labels = [f"{c} ({u})" for c, u in zip(CHANNELS, units)]
     data = phys if phys.shape[0] > 1 else phys[0]
     axes = "TCYX" if phys.shape[0] > 1 else "CYX"
-    tmp_tif, tmp_png = _atomic(tif), _atomic(png)
-    try:
+    with atomic_path(tif) as tmp_tif, atomic_path(png) as tmp_png:
         tifffile.imwrite(
             tmp_tif,
             data.astype(np.float32),
@@ -95,11 +91,6 @@ def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[
             metadata={"axes": axes, "unit": "um", "Labels": labels * (phys.shape[0] if phys.shape[0] > 1 else 1), "Info": json.dumps(dict(zip(CHANNELS, units)))},
         )
         figures.flow_overlay(planes[0], phys[0], units).savefig(tmp_png, dpi=110, format="png")
-        os.replace(tmp_tif, tif)
-        os.replace(tmp_png, png)
-    finally:
-        tmp_tif.unlink(missing_ok=True)
-        tmp_png.unlink(missing_ok=True)
     return [tif, png]
 
 
@@ -112,7 +103,7 @@ def predict_command(args: argparse.Namespace) -> int:
         model, meta = load_model(args.model, pick_device(args.device))
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    model_pixel = meta["optics"]["camera_pixel_um"] / meta["optics"]["magnification"]
+    model_pixel = Optics.from_config(meta["optics"]).pixel_um
     pixel_um = args.pixel_size_um or model_pixel
     if abs(pixel_um - model_pixel) > 0.01 * model_pixel:
         warnings.warn(

@@ -23,7 +23,9 @@ import torch
 from tqdm import tqdm
 
 from blurflow.data import ShardDataset
+from blurflow.files import atomic_path
 from blurflow.model import FlowNet, decode
+from blurflow.optics import Optics
 
 COMPONENTS = ("v1", "v2", "v3", "z0")
 ORIENTATION_MIN_SPEED = 0.1
@@ -137,22 +139,15 @@ def predict_testset(model: FlowNet, testset: str | Path, out: str | Path, evalua
     """Predictions (N, 5, H, W) float16 for the first ``evaluated`` images of a test set (HDF5)."""
     ds = ShardDataset([testset])
     n = min(evaluated or len(ds), len(ds))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     h, w = ds[0]["image"].shape[-2:]
-    try:
-        with h5py.File(tmp, "w") as f:
-            pred = f.create_dataset("pred", (n, 5, h, w), np.float16, chunks=(1, 5, h, w), compression="lzf")
-            f.attrs["channels"] = "v1,v2,v3,z0,w (canonical, normalised units)"
-            f.attrs["testset"] = str(testset)
-            for start in tqdm(range(0, n, batch), desc=f"predict {Path(testset).stem}", disable=not progress):
-                idx = range(start, min(start + batch, n))
-                counts = torch.stack([ds[i]["image"] for i in idx])
-                pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch).numpy().astype(np.float16)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        pred = f.create_dataset("pred", (n, 5, h, w), np.float16, chunks=(1, 5, h, w), compression="lzf")
+        f.attrs["channels"] = "v1,v2,v3,z0,w (canonical, normalised units)"
+        f.attrs["testset"] = str(testset)
+        for start in tqdm(range(0, n, batch), desc=f"predict {Path(testset).stem}", disable=not progress):
+            idx = range(start, min(start + batch, n))
+            counts = torch.stack([ds[i]["image"] for i in idx])
+            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch).numpy().astype(np.float16)
 
 
 def evaluate_testset(testset: str | Path, predictions: str | Path, name: str, paper_r2: float | None = None) -> dict:
@@ -165,14 +160,9 @@ def evaluate_testset(testset: str | Path, predictions: str | Path, name: str, pa
             item = ds[i]
             metrics.update(torch.from_numpy(pred[i : i + 1].astype(np.float32)), item["target"][None], item["valid"][None])
     scales = ds.attrs["scales"]
-    out = {"test_set": name, "images": int(pred.shape[0]), **metrics.compute(scales, pixel_um_of(ds.attrs))}
+    out = {"test_set": name, "images": int(pred.shape[0]), **metrics.compute(scales, Optics.from_config(ds.attrs["optics"]).pixel_um)}
     out["paper_r2"] = paper_r2
     return out
-
-
-def pixel_um_of(attrs: Mapping) -> float:
-    optics = attrs["optics"]
-    return optics["camera_pixel_um"] / optics["magnification"]
 
 
 def write_metrics(metrics: dict, json_path: str | Path, csv_path: str | Path) -> None:

@@ -15,7 +15,6 @@ the photon level or the camera offset.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from blurflow import __version__
+from blurflow.files import atomic_path
 from blurflow.optics import canonical_sign
 
 ENCODERS = ("resnet18", "resnet34", "resnet50")
@@ -142,8 +142,6 @@ class FlowNet(torch.nn.Module):
 def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
     """Model file: weights plus everything needed to use them (architecture, encoding, optics,
     scales, normalisation, version, config hash, ...). Written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = {
         "encoder": model.encoder_name,
         "encoding": model.encoding,
@@ -152,9 +150,8 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
         "blurflow_version": __version__,
         **meta,
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"state_dict": model.state_dict(), "meta": info}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "meta": info}, tmp)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowNet, dict]:

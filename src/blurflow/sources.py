@@ -23,6 +23,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from blurflow import __version__
+from blurflow.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -194,36 +195,29 @@ def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, ti
     Images that cannot be read as greyscale or are smaller than a tile are skipped with a warning;
     no usable tile at all is a ``ValueError``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     names: list[str] = []
     count = 0
-    try:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("images", (0, tile_px, tile_px), np.uint16, maxshape=(None, tile_px, tile_px), chunks=(1, tile_px, tile_px), compression="gzip", compression_opts=4, shuffle=True)
-            src = f.create_dataset("source", (0,), np.int32, maxshape=(None,), chunks=(4096,))
-            for name, image in tqdm(images, desc=f"sources -> {path.name}", unit="image"):
-                try:
-                    pieces = [t for plane in to_grey(image) for t in tiles(plane, tile_px)]
-                except ValueError as exc:
-                    warnings.warn(f"skipping image {name}: {exc}", stacklevel=2)
-                    continue
-                if not pieces:
-                    warnings.warn(f"skipping image {name}: smaller than a {tile_px} px tile", stacklevel=2)
-                    continue
-                ds.resize(count + len(pieces), axis=0)
-                src.resize(count + len(pieces), axis=0)
-                ds[count:] = np.round(np.stack(pieces) * 65535).astype(np.uint16)
-                src[count:] = len(names)
-                names.append(name)
-                count += len(pieces)
-            if count == 0:
-                raise ValueError(f"no usable source image for {path} (kind {kind!r}, tiles of {tile_px} px)")
-            f.attrs.update(names=names, kind=kind, tile_px=tile_px, blurflow_version=__version__)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("images", (0, tile_px, tile_px), np.uint16, maxshape=(None, tile_px, tile_px), chunks=(1, tile_px, tile_px), compression="gzip", compression_opts=4, shuffle=True)
+        src = f.create_dataset("source", (0,), np.int32, maxshape=(None,), chunks=(4096,))
+        for name, image in tqdm(images, desc=f"sources -> {Path(path).name}", unit="image"):
+            try:
+                pieces = [t for plane in to_grey(image) for t in tiles(plane, tile_px)]
+            except ValueError as exc:
+                warnings.warn(f"skipping image {name}: {exc}", stacklevel=2)
+                continue
+            if not pieces:
+                warnings.warn(f"skipping image {name}: smaller than a {tile_px} px tile", stacklevel=2)
+                continue
+            ds.resize(count + len(pieces), axis=0)
+            src.resize(count + len(pieces), axis=0)
+            ds[count:] = np.round(np.stack(pieces) * 65535).astype(np.uint16)
+            src[count:] = len(names)
+            names.append(name)
+            count += len(pieces)
+        if count == 0:
+            raise ValueError(f"no usable source image for {path} (kind {kind!r}, tiles of {tile_px} px)")
+        f.attrs.update(names=names, kind=kind, tile_px=tile_px, blurflow_version=__version__)
     log.info("wrote %d tiles from %d images to %s", count, len(names), path)
     return count
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +20,10 @@ import h5py
 import numpy as np
 import torch
 from scipy import fft as sfft
-from scipy import ndimage
 from tqdm import tqdm
 
 from blurflow import __version__
+from blurflow.files import atomic_path
 from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -220,49 +219,42 @@ def write_samples(
     ``sharp`` (H, W), ``regions`` (canvas, canvas) labels < n_max, raw ``params`` (n, 4) and the
     camera draws. Labels are stored with the canonical sign.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     h, samples = syn.cfg.image_px, len(keys)
     lo = (syn.canvas_px - h) // 2
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w") as f:
-            chunk = (1, h, h)
-            image = f.create_dataset("image", (samples, h, h), np.uint16, chunks=chunk, compression="lzf", shuffle=True)
-            region = f.create_dataset("region", (samples, h, h), np.uint8, chunks=chunk, compression="lzf")
-            valid = f.create_dataset("valid", (samples, h, h), np.uint8, chunks=chunk, compression="lzf")
-            params = f.create_dataset("params", (samples, n_max, 4), np.float32, fillvalue=np.nan)
-            camera = {k: f.create_dataset(k, (samples,), np.float32) for k in ("photons", "quantum_efficiency", "background_sigma")}
-            f.attrs.update(
-                optics=json.dumps(syn.optics.to_dict()),
-                scales=json.dumps(syn.scales.to_dict()),
-                synthesis=json.dumps(asdict(syn.cfg)),
-                kernel_px=syn.psf.size,
-                blurflow_version=__version__,
-                label_order="v1,v2,v3,z0 (canonical sign: v2 > 0, or v2 == 0 and v1 >= 0)",
-                **attrs,
-            )
-            bar = tqdm(total=samples, desc=desc or path.name, unit="img", disable=not progress)
-            for start in range(0, samples, batch):
-                sl = slice(start, min(start + batch, samples))
-                rngs = [np.random.default_rng(np.random.SeedSequence(list(k))) for k in keys[sl]]
-                draws = [draw(i, rng) for i, rng in zip(range(sl.start, sl.stop), rngs)]
-                blurred = syn.render(draws).numpy()
-                sharp = torch.from_numpy(np.stack([d["sharp"] for d in draws]))
-                image[sl] = np.stack([syn.camera(b, d, rng) for b, d, rng in zip(blurred, draws, rngs)])
-                region[sl] = np.stack([d["regions"][lo : lo + h, lo : lo + h] for d in draws])
-                valid[sl] = validity(sharp, syn.cfg.validity_window_px, syn.cfg.validity_threshold).numpy()
-                labels = np.full((len(draws), n_max, 4), np.nan, np.float32)
-                for j, d in enumerate(draws):
-                    labels[j, : len(d["params"])] = canonical_sign(torch.from_numpy(d["params"])).numpy()
-                params[sl] = labels
-                for k, ds in camera.items():
-                    ds[sl] = [d[k] for d in draws]
-                bar.update(sl.stop - sl.start)
-            bar.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        chunk = (1, h, h)
+        image = f.create_dataset("image", (samples, h, h), np.uint16, chunks=chunk, compression="lzf", shuffle=True)
+        region = f.create_dataset("region", (samples, h, h), np.uint8, chunks=chunk, compression="lzf")
+        valid = f.create_dataset("valid", (samples, h, h), np.uint8, chunks=chunk, compression="lzf")
+        params = f.create_dataset("params", (samples, n_max, 4), np.float32, fillvalue=np.nan)
+        camera = {k: f.create_dataset(k, (samples,), np.float32) for k in ("photons", "quantum_efficiency", "background_sigma")}
+        f.attrs.update(
+            optics=json.dumps(syn.optics.to_dict()),
+            scales=json.dumps(syn.scales.to_dict()),
+            synthesis=json.dumps(asdict(syn.cfg)),
+            kernel_px=syn.psf.size,
+            blurflow_version=__version__,
+            label_order="v1,v2,v3,z0 (canonical sign: v2 > 0, or v2 == 0 and v1 >= 0)",
+            **attrs,
+        )
+        bar = tqdm(total=samples, desc=desc or Path(path).name, unit="img", disable=not progress)
+        for start in range(0, samples, batch):
+            sl = slice(start, min(start + batch, samples))
+            rngs = [np.random.default_rng(np.random.SeedSequence(list(k))) for k in keys[sl]]
+            draws = [draw(i, rng) for i, rng in zip(range(sl.start, sl.stop), rngs)]
+            blurred = syn.render(draws).numpy()
+            sharp = torch.from_numpy(np.stack([d["sharp"] for d in draws]))
+            image[sl] = np.stack([syn.camera(b, d, rng) for b, d, rng in zip(blurred, draws, rngs)])
+            region[sl] = np.stack([d["regions"][lo : lo + h, lo : lo + h] for d in draws])
+            valid[sl] = validity(sharp, syn.cfg.validity_window_px, syn.cfg.validity_threshold).numpy()
+            labels = np.full((len(draws), n_max, 4), np.nan, np.float32)
+            for j, d in enumerate(draws):
+                labels[j, : len(d["params"])] = canonical_sign(torch.from_numpy(d["params"])).numpy()
+            params[sl] = labels
+            for k, ds in camera.items():
+                ds[sl] = [d[k] for d in draws]
+            bar.update(sl.stop - sl.start)
+        bar.close()
 
 
 def write_shard(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from blurflow.data import ShardDataset
 from blurflow.evaluate import COMPONENTS, FlowMetrics
+from blurflow.files import atomic_path
 from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, decode, loss_fn, save_model
 from blurflow.synthesis import config_hash
 
@@ -75,19 +75,11 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _write_log(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, LOG_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def evaluate_loss(model: FlowNet, loader, cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
@@ -189,10 +181,9 @@ def train(
         rows.append(row)
         log.info("epoch %d: train %.4f val %.4f R2 %.3f (%.0f img/s)", epoch + 1, row["train_loss"], val_loss, r2["mean"], row["images_per_s"])
         _write_log(rows, log_path)
-        _atomic_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "rows": rows, "resume_key": cfg.resume_key()},
-            checkpoint_path,
-        )
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "rows": rows, "resume_key": cfg.resume_key()}
+        with atomic_path(checkpoint_path) as tmp:
+            torch.save(state, tmp)
         run_epochs += 1
     if len(rows) == cfg.epochs:
         save_model(model.cpu(), model_path, {**meta, "train": asdict(cfg), "epochs_trained": len(rows), "final": rows[-1] if rows else {}})
