@@ -32,7 +32,7 @@ def load_planes(path: Path) -> np.ndarray:
     RGB(A) images are converted to grey by luminance with a warning; NaN/Inf pixels, images of
     more than 4 dimensions and images smaller than 32 px are errors.
     """
-    from blurflow.sources import read_image
+    from blurflow.sources import luminance, read_image
 
     try:
         data = np.asarray(read_image(path))
@@ -42,7 +42,7 @@ def load_planes(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read image (no pixel data)")
     if data.ndim >= 3 and data.shape[-1] in (3, 4):  # (…, H, W, RGB[A]); a stack ends in W >= 32
         warnings.warn(f"{path}: colour image converted to grey (luminance)", stacklevel=2)
-        data = data[..., :3].astype(np.float64) @ np.array([0.2125, 0.7154, 0.0721])
+        data = luminance(data)
     if data.ndim == 2:
         data = data[None]
     if data.ndim != 3:
@@ -88,7 +88,7 @@ def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[
             data.astype(np.float32),
             imagej=True,
             resolution=(1 / pixel_um, 1 / pixel_um),
-            metadata={"axes": axes, "unit": "um", "Labels": labels * (phys.shape[0] if phys.shape[0] > 1 else 1), "Info": json.dumps(dict(zip(CHANNELS, units)))},
+            metadata={"axes": axes, "unit": "um", "Labels": labels * phys.shape[0], "Info": json.dumps(dict(zip(CHANNELS, units)))},
         )
         figures.flow_overlay(planes[0], phys[0], units).savefig(tmp_png, dpi=110, format="png")
     return [tif, png]
@@ -119,9 +119,7 @@ def predict_command(args: argparse.Namespace) -> int:
             counts = torch.from_numpy((planes - args.offset) * args.gain)[:, None]
             pred = predict(model, counts, tile=meta["image_px"], batch=args.batch).numpy()
             phys, units = to_physical(pred, meta, pixel_um, args.exposure_ms)
-            folder = out_dir or path.parent
-            folder.mkdir(parents=True, exist_ok=True)
-            written = write_outputs(folder / path.stem, planes, phys, units, pixel_um)
+            written = write_outputs((out_dir or path.parent) / path.stem, planes, phys, units, pixel_um)
             if not args.quiet:
                 tqdm.write(f"{path}: wrote {', '.join(str(p) for p in written)}")
         except InputError as exc:

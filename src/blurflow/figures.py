@@ -63,7 +63,7 @@ def training_samples(dataset, count: int = 6) -> plt.Figure:
         target = item["target"].numpy()
         image = item["image"][0].numpy()
         panels = [
-            (image, "gray", f"camera counts #{index}", (np.percentile(image, 0.5), np.percentile(image, 99.5))),
+            (image, "gray", f"camera counts #{index}", _display_range(image)),
             (velocity_rgb(target), None, "labels (|v1|, v2, v3) as RGB", (0, 1)),
             (target[3], "viridis", "z0", (0, 1)),
             (item["valid"][0].numpy(), "gray", "validity w", (0, 1)),
@@ -91,8 +91,15 @@ def training_curve(log: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def _display_range(image: np.ndarray) -> tuple[float, float]:
+    """Grey-level limits that clip the darkest and brightest 0.5% of the pixels."""
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    return float(lo), float(hi)
+
+
 def _counts_panel(ax, image: np.ndarray, title: str) -> None:
-    ax.imshow(image, cmap="gray", vmin=np.percentile(image, 0.5), vmax=np.percentile(image, 99.5))
+    lo, hi = _display_range(image)
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
 
@@ -167,8 +174,7 @@ def cylinder_result(dataset, pred: np.ndarray, index: int = 0) -> plt.Figure:
     _rgb_panel(fig.add_subplot(gs[2]), pred[index, :4], "prediction")
     y = np.arange(target.shape[1])
     true_p = row_profiles(target, valid)
-    pred_all = np.stack([row_profiles(p[:4], ds_valid) for p, ds_valid in ((pred[i], dataset[i]["valid"][0].numpy()) for i in range(len(pred)))])
-    pred_p = np.nanmean(pred_all, 0)
+    pred_p = np.nanmean([row_profiles(pred[i, :4], dataset[i]["valid"][0].numpy()) for i in range(len(pred))], 0)
     for panel, comps in ((gs[3], ((0, "|v1|", "r"), (1, "|v2|", "g"), (2, "v3", "b"))), (gs[4], ((3, "z0", "m"),))):
         ax = fig.add_subplot(panel)
         for k, name, color in comps:
@@ -227,7 +233,8 @@ def flow_overlay(image: np.ndarray, flow: np.ndarray, units: list[str], arrows: 
     (5, H, W) in physical units."""
     h, w = image.shape
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5.2 * h / max(w, 1) + 0.8), constrained_layout=True)
-    a.imshow(image, cmap="gray", vmin=np.percentile(image, 0.5), vmax=np.percentile(image, 99.5))
+    lo, hi = _display_range(image)
+    a.imshow(image, cmap="gray", vmin=lo, vmax=hi)
     step = max(1, max(h, w) // arrows)
     yy, xx = np.mgrid[step // 2 : h : step, step // 2 : w : step]
     v1, v2, valid = flow[0][yy, xx], flow[1][yy, xx], flow[4][yy, xx] > 0.5

@@ -44,13 +44,18 @@ PLACES365_MD5 = {  # archive name: md5 (as published with the dataset, also used
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Grey values (float64) of an (…, 3 or 4) RGB(A) array; alpha is ignored."""
+    return rgb[..., :3].astype(np.float64) @ np.array([0.2125, 0.7154, 0.0721])
+
+
 def to_grey(image: np.ndarray) -> list[np.ndarray]:
     """2D float32 planes in [0, 1] from a 2D image, an RGB(A) image or a stack of planes."""
     image = np.asarray(image)
     if image.dtype == bool:
         image = image.astype(np.float32)
     if image.ndim == 3 and image.shape[-1] in (3, 4):
-        image = image[..., :3].astype(np.float64) @ np.array([0.2125, 0.7154, 0.0721])
+        image = luminance(image)
     planes = [image] if image.ndim == 2 else list(image.reshape(-1, *image.shape[-2:]))
     out = []
     for plane in planes:

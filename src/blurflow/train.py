@@ -113,8 +113,6 @@ def train(
     calling again resumes. Returns the log rows.
     """
     model_path, log_path, checkpoint_path = Path(model_path), Path(log_path), Path(checkpoint_path)
-    for p in (model_path, log_path, checkpoint_path):
-        p.parent.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_ds, val_ds = ShardDataset(train_shards), ShardDataset(val_shards)
