@@ -5,11 +5,16 @@ synthesis_speed.py). Reports the hours that the paper's ~20M sample passes (400k
 epochs) would take at the measured rate.
 
     python benchmarks/train_speed.py [--device cpu] [--threads 2] [--sizes 128 224] [--batch 16]
+                                     [--archs paper laptop]
+
+Architectures: ``paper`` (encoder depth 5, decoder 256-128-64-32-16) and ``laptop`` (the default
+config: depth 4, decoder 128-64-32-16).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -18,10 +23,11 @@ import torch
 from blurflow.model import FlowNet, loss_fn
 
 PAPER_SAMPLES = 400_000 * 50
+ARCHS = {"paper": (5, (256, 128, 64, 32, 16)), "laptop": (4, (128, 64, 32, 16))}
 
 
-def rate(encoder: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> float:
-    model = FlowNet(encoder).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+def rate(encoder: str, arch: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> float:
+    model = FlowNet(encoder, depth=ARCHS[arch][0], decoder_channels=ARCHS[arch][1]).to(device, memory_format=torch.channels_last)
     opt = torch.optim.RAdam(model.parameters(), lr=1e-3)
     image = torch.poisson(torch.full((batch, 1, size, size), 300.0)).to(device)
     target = torch.rand(batch, 4, size, size, device=device)
@@ -53,6 +59,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
     ap.add_argument("--encoders", nargs="+", default=["resnet18", "resnet34"])
+    ap.add_argument("--archs", nargs="+", choices=sorted(ARCHS), default=["paper"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
@@ -60,21 +67,21 @@ def main() -> None:
     device = torch.device(args.device)
     amp = device.type == "cuda"
     rows = []
-    for encoder in args.encoders:
-        for size in args.sizes:
-            r = rate(encoder, size, args.batch, device, args.steps, amp)
-            rows.append(
-                {
-                    "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads}",
-                    "encoder": encoder,
-                    "image_px": size,
-                    "batch": args.batch,
-                    "amp_bf16": amp,
-                    "images_per_s": round(r, 1),
-                    "hours_for_paper_20M_samples": round(PAPER_SAMPLES / r / 3600, 1),
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+    for encoder, arch, size in itertools.product(args.encoders, args.archs, args.sizes):
+        r = rate(encoder, arch, size, args.batch, device, args.steps, amp)
+        rows.append(
+            {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads}",
+                "encoder": encoder,
+                "arch": arch,
+                "image_px": size,
+                "batch": args.batch,
+                "amp_bf16": amp,
+                "images_per_s": round(r, 1),
+                "hours_for_paper_20M_samples": round(PAPER_SAMPLES / r / 3600, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ def test_normalisation_standardises_and_stabilises_poisson_variance():
     assert float(a.var()) == pytest.approx(1.0, rel=0.1)
 
 
-def test_flownet_keeps_any_image_size():
-    model = FlowNet("resnet18").eval()
+@pytest.mark.parametrize("depth, decoder", [(5, (256, 128, 64, 32, 16)), (4, (128, 64, 32, 16))])
+def test_flownet_keeps_any_image_size(depth, decoder):
+    model = FlowNet("resnet18", depth=depth, decoder_channels=decoder).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 1, 50, 70) * 100).shape == (2, 5, 50, 70)
         assert model.predict(torch.rand(1, 1, 64, 64) * 100).shape == (1, 5, 64, 64)
@@ -85,6 +86,10 @@ def test_flownet_keeps_any_image_size():
 def test_bad_model_choices_raise():
     with pytest.raises(ValueError, match="encoder"):
         FlowNet("vgg16")
+    with pytest.raises(ValueError, match="one decoder channel count per stage"):
+        FlowNet("resnet18", depth=4, decoder_channels=(256, 128, 64, 32, 16))
+    with pytest.raises(ValueError, match="one entry per encoder stage"):
+        train.TrainConfig.from_config({"encoder_depth": 3, "decoder_channels": [128, 64, 32, 16]})
     with pytest.raises(ValueError, match="train.encoder"):
         train.TrainConfig.from_config({"encoder": "vgg16"})
     with pytest.raises(ValueError, match="needs train.encoding 'paper'"):
@@ -176,13 +181,14 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_shards, tmp_path):
 
 
 def test_model_file_loads_back_to_identical_outputs(tmp_path):
-    model = FlowNet("resnet18", "paper").eval()
+    model = FlowNet("resnet18", "paper", depth=3, decoder_channels=(64, 32, 16)).eval()
     save_model(model, tmp_path / "m.pt", {"optics": Optics().to_dict(), "config_hash": "abc"})
     loaded, meta = load_model(tmp_path / "m.pt")
     x = torch.rand(2, 1, 64, 64) * 500
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert meta["encoding"] == "paper" and meta["optics"]["na"] == 0.3 and "blurflow_version" in meta
+    assert (loaded.depth, loaded.decoder_channels) == (3, [64, 32, 16])
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ValueError):
         load_model(tmp_path / "bad.pt")

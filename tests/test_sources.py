@@ -40,6 +40,17 @@ def test_skimage_splits_are_disjoint_and_offline():
     assert "skimage:cell" in test and "skimage:camera" in train
 
 
+def test_a_list_of_kinds_mixes_their_images():
+    mixed = {**CFG, "kind": ["skimage", "phantom"]}
+    train = names(sources.images_for("train", mixed, 0, "unused"))
+    val = names(sources.images_for("val", mixed, 0, "unused"))
+    assert train[: len(names(sources.images_for("train", CFG, 0, "unused")))] == names(sources.images_for("train", CFG, 0, "unused"))
+    assert [n for n in train if n.startswith("phantom:")] == ["phantom:0:0", "phantom:0:1", "phantom:0:2"]
+    # validation phantoms: val_fraction of the count (at least one), from their own seed
+    assert [n for n in val if n.startswith("phantom:")] == ["phantom:1:0"]
+    assert "skimage:coins" in val
+
+
 def test_write_sources_tiles_and_attributes(tmp_path):
     path = tmp_path / "train.h5"
     n = sources.write_sources(sources.images_for("train", CFG, 0, "unused"), path, 128, "skimage")

@@ -15,6 +15,7 @@ the photon level or the camera offset.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -90,21 +91,32 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, los
 class FlowNet(torch.nn.Module):
     """U-Net (ResNet encoder) from camera counts (B, 1, H, W) to raw outputs (B, 5, H, W).
 
-    Any H, W: the input is reflect-padded to a multiple of 32 and the output cropped back.
+    ``depth`` encoder stages (3-5; each halves the resolution) and ``decoder_channels`` (one per
+    stage, coarse to fine). Any H, W: the input is reflect-padded to a multiple of 2**depth and
+    the output cropped back.
     """
 
-    def __init__(self, encoder: str = "resnet18", encoding: str = "doubled_angle"):
+    def __init__(
+        self,
+        encoder: str = "resnet18",
+        encoding: str = "doubled_angle",
+        depth: int = 5,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+    ):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; choose one of {ENCODERS}")
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r}; choose one of {ENCODINGS}")
+        if not 3 <= depth <= 5 or len(decoder_channels) != depth:
+            raise ValueError(f"encoder depth must be 3..5 with one decoder channel count per stage, got {depth} and {list(decoder_channels)}")
         self.encoder_name, self.encoding = encoder, encoding
-        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=5)
+        self.depth, self.decoder_channels = depth, [int(c) for c in decoder_channels]
+        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         h, w = counts.shape[-2:]
-        ph, pw = -h % 32, -w % 32
+        ph, pw = -h % 2**self.depth, -w % 2**self.depth
         x = normalise(counts)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
@@ -145,6 +157,8 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
     info = {
         "encoder": model.encoder_name,
         "encoding": model.encoding,
+        "encoder_depth": model.depth,
+        "decoder_channels": model.decoder_channels,
         "input_normalisation": "anscombe + per-image standardisation",
         "outputs": "v1,v2,v3,z0,w (canonical; normalised units, see scales)",
         "blurflow_version": __version__,
@@ -162,7 +176,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
         meta = blob["meta"]
-        model = FlowNet(meta["encoder"], meta["encoding"])
+        model = FlowNet(meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"])
         model.load_state_dict(blob["state_dict"])
     except Exception as exc:  # noqa: BLE001 - whatever fails to parse is not a model file
         raise ValueError(f"{path} is not a blurflow model file: {exc}") from exc

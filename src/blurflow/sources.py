@@ -228,10 +228,20 @@ def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, ti
 
 
 def images_for(split: str, cfg: dict, seed: int, resources: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Source images of a split ('train', 'val' or 'test') for the ``sources`` config section."""
-    kind = cfg["kind"] if split != "test" else cfg["test_kind"]
+    """Source images of a split ('train', 'val' or 'test') for the ``sources`` config section.
+
+    ``kind`` may be a list of kinds: their images are concatenated (synthesis draws tiles uniformly,
+    so each kind contributes in proportion to its tile count).
+    """
+    kinds = cfg["kind"] if split != "test" else cfg["test_kind"]
+    if isinstance(kinds, str):
+        kinds = [kinds]
+    return itertools.chain(*[_kind_images(kind, split, cfg, seed, resources) for kind in kinds])  # config errors now, not on reading
+
+
+def _kind_images(kind: str, split: str, cfg: dict, seed: int, resources: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     if kind == "phantom":
-        count = cfg["phantom"]["count"] if split != "test" else cfg["phantom"]["test_count"]
+        count = {"train": cfg["phantom"]["count"], "val": max(1, round(cfg["phantom"]["count"] * cfg["val_fraction"])), "test": cfg["phantom"]["test_count"]}[split]
         split_seed = {"train": 0, "val": 1, "test": 2}[split]
         return phantom_images(count, cfg["phantom"]["size_px"], seed * 1000 + split_seed)
     if kind == "skimage":
