@@ -20,10 +20,11 @@ import time
 
 import torch
 
-from blurflow.model import FlowNet, loss_fn
+from blurflow.model import PAPER_DECODER, FlowNet, loss_fn
+from blurflow.train import TrainConfig
 
 PAPER_SAMPLES = 400_000 * 50
-ARCHS = {"paper": (5, (256, 128, 64, 32, 16)), "laptop": (4, (128, 64, 32, 16))}
+ARCHS = {"paper": (5, PAPER_DECODER), "laptop": (TrainConfig.encoder_depth, TrainConfig.decoder_channels)}
 
 
 def rate(encoder: str, arch: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> float:

@@ -88,7 +88,7 @@ def test_bad_model_choices_raise():
         FlowNet("vgg16")
     with pytest.raises(ValueError, match="one decoder channel count per stage"):
         FlowNet("resnet18", depth=4, decoder_channels=(256, 128, 64, 32, 16))
-    with pytest.raises(ValueError, match="one entry per encoder stage"):
+    with pytest.raises(ValueError, match="one decoder channel count per stage"):
         train.TrainConfig.from_config({"encoder_depth": 3, "decoder_channels": [128, 64, 32, 16]})
     with pytest.raises(ValueError, match="train.encoder"):
         train.TrainConfig.from_config({"encoder": "vgg16"})

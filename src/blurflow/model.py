@@ -29,6 +29,16 @@ from blurflow.optics import canonical_sign
 ENCODERS = ("resnet18", "resnet34", "resnet50")
 ENCODINGS = ("doubled_angle", "paper")
 LOSSES = ("ours", "paper")
+PAPER_DECODER = (256, 128, 64, 32, 16)  # smp's default U-Net decoder, encoder depth 5
+
+
+def check_architecture(depth: int, decoder_channels: Sequence[int]) -> None:
+    """``ValueError`` unless 3 <= depth <= 5 with one decoder channel count per encoder stage."""
+    if not 3 <= depth <= 5 or len(decoder_channels) != depth:
+        raise ValueError(
+            f"encoder depth (train.encoder_depth) must be 3..5 with one decoder channel count per stage "
+            f"(train.decoder_channels), got {depth} and {list(decoder_channels)}"
+        )
 
 
 def normalise(counts: torch.Tensor) -> torch.Tensor:
@@ -101,15 +111,14 @@ class FlowNet(torch.nn.Module):
         encoder: str = "resnet18",
         encoding: str = "doubled_angle",
         depth: int = 5,
-        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16),
+        decoder_channels: Sequence[int] = PAPER_DECODER,
     ):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {encoder!r}; choose one of {ENCODERS}")
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r}; choose one of {ENCODINGS}")
-        if not 3 <= depth <= 5 or len(decoder_channels) != depth:
-            raise ValueError(f"encoder depth must be 3..5 with one decoder channel count per stage, got {depth} and {list(decoder_channels)}")
+        check_architecture(depth, decoder_channels)
         self.encoder_name, self.encoding = encoder, encoding
         self.depth, self.decoder_channels = depth, [int(c) for c in decoder_channels]
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)

@@ -233,10 +233,14 @@ def images_for(split: str, cfg: dict, seed: int, resources: str | Path) -> Itera
     ``kind`` may be a list of kinds: their images are concatenated (synthesis draws tiles uniformly,
     so each kind contributes in proportion to its tile count).
     """
-    kinds = cfg["kind"] if split != "test" else cfg["test_kind"]
-    if isinstance(kinds, str):
-        kinds = [kinds]
+    kinds = split_kinds(split, cfg)
     return itertools.chain(*[_kind_images(kind, split, cfg, seed, resources) for kind in kinds])  # config errors now, not on reading
+
+
+def split_kinds(split: str, cfg: dict) -> list[str]:
+    """The source kinds of a split: ``test_kind`` for 'test', ``kind`` (one or a list) otherwise."""
+    kinds = cfg["test_kind"] if split == "test" else cfg["kind"]
+    return [kinds] if isinstance(kinds, str) else list(kinds)
 
 
 def _kind_images(kind: str, split: str, cfg: dict, seed: int, resources: str | Path) -> Iterator[tuple[str, np.ndarray]]:

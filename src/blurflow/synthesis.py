@@ -47,9 +47,7 @@ class SynthesisConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> SynthesisConfig:
-        keys = cls.__dataclass_fields__
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in keys}
-        out = cls(**values)
+        out = cls(**dataclass_values(cls, cfg))
         for name in ("regions", "v_lateral", "v3", "z0", "photons", "quantum_efficiency", "background_sigma"):
             lo, hi = getattr(out, name)
             if lo > hi:
@@ -59,6 +57,11 @@ class SynthesisConfig:
         if not (0 < out.quantum_efficiency[0] and out.quantum_efficiency[1] <= 1):
             raise ValueError(f"synthesis.quantum_efficiency must lie in (0, 1], got {list(out.quantum_efficiency)}")
         return out
+
+
+def dataclass_values(cls: type, cfg: Mapping) -> dict:
+    """The keys of a config section that are fields of dataclass ``cls``, YAML lists as tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in cls.__dataclass_fields__}
 
 
 def config_hash(*sections: Mapping) -> str:

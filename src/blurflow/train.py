@@ -21,8 +21,8 @@ from tqdm import tqdm
 from blurflow.data import ShardDataset
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
-from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, decode, loss_fn, save_model
-from blurflow.synthesis import config_hash
+from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, check_architecture, decode, loss_fn, save_model
+from blurflow.synthesis import config_hash, dataclass_values
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
@@ -50,13 +50,11 @@ class TrainConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping, seed: int = 0) -> TrainConfig:
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in cls.__dataclass_fields__}
-        out = cls(**values, seed=seed)
+        out = cls(**dataclass_values(cls, cfg), seed=seed)
         for name, allowed in (("encoder", ENCODERS), ("encoding", ENCODINGS), ("loss", LOSSES), ("schedule", ("onecycle", "cosine", "constant"))):
             if getattr(out, name) not in allowed:
                 raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(out, name)!r}")
-        if len(out.decoder_channels) != out.encoder_depth:
-            raise ValueError(f"train.decoder_channels needs one entry per encoder stage ({out.encoder_depth}), got {list(out.decoder_channels)}")
+        check_architecture(out.encoder_depth, out.decoder_channels)
         if out.loss == "paper" and out.encoding != "paper":
             raise ValueError("train.loss 'paper' (Eq. 6) needs train.encoding 'paper'")
         return out

@@ -5,7 +5,5 @@ from blurflow import logs, sources
 logs.to_file(snakemake.log[0])
 cfg = snakemake.params.sources
 split = snakemake.wildcards.split
-kind = cfg["test_kind"] if split == "test" else cfg["kind"]
-kind = kind if isinstance(kind, str) else "+".join(kind)
 images = sources.images_for(split, cfg, snakemake.params.seed, snakemake.params.resources_dir)
-sources.write_sources(images, snakemake.output.h5, cfg["tile_px"], kind)
+sources.write_sources(images, snakemake.output.h5, cfg["tile_px"], "+".join(sources.split_kinds(split, cfg)))
