@@ -64,15 +64,16 @@ def test_without_exposure_velocities_are_per_exposure_and_stacks_keep_planes(mod
 
 def test_rgb_is_converted_with_a_warning(model_file, tmp_path, capsys):
     Image.fromarray(image((64, 64, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
-    with pytest.warns(UserWarning, match="converted to grey"):
-        assert cli.main(["predict", str(model_file), str(tmp_path / "rgb.png"), "--quiet"]) == 0
+    assert cli.main(["predict", str(model_file), str(tmp_path / "rgb.png"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("blurflow: warning:") and "rgb.png: colour image converted to grey" in err
     assert (tmp_path / "rgb_flow.tif").exists()
 
 
-def test_differing_pixel_size_warns(model_file, tmp_path):
+def test_differing_pixel_size_warns(model_file, tmp_path, capsys):
     tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
-    with pytest.warns(UserWarning, match="differs from the model's 0.65 um"):
-        assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--pixel-size-um", "0.325", "--quiet"]) == 0
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--pixel-size-um", "0.325", "--quiet"]) == 0
+    assert "blurflow: warning: pixel size 0.325 um differs from the model's 0.65 um" in capsys.readouterr().err
     with tifffile.TiffFile(tmp_path / "a_flow.tif") as tif:
         assert np.allclose(tif.asarray()[0], 0.3 * 8 * 0.325, rtol=1e-4)  # px displacement x the given pixel
 
@@ -101,13 +102,113 @@ def test_one_bad_file_does_not_stop_the_others(model_file, tmp_path, capsys):
     assert (tmp_path / "good_flow.tif").exists() and "bad.png" in capsys.readouterr().err
 
 
-def test_bad_model_and_options(tmp_path, capsys):
+def test_bad_model_file(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
     assert cli.main(["predict", str(tmp_path / "none.pt"), str(tmp_path / "a.tif")]) == 1
     assert "not found" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["predict", str(tmp_path / "none.pt"), str(tmp_path / "a.tif"), "--exposure-ms", "-5"])
-    assert exit_.value.code == 2 and "--exposure-ms must be a positive number" in capsys.readouterr().err
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04" + bytes(200))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    for name, message in (("corrupt.pt", "not a readable PyTorch file"), ("other.pt", "no blurflow metadata")):
+        assert cli.main(["predict", str(tmp_path / name), str(tmp_path / "a.tif")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert "weights_only" not in err and "Traceback" not in err  # no advice to load untrusted pickles
+
+
+@pytest.mark.parametrize(
+    "args, option, message",
+    [
+        (["--exposure-ms", "-5"], "--exposure-ms", "must be a positive number"),
+        (["--batch", "0"], "--batch", "must be a positive number of tiles"),
+        (["--device", "bogus"], "--device", "unknown device 'bogus'"),
+        (["--out", "{file}"], "--out", "exists and is not a folder"),
+    ],
+)
+def test_bad_options_give_one_line_naming_the_option(model_file, tmp_path, capsys, args, option, message):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    args = [a.format(file=tmp_path / "a.tif") for a in args]
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"blurflow: error: {option}") and message in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*_flow*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_blames_the_option_not_the_model(model_file, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blurflow: error: --device") and "no CUDA GPU" in err and "model" not in err
+
+
+def test_same_names_in_two_folders_keep_both_results(model_file, tmp_path, capsys):
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "img.tif", image((64, 64)))
+    inputs = [str(tmp_path / "d1/img.tif"), str(tmp_path / "d2/img.tif")]
+    assert cli.main(["predict", str(model_file), *inputs, "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*_flow.tif")) == ["d1/img_flow.tif", "d2/img_flow.tif"]
+    assert cli.main(["predict", str(model_file), *inputs, "--quiet"]) == 0  # beside each image
+    assert (tmp_path / "d1/img_flow.tif").exists() and (tmp_path / "d2/img_flow.tif").exists()
+
+
+def test_two_inputs_with_one_output_name_are_refused_before_writing(model_file, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "img.tif", image((64, 64)))
+    Image.fromarray(image((64, 64), dtype=np.uint8)).save(tmp_path / "img.png")
+    assert cli.main(["predict", str(model_file), str(tmp_path / "img.tif"), str(tmp_path / "img.png")]) == 1
+    err = capsys.readouterr().err
+    assert "would both write" in err and "img_flow.tif" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*_flow*"))
+
+
+def test_a_rerun_on_a_glob_skips_its_own_outputs(model_file, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--quiet"]) == 0
+    everything = sorted(str(p) for p in tmp_path.iterdir())  # a.tif, a_flow.png, a_flow.tif
+    assert cli.main(["predict", str(model_file), *everything]) == 0
+    out = capsys.readouterr()
+    assert "skipping" in out.err and "a_flow.tif: an output of blurflow predict" in out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "a_flow.png", "a_flow.tif"]
+
+
+def test_a_corrupt_png_says_what_is_wrong(model_file, tmp_path, capsys):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    assert cli.main(["predict", str(model_file), str(tmp_path / "bad.png")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.png: cannot read image" in err and "plugin" not in err and "imageio" not in err
+
+
+def test_errors_are_not_printed_into_the_progress_bar(model_file, tmp_path):
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", image((64, 64)))
+    files = [str(tmp_path / n) for n in ("a.tif", "bad.png", "b.tif")]
+    master, slave = pty.openpty()  # a terminal of 100 columns, so the progress bar is drawn
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "blurflow.cli", "predict", str(model_file), *files], stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 1
+    out = b"".join(chunks).decode()
+    assert "predict:" in out and "%|" in out  # the bar was shown
+    messages = [f"{files[0]}: wrote", "blurflow: error:", f"{files[2]}: wrote"]
+    for message in messages:
+        assert out.count(message) == 1
+        assert out[out.index(message) - 1] in "\r\n", message  # on a line of its own, not after the bar's text
 
 
 def test_info_prints_the_model_metadata(model_file, capsys):

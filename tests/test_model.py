@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from blurflow import sources, synthesis, train
+from blurflow import data, sources, synthesis, train
 from blurflow.evaluate import FlowMetrics
 from blurflow.model import FlowNet, decode, encode, load_model, loss_fn, normalise, save_model
 from blurflow.optics import MotionScales, Optics, canonical_sign
@@ -154,7 +154,8 @@ def tiny_shards(tmp_path_factory):
 
 def run(tmp, shards, stop=None, **kw):
     cfg = train.TrainConfig(**{"epochs": 2, "batch_size": 8, "lr": 3e-3, "schedule": "constant", **kw})
-    return train.train([shards[0]], [shards[1]], tmp / "model.pt", tmp / "log.csv", tmp / "ck.pt", cfg, {"scales": {"a": 1}}, stop_after_epochs=stop, progress=False)
+    batches = data.ShardData([shards[0]], [shards[1]], cfg.batch_size, cfg.seed)
+    return train.train(batches, tmp / "model.pt", tmp / "log.csv", tmp / "ck.pt", cfg, {"scales": {"a": 1}}, stop_after_epochs=stop, progress=False)
 
 
 def test_tiny_training_lowers_the_loss(tiny_shards, tmp_path):
@@ -162,7 +163,8 @@ def test_tiny_training_lowers_the_loss(tiny_shards, tmp_path):
     rows = run(tmp_path, tiny_shards, epochs=8)
     assert rows[-1]["train_loss"] < 0.85 * rows[0]["train_loss"]
     text = (tmp_path / "log.csv").read_text().splitlines()
-    assert text[0].startswith("epoch,train_loss,val_loss,val_r2_v1") and len(text) == 9
+    assert text[0].startswith("epoch,samples,train_loss,val_loss,val_r2_v1") and len(text) == 9
+    assert [r["samples"] for r in rows] == [16 * (e + 1) for e in range(8)]
 
 
 def test_interrupted_training_resumes_to_the_same_model(tiny_shards, tmp_path):
@@ -194,3 +196,111 @@ def test_model_file_loads_back_to_identical_outputs(tmp_path):
         load_model(tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not found"):
         load_model(tmp_path / "none.pt")
+
+
+def test_online_training_resumes_to_the_same_model(tmp_path):
+    src = tmp_path / "src.h5"
+    sources.write_sources(sources.phantom_images(2, 64, seed=0), src, 64, "phantom")
+    cfg = train.TrainConfig(epochs=2, batch_size=4, lr=3e-3, data="online")
+
+    def fit(folder, stop=None):
+        batches = data.OnlineData(src, src, Optics(), MotionScales(), 16, synthesis.SynthesisConfig(image_px=32), 0, 4, 8, val_samples=(1, 4))
+        return train.train(batches, folder / "m.pt", folder / "log.csv", folder / "ck.pt", cfg, {}, stop_after_epochs=stop, progress=False)
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    fit(tmp_path / "a")
+    fit(tmp_path / "b", stop=1)
+    rows = fit(tmp_path / "b")
+    assert [r["samples"] for r in rows] == [8, 16]
+    a, _ = load_model(tmp_path / "a/m.pt")
+    b, _ = load_model(tmp_path / "b/m.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_max_minutes_cuts_training_and_says_so(tiny_shards, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        rows = run(tmp_path, tiny_shards, epochs=50, max_minutes=1e-4)
+    assert len(rows) == 1 and rows[0]["samples"] < 16  # stopped within the first epoch
+    _, meta = load_model(tmp_path / "model.pt")
+    assert "train.max_minutes (0.0001) reached" in meta["stopped_early"] and meta["train"]["max_minutes"] == 1e-4
+    assert "training stopped early: train.max_minutes" in caplog.text
+    assert run(tmp_path, tiny_shards, epochs=50, max_minutes=1e-4) == rows  # a rerun finds it finished
+    with pytest.raises(ValueError, match="train.max_minutes"):
+        train.TrainConfig.from_config({"max_minutes": 0})
+
+
+def test_without_max_minutes_the_model_is_reproducible(tiny_shards, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        run(tmp_path / name, tiny_shards, epochs=1)
+    a, meta = load_model(tmp_path / "a/model.pt")
+    b, _ = load_model(tmp_path / "b/model.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert meta["stopped_early"] is None and meta["samples_trained"] == 16
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_learning_rate_schedules(schedule):
+    cfg = train.TrainConfig(schedule=schedule, warmup_fraction=0.2)
+    f = [train.lr_factor(p, cfg) for p in (0.0, 0.2, 0.6, 1.0)]
+    if schedule == "onecycle":  # as torch's OneCycleLR: 1/25 -> 1 at the end of warm-up -> 1/25e4
+        assert f[0] == pytest.approx(1 / 25) and f[1] == pytest.approx(1) and f[3] == pytest.approx(1 / 25e4)
+        assert f[2] == pytest.approx((1 + 1 / 25e4) / 2, rel=1e-3)
+    elif schedule == "cosine":
+        assert f == pytest.approx([1, (1 + math.cos(0.2 * math.pi)) / 2, (1 + math.cos(0.6 * math.pi)) / 2, 0])
+    else:
+        assert f == [1, 1, 1, 1]
+
+
+@pytest.fixture()
+def weights_server(tmp_path):
+    """HTTP server on 127.0.0.1 serving one file of ResNet-18 weights under any name."""
+    import http.server
+    import threading
+
+    buffer = tmp_path / "served.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), buffer)
+    payload = buffer.read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/models/", payload
+    httpd.shutdown()
+
+
+def test_imagenet_weights_download_is_verified_and_loads(weights_server, tmp_path, monkeypatch):
+    import hashlib
+
+    from blurflow import model as model_module
+
+    url, payload = weights_server
+    good = hashlib.sha256(payload).hexdigest()[:8]
+    monkeypatch.setitem(model_module.IMAGENET_WEIGHTS, "resnet18", f"resnet18-{good}.pth")
+    dest = tmp_path / "resources/weights/resnet18-imagenet.pth"
+    assert model_module.fetch_encoder_weights("resnet18", dest, url) == dest
+    assert dest.read_bytes() == payload and [p.name for p in dest.parent.iterdir()] == [dest.name]
+    FlowNet("resnet18").load_encoder_weights(dest)  # a torchvision state dict the encoder takes
+    bad = tmp_path / "bad/resnet18-imagenet.pth"
+    monkeypatch.setitem(model_module.IMAGENET_WEIGHTS, "resnet18", "resnet18-00000000.pth")
+    with pytest.raises(ValueError, match="does not start with 00000000"):
+        model_module.fetch_encoder_weights("resnet18", bad, url)
+    assert list(bad.parent.iterdir()) == []  # nothing half-written, no temporary folder
+
+
+def test_imagenet_weight_urls_are_torchvisions():
+    from blurflow.model import IMAGENET_WEIGHTS, TORCHVISION_URL
+
+    models = torchvision.models
+    for encoder, weights in (("resnet18", models.ResNet18_Weights), ("resnet34", models.ResNet34_Weights), ("resnet50", models.ResNet50_Weights)):
+        assert TORCHVISION_URL + IMAGENET_WEIGHTS[encoder] == weights.IMAGENET1K_V1.url

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from blurflow import sources, synthesis
+from blurflow import data, sources, synthesis
 from blurflow.data import ShardDataset
 from blurflow.optics import MotionScales, Optics
 
@@ -107,9 +107,8 @@ def test_one_region_keeps_a_flat_source_flat(tmp_path):
 
 def test_poisson_statistics_match_quantum_efficiency_and_photons(tmp_path):
     syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
-    rng = np.random.default_rng(0)
-    draw = {"photons": 400.0, "quantum_efficiency": 0.6, "background_sigma": 0.0}
-    counts = syn.camera(np.full((256, 256), 0.5), draw, rng).astype(np.float64)
+    draw = {"photons": 400.0, "quantum_efficiency": 0.6, "background_sigma": 0.0, "noise_seed": 0}
+    counts = syn.camera(torch.full((1, 256, 256), 0.5), [draw])[0].double().numpy()
     expected = 0.6 * 400 * 0.5
     assert counts.mean() == pytest.approx(expected, rel=0.01)
     assert counts.var() == pytest.approx(expected, rel=0.03)  # Poisson: variance = mean
@@ -117,11 +116,21 @@ def test_poisson_statistics_match_quantum_efficiency_and_photons(tmp_path):
 
 def test_background_is_half_normal(tmp_path):
     syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
-    draw = {"photons": 1.0, "quantum_efficiency": 1.0, "background_sigma": 20.0}
-    counts = syn.camera(np.zeros((256, 256)), draw, np.random.default_rng(1)).astype(np.float64)
+    draw = {"photons": 1.0, "quantum_efficiency": 1.0, "background_sigma": 20.0, "noise_seed": 1}
+    counts = syn.camera(torch.zeros(1, 256, 256), [draw])[0].double().numpy()
     assert counts.min() >= 0
     assert counts.mean() == pytest.approx(20 * np.sqrt(2 / np.pi), rel=0.02)
     assert counts.var() == pytest.approx(20**2 * (1 - 2 / np.pi), rel=0.05)
+
+
+def test_noise_depends_only_on_the_sample_seed(tmp_path):
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
+    draw = {"photons": 100.0, "quantum_efficiency": 1.0, "background_sigma": 3.0}
+    a, b = ({**draw, "noise_seed": s} for s in (7, 8))
+    blurred = torch.full((2, 32, 32), 0.5)
+    first, again = syn.camera(blurred, [a, b]), syn.camera(blurred, [b, a])
+    assert torch.equal(first[0], again[1]) and torch.equal(first[1], again[0])  # not on the batch order
+    assert not torch.equal(first[0], first[1])
 
 
 def test_validity_is_zero_on_flat_and_one_on_texture():
@@ -185,3 +194,45 @@ def test_dataset_works_with_worker_processes(shard):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="fork")
     parallel = [b["image"] for b in loader]
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
+# --- online synthesis --------------------------------------------------------------------------
+
+
+def online(source_file, seed=3, batch_size=4, **kw):
+    return data.OnlineData(source_file, source_file, OPTICS, SCALES, 32, CFG, seed=seed, batch_size=batch_size, samples_per_epoch=8, **kw)
+
+
+def test_an_online_batch_is_the_shard_sample_of_the_same_draw(source_file, tmp_path):
+    path = tmp_path / "shard-0005.h5"
+    synthesis.write_shard(path, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=5, samples=16, progress=False)
+    shard = ShardDataset([path])
+    batch = next(online(source_file, batch_size=16).steps([5]))  # rendered in the same batch as the shard writer's
+    assert batch["image"].shape == (16, 1, 64, 64) and batch["target"].shape == (16, 4, 64, 64)
+    for i in range(16):
+        for key in ("image", "target", "valid"):
+            assert torch.equal(batch[key][i], shard[i][key]), (i, key)
+    # in other batches the PSF and blur FFTs round differently (~1e-7), which moves a rare Poisson draw by one count
+    small = next(online(source_file, batch_size=4).steps([5]))
+    diff = (small["image"] - torch.stack([shard[i]["image"] for i in range(4)])).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    assert torch.equal(small["target"], batch["target"][:4])
+
+
+def test_online_validation_is_the_validation_shard(source_file, tmp_path):
+    path = tmp_path / "val.h5"
+    synthesis.write_shard(path, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="val", shard=0, samples=6, progress=False)
+    shard = ShardDataset([path])
+    batches = online(source_file, val_samples=(1, 6)).validation()
+    assert [len(b["image"]) for b in batches] == [6]  # the writer's batches (16), not the training batch (4)
+    images = torch.cat([b["image"] for b in batches])
+    assert torch.equal(images, torch.stack([shard[i]["image"] for i in range(6)]))
+
+
+def test_online_steps_are_fixed_by_the_step_not_the_run(source_file):
+    data_ = online(source_file)
+    epoch1 = [b["image"] for b in data_.epoch(1)]
+    assert len(epoch1) == 2  # samples_per_epoch 8 / batch 4
+    again = [b["image"] for b in online(source_file, workers=1).steps([2, 3])]
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, again))  # epoch 1 is steps 2 and 3, in workers too
+    assert not torch.equal(epoch1[0], next(data_.steps([4]))["image"])

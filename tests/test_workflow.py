@@ -2,8 +2,10 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -28,7 +30,7 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def workdir(tmp_path: Path) -> Path:
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(ROOT / name, tmp_path / name)
-    for name in ("workflow", "envs"):
+    for name in ("workflow", "envs", "profiles"):
         shutil.copytree(ROOT / name, tmp_path / name)
     shutil.copy(ROOT / "tests/config/tiny.yaml", tmp_path / "tiny.yaml")
     return tmp_path
@@ -47,13 +49,55 @@ def test_snakefmt_is_clean():
     assert fmt.returncode == 0, fmt.stderr
 
 
-def test_bad_config_is_rejected_before_any_job(workdir):
+def write_config(workdir: Path, **sections) -> None:
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["optics"]["na"] = -0.3
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"optics": {"na": -0.3}}, "blurflow: config key optics.na: -0.3 is less than or equal to the minimum of 0"),
+        ({"train": {"epoch": 3}}, "blurflow: unknown config key train.epoch"),
+        ({"optics": {"na": 2.0}}, "blurflow: config error: optics.na must be smaller than the immersion index optics.n"),
+        ({"synthesis": {"v3": [1, 0]}}, "blurflow: config error: synthesis.v3 must be [low, high]"),
+        ({"train": {"encoder_depth": 3}}, "blurflow: config error: encoder depth (train.encoder_depth) must be 3..5 with one decoder"),
+        ({"sources": {"tile_px": 32}}, "blurflow: config error: sources.tile_px (32) must be at least synthesis.image_px (64)"),
+        ({"train": {"device": "gpu0"}}, "blurflow: config error: train.device: unknown device 'gpu0'"),
+    ],
+)
+def test_bad_config_is_one_line_before_any_job(workdir, sections, message):
+    write_config(workdir, **sections)
     run = snakemake("-n", cwd=workdir)
-    assert run.returncode != 0
-    assert "exclusiveMinimum" in run.stderr + run.stdout and "na" in run.stderr + run.stdout
+    lines = [line for line in run.stderr.splitlines() if line.startswith("blurflow")]
+    assert run.returncode != 0 and lines == [lines[0]] and lines[0].startswith(message), run.stderr
+    assert "Traceback" not in run.stderr and "Building DAG" not in run.stdout + run.stderr
+
+
+def test_online_training_reads_sources_instead_of_shards(workdir):
+    write_config(workdir, train={"data": "online"})
+    run = snakemake("-n", "results/model/model.pt", cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    assert "train" in run.stdout and "synthesize_shard" not in run.stdout
+
+
+def test_an_interrupted_run_resumes_with_the_plain_command(workdir):
+    """SIGINT to snakemake while shards are written: the running jobs finish, but snakemake marks
+    their outputs incomplete; the plain command must make them again, not stop."""
+    (workdir / "slow.yaml").write_text("synthesis:\n  samples_per_shard: 2000\n  shards:\n    train: 1\n")
+    target = ["results/shards/train/shard-0000.h5", "--configfile", "tiny.yaml", "slow.yaml"]
+    proc = subprocess.Popen([sys.executable, "-m", "snakemake", *target, "--cores", "2"], cwd=workdir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((workdir / "results/shards/train").glob(".*tmp*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "snakemake ended before synthesis started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) != 0
+    rerun = snakemake(*target, cwd=workdir)
+    assert rerun.returncode == 0 and "IncompleteFilesException" not in rerun.stderr, rerun.stderr
+    assert len(ShardDataset([workdir / "results/shards/train/shard-0000.h5"])) == 2000
 
 
 FIGURES = (
@@ -88,6 +132,14 @@ def test_pipeline_builds_end_to_end_on_the_tiny_config(workdir):
     assert list(table1["case"]) == list("abcde") and table1[["pred_v1", "pred_v3"]].notna().all().all()
     assert (results / "tables/table1.md").read_text().startswith("| case")
     assert (workdir / "logs/train.log").exists() and (results / "benchmarks/train.tsv").exists()
+    logs = sorted(workdir.glob("logs/**/*.log"))
+    assert len(logs) >= 15
+    for path in logs:  # every job says what it did, in lines, without progress-bar redraws
+        text = path.read_text()
+        assert "rule " in text.splitlines()[0] and " done in " in text.splitlines()[-1] and "\r" not in text, path
+    assert "\r" not in run.stderr
+    assert "R2" in (workdir / "logs/metrics/two_zone.log").read_text()
+    assert "epoch 1/1: 32 images" in (workdir / "logs/train.log").read_text()
     assert not list(workdir.glob("results/**/.*tmp*"))  # nothing half-written left behind
     rerun = snakemake("--configfile", "tiny.yaml", "-n", cwd=workdir)
     assert "Nothing to be done" in rerun.stdout + rerun.stderr

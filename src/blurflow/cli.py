@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from blurflow import __version__
+from blurflow import __version__, logs
 from blurflow.files import atomic_path
 from blurflow.optics import Optics
 
@@ -23,7 +23,14 @@ MIN_SIZE = 32  # px: the U-Net halves the image five times
 
 
 class InputError(ValueError):
-    """A problem with the user's input that is reported in one line."""
+    """A problem with the user's input that is reported in one line (exit status 1)."""
+
+
+class UsageError(InputError):
+    """A bad command-line option, reported in one line naming it (exit status 2)."""
+
+
+SOFTWARE = f"blurflow {__version__}"  # written into every output, so outputs are never taken as inputs
 
 
 def load_planes(path: Path) -> np.ndarray:
@@ -41,7 +48,7 @@ def load_planes(path: Path) -> np.ndarray:
     if data.size == 0:
         raise InputError(f"{path}: cannot read image (no pixel data)")
     if data.ndim >= 3 and data.shape[-1] in (3, 4):  # (…, H, W, RGB[A]); a stack ends in W >= 32
-        warnings.warn(f"{path}: colour image converted to grey (luminance)", stacklevel=2)
+        note(f"blurflow: warning: {path}: colour image converted to grey (luminance)")
         data = luminance(data)
     if data.ndim == 2:
         data = data[None]
@@ -72,13 +79,55 @@ def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: floa
     return out, [speed_unit] * 3 + ["um", "1"]
 
 
+def output_paths(stem: Path) -> tuple[Path, Path]:
+    """``<stem>_flow.tif`` and ``<stem>_flow.png``."""
+    return stem.with_name(stem.name + "_flow.tif"), stem.with_name(stem.name + "_flow.png")
+
+
+def is_output(path: Path) -> bool:
+    """Whether ``path`` is a file written by ``blurflow predict`` (by the software tag it carries)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return str(tif.pages[0].software).startswith("blurflow")
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return str(im.info.get("Software", "")).startswith("blurflow")
+    except Exception:  # noqa: BLE001 - unreadable files are reported when they are read
+        return False
+
+
+def plan_outputs(images: list[Path], out_dir: Path | None) -> dict[Path, Path]:
+    """Output stem of every input image: beside the image, or under ``out_dir`` at the image's path
+    relative to the folder that holds all inputs (d1/img.tif and d2/img.tif stay apart). An image
+    given twice counts once; two inputs that would write the same output (img.tif and img.png) are
+    an ``InputError`` before anything is written."""
+    unique: dict[Path, Path] = {}
+    for path in images:
+        unique.setdefault(path.resolve(), path)
+    base = Path(os.path.commonpath([p.parent for p in unique]))
+    plan: dict[Path, Path] = {}
+    taken: dict[Path, Path] = {}
+    for resolved, given in unique.items():
+        folder = given.parent if out_dir is None else out_dir / resolved.parent.relative_to(base)
+        stem = folder / given.stem
+        if stem.resolve() in taken:
+            raise InputError(f"{taken[stem.resolve()]} and {given} would both write {output_paths(stem)[0]}; rename one or predict them separately")
+        taken[stem.resolve()] = given
+        plan[given] = stem
+    return plan
+
+
 def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[str], pixel_um: float) -> list[Path]:
     """``<stem>_flow.tif`` (ImageJ hyperstack, float32, channels v1 v2 v3 z0 w) and ``<stem>_flow.png``."""
     import tifffile
 
     from blurflow import figures
 
-    tif, png = stem.with_name(stem.name + "_flow.tif"), stem.with_name(stem.name + "_flow.png")
+    tif, png = output_paths(stem)
     labels = [f"{c} ({u})" for c, u in zip(CHANNELS, units)]
     data = phys if phys.shape[0] > 1 else phys[0]
     axes = "TCYX" if phys.shape[0] > 1 else "CYX"
@@ -87,10 +136,11 @@ def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[
             tmp_tif,
             data.astype(np.float32),
             imagej=True,
+            software=SOFTWARE,
             resolution=(1 / pixel_um, 1 / pixel_um),
             metadata={"axes": axes, "unit": "um", "Labels": labels * phys.shape[0], "Info": json.dumps(dict(zip(CHANNELS, units)))},
         )
-        figures.flow_overlay(planes[0], phys[0], units).savefig(tmp_png, dpi=110, format="png")
+        figures.flow_overlay(planes[0], phys[0], units).savefig(tmp_png, dpi=110, format="png", metadata={"Software": SOFTWARE})
     return [tif, png]
 
 
@@ -99,33 +149,52 @@ def predict_command(args: argparse.Namespace) -> int:
     from blurflow.model import load_model
     from blurflow.train import pick_device
 
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out: {out_dir} exists and is not a folder")
     try:
-        model, meta = load_model(args.model, pick_device(args.device))
+        device = pick_device(args.device)
+    except ValueError as exc:
+        raise UsageError(f"--device: {exc}") from None
+    images = []
+    for path in map(Path, args.images):
+        if not is_output(path):
+            images.append(path)
+        elif not args.quiet:
+            note(f"blurflow: skipping {path}: an output of blurflow predict")
+    if not images:
+        raise InputError("no input images left: every one given is an output of blurflow predict")
+    plan = plan_outputs(images, out_dir)
+    try:
+        model, meta = load_model(args.model, device)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     model_pixel = Optics.from_config(meta["optics"]).pixel_um
     pixel_um = args.pixel_size_um or model_pixel
     if abs(pixel_um - model_pixel) > 0.01 * model_pixel:
-        warnings.warn(
-            f"pixel size {pixel_um:g} um differs from the model's {model_pixel:g} um: the blur is measured in pixels "
-            f"of the training optics (NA {meta['optics']['na']}, {meta['optics']['wavelength_um']} um), results are approximate",
-            stacklevel=2,
+        note(
+            f"blurflow: warning: pixel size {pixel_um:g} um differs from the model's {model_pixel:g} um: the blur is measured in pixels "
+            f"of the training optics (NA {meta['optics']['na']}, {meta['optics']['wavelength_um']} um), results are approximate"
         )
-    out_dir = Path(args.out) if args.out else None
     failed = 0
-    for path in tqdm([Path(p) for p in args.images], desc="predict", unit="image", disable=args.quiet or len(args.images) < 2):
+    for path, stem in logs.progress(plan.items(), enabled=not args.quiet and len(plan) > 1, desc="predict", unit="image"):
         try:
             planes = load_planes(path)
             counts = torch.from_numpy((planes - args.offset) * args.gain)[:, None]
             pred = predict(model, counts, tile=meta["image_px"], batch=args.batch).numpy()
             phys, units = to_physical(pred, meta, pixel_um, args.exposure_ms)
-            written = write_outputs((out_dir or path.parent) / path.stem, planes, phys, units, pixel_um)
+            written = write_outputs(stem, planes, phys, units, pixel_um)
             if not args.quiet:
-                tqdm.write(f"{path}: wrote {', '.join(str(p) for p in written)}")
+                note(f"{path}: wrote {', '.join(str(p) for p in written)}", sys.stdout)
         except InputError as exc:
-            print(f"blurflow: error: {exc}", file=sys.stderr)
+            note(f"blurflow: error: {exc}")
             failed += 1
     return 1 if failed else 0
+
+
+def note(message: str, file=None) -> None:
+    """One line to ``file`` (stderr by default), above the progress bar when one is shown."""
+    tqdm.write(message, file=file or sys.stderr)
 
 
 def info_command(args: argparse.Namespace) -> int:
@@ -177,24 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _check(args: argparse.Namespace) -> None:
     for name in ("exposure_ms", "pixel_size_um", "gain"):
         value = getattr(args, name, None)
         if value is not None and not (np.isfinite(value) and value > 0):
-            parser.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value:g}")
+    if getattr(args, "batch", 1) < 1:
+        raise UsageError(f"--batch must be a positive number of tiles, got {args.batch}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check(args, parser)
     logging.basicConfig(level=logging.WARNING, format="blurflow: %(message)s")
-    warnings.formatwarning = lambda message, *a, **k: f"blurflow: warning: {message}\n"
     try:
+        _check(args)
         return args.func(args)
     except InputError as exc:
         print(f"blurflow: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":

@@ -1,19 +1,40 @@
-"""Torch dataset over HDF5 shards (format: DESIGN.md, writer: blurflow.synthesis).
+"""Training and validation batches: from HDF5 shards, or synthesised on the fly on the training device.
 
-Files are opened lazily in the process that reads them (each DataLoader worker opens its own
-handles after fork); dense label maps are built from ``region`` + ``params`` on the fly.
+Shards (format: DESIGN.md, writer: blurflow.synthesis) are opened lazily in the process that reads
+them (each DataLoader worker opens its own handles after fork); dense label maps are built from
+``region`` + ``params`` when a sample is read.
+
+Online (``train.data: online``): training step ``s`` draws the samples that shard ``s`` would hold
+(seed keys ``(seed, split, s, i)``, blurflow.synthesis.shard_keys) in DataLoader workers and renders
+them on the training device, so the same draw gives the same image on either path (on the CPU) and a
+resumed run continues with the very batches an uninterrupted one would see.
+
+A batch is a dict with ``image`` (B, 1, H, W) float32 camera counts, ``target`` (B, 4, H, W) float32
+canonical (v1, v2, v3, z0) and ``valid`` (B, 1, H, W) float32 validity w (0 where the label is unknown).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
+
+from blurflow.optics import MotionScales, Optics
+from blurflow.synthesis import RENDER_BATCH, SynthesisConfig, Synthesizer, sample_rng, shard_keys
+
+
+def label_maps(region: torch.Tensor, params: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense targets (B, 4, H, W) and validity (B, 1, H, W), both float32, from region indices
+    (B, H, W), per-region labels (B, N, 4) with NaN for unused regions, and w (B, H, W)."""
+    b = torch.arange(region.shape[0], device=region.device)[:, None, None]
+    target = params[b, region.long()]  # (B, H, W, 4)
+    known = torch.isfinite(target).all(-1)
+    return torch.nan_to_num(target).permute(0, 3, 1, 2).contiguous(), (valid.float() * known)[:, None]
 
 
 class ShardDataset(torch.utils.data.Dataset):
@@ -54,19 +75,118 @@ class ShardDataset(torch.utils.data.Dataset):
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
         local = index - int(self.offsets[shard])
         f = self._file(self.paths[shard])
-        image = f["image"][local].astype(np.float32)
-        region = f["region"][local].astype(np.int64)
-        params = f["params"][local]  # (N_max, 4), NaN for unused regions
-        target = params[region]  # (H, W, 4)
-        known = np.isfinite(target).all(-1)
-        valid = f["valid"][local].astype(np.float32) * known
+        region = torch.from_numpy(f["region"][local].astype(np.int64))
+        target, valid = label_maps(region[None], torch.from_numpy(f["params"][local])[None], torch.from_numpy(f["valid"][local])[None])
         return {
-            "image": torch.from_numpy(image)[None],
-            "target": torch.from_numpy(np.nan_to_num(target).transpose(2, 0, 1).copy()),
-            "valid": torch.from_numpy(valid)[None],
-            "region": torch.from_numpy(region),
+            "image": torch.from_numpy(f["image"][local].astype(np.float32))[None],
+            "target": target[0],
+            "valid": valid[0],
+            "region": region,
             "index": index,
         }
+
+
+class ShardData:
+    """Training and validation batches from shard files. Training epoch ``e`` is shuffled by a
+    generator seeded with (seed, e) and drops the last partial batch; validation is in order."""
+
+    def __init__(self, train: Sequence[str | Path], val: Sequence[str | Path], batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False):
+        self.train, self.val = ShardDataset(train), ShardDataset(val)
+        self.seed, self.kw = seed, {"batch_size": batch_size, "num_workers": workers, "pin_memory": pin_memory}
+        self.steps_per_epoch = max(1, len(self.train) // batch_size)
+
+    def epoch(self, epoch: int) -> Iterable[dict]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.utils.data.DataLoader(self.train, shuffle=True, drop_last=True, generator=g, **self.kw)
+
+    def validation(self) -> Iterable[dict]:
+        return torch.utils.data.DataLoader(self.val, shuffle=False, **self.kw)
+
+
+class _StepDraws(torch.utils.data.Dataset):
+    """Item ``s``: the random draws (numpy) of the samples of shard ``s`` of a split, one batch."""
+
+    def __init__(self, syn: Synthesizer, seed: int, split: str, batch_size: int):
+        self.syn, self.seed, self.split, self.batch_size = syn, seed, split, batch_size
+
+    def __getitem__(self, step: int) -> list[dict]:
+        return [self.syn.draw(sample_rng(k)) for k in shard_keys(self.seed, self.split, step, self.batch_size)]
+
+
+def _as_list(draws: list[dict]) -> list[dict]:
+    return draws
+
+
+class OnlineData:
+    """Batches synthesised on the fly: drawn on the CPU (``workers`` processes), rendered on ``device``.
+
+    Training epoch ``e`` is steps ``e * steps_per_epoch ...``; every step is new data. Validation
+    is the validation shards (``val_samples``: shards, samples per shard) as the shard path writes
+    them, rendered once in the writer's batches (so on the CPU they are the same bytes) and kept on
+    the device. A training batch of another size than the writer's renders its PSFs and FFTs in
+    other batches, which rounds differently (~1e-7) and moves a rare Poisson draw by one count.
+    """
+
+    def __init__(
+        self,
+        train_sources: str | Path,
+        val_sources: str | Path,
+        optics: Optics,
+        scales: MotionScales,
+        kernel_px: int,
+        cfg: SynthesisConfig,
+        seed: int,
+        batch_size: int,
+        samples_per_epoch: int,
+        val_samples: tuple[int, int] = (1, 1250),
+        device: torch.device | str = "cpu",
+        workers: int = 0,
+    ):
+        args = (optics, scales, kernel_px, cfg)
+        self.renderer = Synthesizer(train_sources, *args, device=device)
+        self.drawer = Synthesizer(train_sources, *args)  # CPU copy for the worker processes
+        self.val_renderer = Synthesizer(val_sources, *args, device=device)
+        self.seed, self.batch_size, self.workers, self.n_max = seed, batch_size, workers, cfg.regions[1]
+        self.steps_per_epoch = max(1, samples_per_epoch // batch_size)
+        self.val_samples = val_samples
+        self._val: list[dict] | None = None
+
+    def render(self, draws: Sequence[dict], renderer: Synthesizer | None = None) -> dict[str, torch.Tensor]:
+        """A batch (module docstring) from the draws of its samples."""
+        out = (renderer or self.renderer).batch(draws, self.n_max)
+        target, valid = label_maps(out["region"], out["params"], out["valid"])
+        return {"image": out["image"][:, None], "target": target, "valid": valid}
+
+    def steps(self, steps: Iterable[int]) -> Iterator[dict[str, torch.Tensor]]:
+        """Training batches of the given steps: step ``s`` holds samples ``0..batch_size-1`` of shard ``s``."""
+        draws = _StepDraws(self.drawer, self.seed, "train", self.batch_size)
+        loader = torch.utils.data.DataLoader(draws, sampler=list(steps), batch_size=None, collate_fn=_as_list, num_workers=self.workers)
+        return (self.render(d) for d in loader)
+
+    def epoch(self, epoch: int) -> Iterable[dict]:
+        return self.steps(range(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch))
+
+    def validation(self) -> list[dict[str, torch.Tensor]]:
+        if self._val is None:
+            shards, per_shard = self.val_samples
+            keys = [k for s in range(shards) for k in shard_keys(self.seed, "val", s, per_shard)]
+            syn, n = self.val_renderer, RENDER_BATCH  # the shard writer's batches: the same bytes
+            self._val = [self.render([syn.draw(sample_rng(k)) for k in keys[i : i + n]], syn) for i in range(0, len(keys), n)]
+        return self._val
+
+
+def from_config(config: Mapping, train: Sequence[str | Path], val: Sequence[str | Path], device: torch.device) -> ShardData | OnlineData:
+    """The training data of a workflow config: ``train`` and ``val`` are the shard files
+    (``train.data: shards``) or the one sources file of each split (``online``)."""
+    t, s = config["train"], config["synthesis"]
+    if t["data"] == "online":
+        return OnlineData(
+            train[0], val[0], Optics.from_config(config["optics"]), MotionScales.from_config(config["motion"]), config["motion"]["kernel_px"],
+            SynthesisConfig.from_config(s), seed=config["seed"], batch_size=t["batch_size"],
+            samples_per_epoch=s["samples_per_shard"] * s["shards"]["train"], val_samples=(s["shards"]["val"], s["samples_per_shard"]),
+            device=device, workers=t["workers"],
+        )  # fmt: skip
+    return ShardData(train, val, t["batch_size"], config["seed"], t["workers"], pin_memory=device.type == "cuda")
 
 
 def _decode(value):

@@ -12,7 +12,9 @@ Metrics (DESIGN.md, Evaluation), over all valid pixels of all images of a test s
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,13 +22,14 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
+from blurflow import logs
 from blurflow.data import ShardDataset
 from blurflow.files import atomic_path
 from blurflow.model import FlowNet, decode
 from blurflow.optics import Optics
 
+log = logging.getLogger(__name__)
 COMPONENTS = ("v1", "v2", "v3", "z0")
 ORIENTATION_MIN_SPEED = 0.1
 
@@ -140,14 +143,16 @@ def predict_testset(model: FlowNet, testset: str | Path, out: str | Path, evalua
     ds = ShardDataset([testset])
     n = min(evaluated or len(ds), len(ds))
     h, w = ds[0]["image"].shape[-2:]
+    t0 = time.perf_counter()
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         pred = f.create_dataset("pred", (n, 5, h, w), np.float16, chunks=(1, 5, h, w), compression="lzf")
         f.attrs["channels"] = "v1,v2,v3,z0,w (canonical, normalised units)"
         f.attrs["testset"] = str(testset)
-        for start in tqdm(range(0, n, batch), desc=f"predict {Path(testset).stem}", disable=not progress):
+        for start in logs.progress(range(0, n, batch), enabled=progress, desc=f"predict {Path(testset).stem}", unit="batch"):
             idx = range(start, min(start + batch, n))
             counts = torch.stack([ds[i]["image"] for i in idx])
             pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch).numpy().astype(np.float16)
+    log.info("predicted %d images of %d x %d px (tiles of %s px) in %.1f s", n, h, w, tile or "whole", time.perf_counter() - t0)
 
 
 def evaluate_testset(testset: str | Path, predictions: str | Path, name: str, paper_r2: float | None = None) -> dict:

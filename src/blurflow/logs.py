@@ -1,24 +1,56 @@
-"""Logging for workflow scripts and the command line."""
+"""Logging for workflow jobs and progress bars for the command line."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
 
-def to_file(path: str | Path | None, level: int = logging.INFO) -> logging.Logger:
-    """Send blurflow's log records, warnings and uncaught exceptions to ``path`` (and stderr)."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path, mode="w"))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+def job(smk) -> logging.Logger:
+    """Log a workflow job (the ``snakemake`` object of a rule script) to its log file and stderr:
+    blurflow's log records, warnings and uncaught exceptions, a first line with the rule, its
+    inputs and outputs, and a last line with its wall time."""
+    path = Path(smk.log[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(path, mode="w")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
     logging.captureWarnings(True)
     log = logging.getLogger("blurflow")
+    start, failed = time.perf_counter(), []
 
     def excepthook(kind, value, tb):
-        log.critical("uncaught exception", exc_info=(kind, value, tb))
+        failed.append(kind)
+        log.critical("failed: %s: %s", kind.__name__, value, exc_info=(kind, value, tb))
+
+    def finish():
+        if not failed:
+            log.info("rule %s done in %.1f s", smk.rule, time.perf_counter() - start)
 
     sys.excepthook = excepthook
+    atexit.register(finish)
+    log.info("rule %s: %s -> %s", smk.rule, _files(smk.input), _files(smk.output))
     return log
+
+
+def _files(paths: Sequence[str]) -> str:
+    """'a, b' for up to 3 files, else 'N files (first ... last)'."""
+    paths = list(paths)
+    if not paths:
+        return "(nothing)"
+    if len(paths) <= 3:
+        return ", ".join(paths)
+    return f"{len(paths)} files ({paths[0]} ... {paths[-1]})"
+
+
+def progress(iterable=None, enabled: bool = True, **kwargs) -> tqdm:
+    """A tqdm progress bar on a terminal only: where stderr is redirected to a file it is off
+    (it would write one long line of redraws there; jobs log summary lines instead). Redraws at
+    most every 2 s."""
+    kwargs.setdefault("mininterval", 2)
+    return tqdm(iterable, disable=None if enabled else True, **kwargs)

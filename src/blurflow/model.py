@@ -15,14 +15,17 @@ the photon level or the camera offset.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import pooch
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from blurflow import __version__
+from blurflow import __version__, logs
 from blurflow.files import atomic_path
 from blurflow.optics import canonical_sign
 
@@ -30,6 +33,12 @@ ENCODERS = ("resnet18", "resnet34", "resnet50")
 ENCODINGS = ("doubled_angle", "paper")
 LOSSES = ("ours", "paper")
 PAPER_DECODER = (256, 128, 64, 32, 16)  # smp's default U-Net decoder, encoder depth 5
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+IMAGENET_WEIGHTS = {  # torchvision's ImageNet-1k ResNet weights; the 8 hex digits of a name begin its SHA-256
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+}
 
 
 def check_architecture(depth: int, decoder_channels: Sequence[int]) -> None:
@@ -102,8 +111,10 @@ class FlowNet(torch.nn.Module):
     """U-Net (ResNet encoder) from camera counts (B, 1, H, W) to raw outputs (B, 5, H, W).
 
     ``depth`` encoder stages (3-5; each halves the resolution) and ``decoder_channels`` (one per
-    stage, coarse to fine). Any H, W: the input is reflect-padded to a multiple of 2**depth and
-    the output cropped back.
+    stage, coarse to fine). ``stem_stride`` 1 runs the encoder's first convolution at full
+    resolution instead of the ResNet's stride 2 (every later stage then works at twice the
+    resolution: finer blur is seen, at about 4x the cost). Any H, W: the input is reflect-padded
+    to a multiple of 2**depth and the output cropped back.
     """
 
     def __init__(
@@ -112,6 +123,7 @@ class FlowNet(torch.nn.Module):
         encoding: str = "doubled_angle",
         depth: int = 5,
         decoder_channels: Sequence[int] = PAPER_DECODER,
+        stem_stride: int = 2,
     ):
         super().__init__()
         if encoder not in ENCODERS:
@@ -121,7 +133,11 @@ class FlowNet(torch.nn.Module):
         check_architecture(depth, decoder_channels)
         self.encoder_name, self.encoding = encoder, encoding
         self.depth, self.decoder_channels = depth, [int(c) for c in decoder_channels]
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem stride (train.stem_stride) must be 1 or 2, got {stem_stride!r}")
+        self.stem_stride = stem_stride
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)
+        self.unet.encoder.conv1.stride = (stem_stride, stem_stride)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         h, w = counts.shape[-2:]
@@ -160,6 +176,27 @@ class FlowNet(torch.nn.Module):
         self.unet.encoder.load_state_dict({k: state[k] for k in own})
 
 
+def fetch_encoder_weights(encoder: str, dest: str | Path, base_url: str = TORCHVISION_URL) -> Path:
+    """Download torchvision's ImageNet weights of ``encoder`` (pooch, progress bar on a terminal)
+    and move them to ``dest`` once their SHA-256 matches the digits in the file name; a mismatch
+    is a ``ValueError`` and leaves nothing behind."""
+    if encoder not in IMAGENET_WEIGHTS:
+        raise ValueError(f"no ImageNet weights known for encoder {encoder!r}; known: {', '.join(IMAGENET_WEIGHTS)}")
+    name = IMAGENET_WEIGHTS[encoder]
+    prefix = name.rsplit("-", 1)[1].removesuffix(".pth")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        bar = logs.progress(total=1, unit="B", unit_scale=True, desc=name)  # pooch sets the total
+        downloader = pooch.HTTPDownloader(progressbar=bar, timeout=60)
+        path = pooch.retrieve(base_url.rstrip("/") + "/" + name, known_hash=None, fname=name, path=tmp, downloader=downloader)
+        digest = pooch.file_hash(path, alg="sha256")
+        if not digest.startswith(prefix):
+            raise ValueError(f"{name} from {base_url}: SHA-256 {digest[:16]}... does not start with {prefix}; the download is corrupt or not these weights")
+        os.replace(path, dest)
+    return dest
+
+
 def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
     """Model file: weights plus everything needed to use them (architecture, encoding, optics,
     scales, normalisation, version, config hash, ...). Written atomically."""
@@ -168,6 +205,7 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
         "encoding": model.encoding,
         "encoder_depth": model.depth,
         "decoder_channels": model.decoder_channels,
+        "stem_stride": model.stem_stride,
         "input_normalisation": "anscombe + per-image standardisation",
         "outputs": "v1,v2,v3,z0,w (canonical; normalised units, see scales)",
         "blurflow_version": __version__,
@@ -184,9 +222,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
         raise ValueError(f"model file {path} not found")
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
-        meta = blob["meta"]
-        model = FlowNet(meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"])
+    except Exception:  # noqa: BLE001 - torch's own message would advise unsafe loading
+        raise ValueError(f"{path} is not a blurflow model file: not a readable PyTorch file (corrupt, truncated or another format)") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("meta"), dict) or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a blurflow model file: it has no blurflow metadata (use the model.pt that training writes)")
+    meta = blob["meta"]
+    try:
+        model = FlowNet(meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"], meta.get("stem_stride", 2))
         model.load_state_dict(blob["state_dict"])
-    except Exception as exc:  # noqa: BLE001 - whatever fails to parse is not a model file
-        raise ValueError(f"{path} is not a blurflow model file: {exc}") from exc
+    except (KeyError, ValueError, RuntimeError):
+        raise ValueError(f"{path} is a damaged blurflow model file: its weights do not match the architecture it records") from None
     return model.to(device).eval(), meta

@@ -24,6 +24,7 @@ __all__ = [
     "zernike",
     "noll_to_nm",
     "canonical_sign",
+    "required_kernel_px",
 ]
 
 
@@ -128,6 +129,17 @@ class MotionScales:
 
     def to_dict(self) -> dict:
         return {"lateral_scale_px": self.lateral_scale_px, "axial_scale_um": self.axial_scale_um}
+
+
+def required_kernel_px(optics: Optics, scales: MotionScales, speed_max: float, depth_max: float) -> int:
+    """Smallest even motion-PSF kernel (px) that holds a lateral path of ``speed_max * L`` px
+    (centred) with, at either end, the geometric defocus blur of depth ``depth_max * A`` um (radius
+    z tan(asin(NA / n))), plus two Airy FWHM of margin on each side."""
+    streak = speed_max * scales.lateral_scale_px
+    radius = depth_max * scales.axial_scale_um * math.tan(math.asin(optics.na / optics.n)) / optics.pixel_um
+    fwhm = 0.5145 * optics.wavelength_um / optics.na / optics.pixel_um
+    size = math.ceil(streak + 2 * radius + 4 * fwhm)
+    return size + size % 2
 
 
 def noll_to_nm(j: int) -> tuple[int, int]:

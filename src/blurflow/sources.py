@@ -20,9 +20,8 @@ import numpy as np
 import pooch
 import requests
 from scipy import ndimage
-from tqdm import tqdm
 
-from blurflow import __version__
+from blurflow import __version__, logs
 from blurflow.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -126,14 +125,16 @@ def phantom_images(count: int, size: int, seed: int) -> Iterator[tuple[str, np.n
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Pixels of a TIFF, PNG or JPEG file (raises on unreadable files)."""
+    """Pixels of a TIFF (tifffile) or of a PNG, JPEG or other Pillow-readable file; raises on
+    unreadable files with the reader's own account of what is wrong."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
         return tifffile.imread(path)
-    from skimage import io
+    from PIL import Image
 
-    return io.imread(path)
+    with Image.open(path) as im:
+        return np.asarray(im)
 
 
 def folder_images(folder: str | Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -157,7 +158,7 @@ def download_resumable(url: str, output_file: str, pooch_obj: pooch.Pooch | None
         if r.status_code != 206:
             done = 0  # server ignored the range: start over
         total = done + int(r.headers.get("Content-Length", 0))
-        with open(part, "ab" if done else "wb") as f, tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=part.name) as bar:
+        with open(part, "ab" if done else "wb") as f, logs.progress(total=total, initial=done, unit="B", unit_scale=True, desc=part.name) as bar:
             for chunk in r.iter_content(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -205,7 +206,7 @@ def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, ti
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         ds = f.create_dataset("images", (0, tile_px, tile_px), np.uint16, maxshape=(None, tile_px, tile_px), chunks=(1, tile_px, tile_px), compression="gzip", compression_opts=4, shuffle=True)
         src = f.create_dataset("source", (0,), np.int32, maxshape=(None,), chunks=(4096,))
-        for name, image in tqdm(images, desc=f"sources -> {Path(path).name}", unit="image"):
+        for name, image in logs.progress(images, desc=f"sources -> {Path(path).name}", unit="image"):
             try:
                 pieces = [t for plane in to_grey(image) for t in tiles(plane, tile_px)]
             except ValueError as exc:

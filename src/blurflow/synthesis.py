@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 from scipy import fft as sfft
-from tqdm import tqdm
 
-from blurflow import __version__
+from blurflow import __version__, logs
 from blurflow.files import atomic_path
 from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign
 
+log = logging.getLogger(__name__)
 SPLITS = {"train": 0, "val": 1, "test": 2}
+RENDER_BATCH = 16  # images rendered together when writing files (the same batches give the same bytes)
 
 
 @dataclass(frozen=True)
@@ -131,18 +135,39 @@ def blur(canvas: torch.Tensor, regions: torch.Tensor, kernels: torch.Tensor) -> 
 
 
 class Synthesizer:
-    """Draws and renders samples from a sources file (HDF5 tiles, see blurflow.sources)."""
+    """Draws and renders samples from a sources file (HDF5 tiles, see blurflow.sources).
 
-    def __init__(self, sources: str | Path, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig):
-        self.cfg, self.optics, self.scales = cfg, optics, scales
+    Drawing (:meth:`draw`: crop, regions, motion, camera settings) is numpy on the CPU; rendering
+    (:meth:`render`, :meth:`camera`, :meth:`batch`: motion PSFs, blur, noise, validity) is batched
+    torch on ``device``, so training images can be made on the training device itself.
+    """
+
+    def __init__(
+        self,
+        sources: str | Path,
+        optics: Optics,
+        scales: MotionScales,
+        kernel_px: int,
+        cfg: SynthesisConfig,
+        device: torch.device | str = "cpu",
+    ):
+        self.cfg, self.optics, self.scales, self.kernel_px = cfg, optics, scales, kernel_px
+        self.device = torch.device(device)
         with h5py.File(sources, "r") as f:
             self.tiles = f["images"][()]  # (T, S, S) uint16; sources files are small enough to hold
         if self.tiles.shape[-1] < cfg.image_px:
             raise ValueError(f"source tiles ({self.tiles.shape[-1]} px) are smaller than synthesis.image_px ({cfg.image_px})")
-        z_hi = (cfg.z0[1] + max(cfg.v3[1], 0)) * scales.axial_scale_um
-        z_lo = (cfg.z0[0] + min(cfg.v3[0], 0)) * scales.axial_scale_um
-        self.psf = MotionPSF(optics, scales, size=kernel_px, z_range_um=(min(z_lo, 0.0) - 1, z_hi + 1))
+        if kernel_px < 4 or kernel_px % 2:
+            raise ValueError(f"motion.kernel_px must be an even number >= 4, got {kernel_px}")
         self.canvas_px = sfft.next_fast_len(cfg.image_px + kernel_px, real=True)
+
+    @cached_property
+    def psf(self) -> MotionPSF:
+        """Motion PSF for every depth the configured ranges reach (built on first use)."""
+        cfg, a = self.cfg, self.scales.axial_scale_um
+        z_hi = (cfg.z0[1] + max(cfg.v3[1], 0)) * a
+        z_lo = (cfg.z0[0] + min(cfg.v3[0], 0)) * a
+        return MotionPSF(self.optics, self.scales, size=self.kernel_px, z_range_um=(min(z_lo, 0.0) - 1, z_hi + 1), device=self.device)
 
     def crop(self, rng: np.random.Generator) -> np.ndarray:
         """Random ``image_px`` crop of a random tile, rotated by k * 90 degrees, maybe mirrored,
@@ -158,7 +183,7 @@ class Synthesizer:
             lo, hi = np.percentile(crop, [1, 99])
             if hi - lo > 1e-3:  # a flat crop stays flat instead of amplifying nothing
                 crop = np.clip((crop - lo) / (hi - lo), 0, 1)
-        return crop
+        return crop.astype(np.float32, copy=False)
 
     def motions(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(n, 4) float32 raw (v1, v2, v3, z0), uniform in the configured ranges."""
@@ -167,12 +192,13 @@ class Synthesizer:
         return np.stack(v, axis=1).astype(np.float32)
 
     def camera_draws(self, rng: np.random.Generator) -> dict:
-        """Photon level, quantum efficiency and background scale of one image."""
+        """Photon level, quantum efficiency, background scale and noise seed of one image."""
         cfg = self.cfg
         return {
             "photons": rng.uniform(*cfg.photons),
             "quantum_efficiency": rng.uniform(*cfg.quantum_efficiency),
             "background_sigma": rng.uniform(*cfg.background_sigma),
+            "noise_seed": int(rng.integers(2**63 - 1)),
         }
 
     def draw(self, rng: np.random.Generator) -> dict:
@@ -182,8 +208,8 @@ class Synthesizer:
         regions = region_map(self.canvas_px, n, rng)
         return {"sharp": sharp, "regions": regions, "params": self.motions(n, rng), **self.camera_draws(rng)}
 
-    def render(self, draws: list[dict]) -> torch.Tensor:
-        """Noise-free blurred images (B, H, W), float32, in source intensity units."""
+    def render(self, draws: Sequence[dict]) -> torch.Tensor:
+        """Noise-free blurred images (B, H, W), float32 on ``device``, in source intensity units."""
         h, c = self.cfg.image_px, self.canvas_px
         lo = (c - h) // 2
         sharp = np.stack([d["sharp"] for d in draws])
@@ -192,17 +218,43 @@ class Synthesizer:
         params = torch.zeros(len(draws), n_max, 4)
         for i, d in enumerate(draws):
             params[i, : len(d["params"])] = torch.from_numpy(d["params"])
-        kernels = self.psf(params.reshape(-1, 4)).reshape(len(draws), n_max, self.psf.size, self.psf.size)
-        regions = torch.from_numpy(np.stack([d["regions"] for d in draws]).astype(np.int64))
-        blurred = blur(torch.from_numpy(canvas), regions, kernels)
+        kernels = self.psf(params.reshape(-1, 4)).reshape(len(draws), n_max, self.kernel_px, self.kernel_px)
+        regions = torch.from_numpy(np.stack([d["regions"] for d in draws]).astype(np.int64)).to(self.device)
+        blurred = blur(torch.from_numpy(canvas).to(self.device), regions, kernels)
         return blurred[:, lo : lo + h, lo : lo + h]
 
-    def camera(self, blurred: np.ndarray, draw: dict, rng: np.random.Generator) -> np.ndarray:
-        """uint16 counts: Poisson(beta * photons * blurred) + half-normal background."""
-        expected = draw["quantum_efficiency"] * draw["photons"] * np.clip(blurred, 0, None)
-        background = np.abs(rng.standard_normal(blurred.shape, dtype=np.float32)) * draw["background_sigma"]
-        counts = rng.poisson(expected) + background
-        return np.clip(np.round(counts), 0, 65535).astype(np.uint16)
+    def camera(self, blurred: torch.Tensor, draws: Sequence[dict]) -> torch.Tensor:
+        """Counts (B, H, W), float32 integers in 0..65535: Poisson(beta * photons * blurred) plus a
+        half-normal background, each image from a generator seeded by its ``noise_seed``."""
+        out = torch.empty_like(blurred)
+        for i, d in enumerate(draws):
+            g = torch.Generator(blurred.device).manual_seed(d["noise_seed"])
+            expected = (d["quantum_efficiency"] * d["photons"]) * blurred[i].clamp(min=0)
+            background = torch.randn(expected.shape, generator=g, device=blurred.device).abs() * d["background_sigma"]
+            out[i] = torch.poisson(expected, generator=g) + background
+        return out.round_().clamp_(0, 65535)
+
+    def batch(self, draws: Sequence[dict], n_max: int) -> dict[str, torch.Tensor]:
+        """Rendered samples on ``device``: ``image`` (B, H, W) float32 counts, ``region`` (B, H, W)
+        uint8, ``valid`` (B, H, W) uint8 and ``params`` (B, n_max, 4) float32 canonical labels
+        (NaN for unused regions)."""
+        h, lo = self.cfg.image_px, (self.canvas_px - self.cfg.image_px) // 2
+        sharp = torch.from_numpy(np.stack([d["sharp"] for d in draws])).to(self.device)
+        params = torch.full((len(draws), n_max, 4), torch.nan)
+        for j, d in enumerate(draws):
+            params[j, : len(d["params"])] = canonical_sign(torch.from_numpy(d["params"]))
+        regions = np.stack([d["regions"][lo : lo + h, lo : lo + h] for d in draws])
+        return {
+            "image": self.camera(self.render(draws), draws),
+            "region": torch.from_numpy(regions).to(self.device),
+            "valid": validity(sharp, self.cfg.validity_window_px, self.cfg.validity_threshold),
+            "params": params.to(self.device),
+        }
+
+
+def sample_rng(key: Sequence[int]) -> np.random.Generator:
+    """The generator of the sample with seed key ``key`` (e.g. (seed, split, shard, index))."""
+    return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
 def write_samples(
@@ -212,18 +264,17 @@ def write_samples(
     keys: Sequence[Sequence[int]],
     n_max: int,
     attrs: Mapping,
-    batch: int = 16,
+    batch: int = RENDER_BATCH,
     progress: bool = True,
     desc: str = "",
 ) -> None:
     """Render one sample per seed key with ``draw`` into an HDF5 file (DESIGN.md format), atomically.
 
-    Sample i uses ``numpy.random.default_rng(SeedSequence(keys[i]))``; ``draw(i, rng)`` returns a dict with
+    Sample i uses :func:`sample_rng` of ``keys[i]``; ``draw(i, rng)`` returns a dict with
     ``sharp`` (H, W), ``regions`` (canvas, canvas) labels < n_max, raw ``params`` (n, 4) and the
     camera draws. Labels are stored with the canonical sign.
     """
     h, samples = syn.cfg.image_px, len(keys)
-    lo = (syn.canvas_px - h) // 2
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         chunk = (1, h, h)
         image = f.create_dataset("image", (samples, h, h), np.uint16, chunks=chunk, compression="lzf", shuffle=True)
@@ -235,29 +286,28 @@ def write_samples(
             optics=json.dumps(syn.optics.to_dict()),
             scales=json.dumps(syn.scales.to_dict()),
             synthesis=json.dumps(asdict(syn.cfg)),
-            kernel_px=syn.psf.size,
+            kernel_px=syn.kernel_px,
             blurflow_version=__version__,
             label_order="v1,v2,v3,z0 (canonical sign: v2 > 0, or v2 == 0 and v1 >= 0)",
             **attrs,
         )
-        bar = tqdm(total=samples, desc=desc or Path(path).name, unit="img", disable=not progress)
-        for start in range(0, samples, batch):
+        t0 = time.perf_counter()
+        for start in logs.progress(range(0, samples, batch), desc=desc or Path(path).name, unit="batch", enabled=progress):
             sl = slice(start, min(start + batch, samples))
-            rngs = [np.random.default_rng(np.random.SeedSequence(list(k))) for k in keys[sl]]
-            draws = [draw(i, rng) for i, rng in zip(range(sl.start, sl.stop), rngs)]
-            blurred = syn.render(draws).numpy()
-            sharp = torch.from_numpy(np.stack([d["sharp"] for d in draws]))
-            image[sl] = np.stack([syn.camera(b, d, rng) for b, d, rng in zip(blurred, draws, rngs)])
-            region[sl] = np.stack([d["regions"][lo : lo + h, lo : lo + h] for d in draws])
-            valid[sl] = validity(sharp, syn.cfg.validity_window_px, syn.cfg.validity_threshold).numpy()
-            labels = np.full((len(draws), n_max, 4), np.nan, np.float32)
-            for j, d in enumerate(draws):
-                labels[j, : len(d["params"])] = canonical_sign(torch.from_numpy(d["params"])).numpy()
-            params[sl] = labels
+            draws = [draw(i, sample_rng(keys[i])) for i in range(sl.start, sl.stop)]
+            out = {k: v.cpu().numpy() for k, v in syn.batch(draws, n_max).items()}
+            image[sl] = out["image"].astype(np.uint16)
+            region[sl], valid[sl], params[sl] = out["region"], out["valid"], out["params"]
             for k, ds in camera.items():
                 ds[sl] = [d[k] for d in draws]
-            bar.update(sl.stop - sl.start)
-        bar.close()
+        dt = time.perf_counter() - t0
+        log.info("rendered %d images of %d px in %.1f s (%.0f images/s) for %s", samples, h, dt, samples / max(dt, 1e-9), path)
+
+
+def shard_keys(seed: int, split: str, shard: int, samples: int) -> list[tuple[int, int, int, int]]:
+    """Seed keys of the samples of a shard: (seed, split code, shard, index). Online training draws
+    its step ``s`` as shard ``s`` (blurflow.data.OnlineBatches), so the two paths agree."""
+    return [(seed, SPLITS[split], shard, i) for i in range(samples)]
 
 
 def write_shard(
@@ -276,7 +326,7 @@ def write_shard(
     """Synthesise ``samples`` training images into an HDF5 shard; sample i is keyed by
     (seed, split, shard, i)."""
     syn = Synthesizer(sources, optics, scales, kernel_px, cfg)
-    keys = [(seed, SPLITS[split], shard, i) for i in range(samples)]
+    keys = shard_keys(seed, split, shard, samples)
     attrs = {
         "seed": seed,
         "split": split,

@@ -1,31 +1,38 @@
 """Training (paper Section 2.3): RAdam, learning-rate schedule, checkpoint every epoch, resume.
 
-Each epoch's shuffling is seeded by (seed, epoch) and the checkpoint holds the model, optimiser,
-schedule and log, so a run that is interrupted and started again continues from the last finished
-epoch and ends where an uninterrupted run would (bitwise on the CPU). Channels-last memory layout
-(8 % faster on the CPU too); on a CUDA device bfloat16 autocast.
+Training data come from shard files (``train.data: shards``) or are synthesised on the training
+device (``online``, blurflow.data.OnlineData). Each epoch's order is seeded by (seed, epoch) and the
+checkpoint holds the model, optimiser and log, so a run that is interrupted and started again
+continues from the last finished epoch and ends where an uninterrupted run would (bitwise on the
+CPU). ``train.max_minutes`` caps the training time: the learning-rate schedule then runs against
+whichever ends first, the planned steps or the clock, so a run cut by time still ends annealed (such
+a run is not reproducible; the model file and the log say so). Channels-last memory layout (8 %
+faster on the CPU too); on a CUDA device bfloat16 autocast.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
-from blurflow.data import ShardDataset
+from blurflow import logs
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
 from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, check_architecture, decode, loss_fn, save_model
 from blurflow.synthesis import config_hash, dataclass_values
 
 log = logging.getLogger(__name__)
-LOG_COLUMNS = ["epoch", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
+LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
+SCHEDULES = ("onecycle", "cosine", "constant")
+DATA = ("shards", "online")
 
 
 @dataclass(frozen=True)
@@ -33,14 +40,17 @@ class TrainConfig:
     encoder: str = "resnet18"
     encoder_depth: int = 4
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16)
+    stem_stride: int = 2
     encoding: str = "doubled_angle"
     loss: str = "ours"
     gamma: float = 0.5
+    data: str = "shards"
     epochs: int = 4
+    max_minutes: float | None = None
     batch_size: int = 16
     lr: float = 3e-3
     weight_decay: float = 0.0
-    schedule: str = "onecycle"  # onecycle | cosine | constant
+    schedule: str = "onecycle"
     warmup_fraction: float = 0.1
     workers: int = 0
     pretrained_weights: str | None = None
@@ -51,31 +61,73 @@ class TrainConfig:
     @classmethod
     def from_config(cls, cfg: Mapping, seed: int = 0) -> TrainConfig:
         out = cls(**dataclass_values(cls, cfg), seed=seed)
-        for name, allowed in (("encoder", ENCODERS), ("encoding", ENCODINGS), ("loss", LOSSES), ("schedule", ("onecycle", "cosine", "constant"))):
+        choices = (("encoder", ENCODERS), ("encoding", ENCODINGS), ("loss", LOSSES), ("schedule", SCHEDULES), ("data", DATA), ("stem_stride", (1, 2)))
+        for name, allowed in choices:
             if getattr(out, name) not in allowed:
                 raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(out, name)!r}")
         check_architecture(out.encoder_depth, out.decoder_channels)
         if out.loss == "paper" and out.encoding != "paper":
             raise ValueError("train.loss 'paper' (Eq. 6) needs train.encoding 'paper'")
+        if out.max_minutes is not None and not out.max_minutes > 0:
+            raise ValueError(f"train.max_minutes must be a positive number of minutes or null, got {out.max_minutes!r}")
         return out
 
     def resume_key(self) -> str:
         """Hash of what must not change for a checkpoint to be resumed."""
-        return config_hash({k: v for k, v in asdict(self).items() if k not in ("workers", "device")})
+        return config_hash({k: v for k, v in asdict(self).items() if k not in ("workers", "device", "max_minutes")})
+
+    def build_model(self) -> FlowNet:
+        return FlowNet(self.encoder, self.encoding, self.encoder_depth, self.decoder_channels, self.stem_stride)
+
+
+class TrainData(Protocol):
+    """Where batches come from (blurflow.data.ShardData or OnlineData)."""
+
+    steps_per_epoch: int
+
+    def epoch(self, epoch: int) -> Iterable[dict]: ...
+
+    def validation(self) -> Iterable[dict]: ...
+
+
+def parse_device(name: str) -> torch.device:
+    """The device a name means (``cpu``, ``cuda`` or ``cuda:N``); ``ValueError`` for other names."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
+    return device
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one) or a name for :func:`parse_device`; ``ValueError`` for a
+    CUDA device this machine does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = parse_device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            have = "has no CUDA GPU" if count == 0 else f"has {count} CUDA GPU(s)"
+            raise ValueError(f"device {name!r} asked for, but this machine {have}; use auto or cpu")
+    return device
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
-    if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_fraction)
+def lr_factor(progress: float, cfg: TrainConfig) -> float:
+    """Learning rate over ``cfg.lr`` at ``progress`` in [0, 1] of training. ``onecycle``: cosine
+    warm-up from 1/25 over ``warmup_fraction``, then cosine annealing to 1/25e4 (as
+    torch.optim.lr_scheduler.OneCycleLR); ``cosine``: cosine annealing to 0; ``constant``: 1."""
+    p = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "constant":
+        return 1.0
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        return 0.5 * (1 + math.cos(math.pi * p))
+    start, end, w = 1 / 25, 1 / 25e4, cfg.warmup_fraction
+    if p < w:
+        return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * p / w))
+    return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * (p - w) / max(1 - w, 1e-9)))
 
 
 def _write_log(rows: list[dict], path: Path) -> None:
@@ -85,12 +137,12 @@ def _write_log(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def evaluate_loss(model: FlowNet, loader, cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
-    """Mean loss and R^2 of the model over a loader."""
+def evaluate_loss(model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
+    """Mean loss and R^2 of the model over batches."""
     model.eval()
     metrics, total, count = FlowMetrics(), 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-        for batch in loader:
+        for batch in batches:
             image, target, valid = (batch[k].to(device) for k in ("image", "target", "valid"))
             out = model(image).float()
             total += float(loss_fn(out, target, valid, cfg.loss, cfg.encoding, cfg.gamma)) * len(image)
@@ -100,8 +152,7 @@ def evaluate_loss(model: FlowNet, loader, cfg: TrainConfig, device: torch.device
 
 
 def train(
-    train_shards: Sequence[str | Path],
-    val_shards: Sequence[str | Path],
+    data: TrainData,
     model_path: str | Path,
     log_path: str | Path,
     checkpoint_path: str | Path,
@@ -110,7 +161,8 @@ def train(
     stop_after_epochs: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Train, logging every epoch to ``log_path`` (CSV) and ``checkpoint_path``; write the model.
+    """Train, logging every epoch to ``log_path`` (CSV) and ``checkpoint_path``; write the model
+    when all epochs are done or ``cfg.max_minutes`` is reached.
 
     ``stop_after_epochs`` ends this run early, as an interruption would (for time-limited jobs);
     calling again resumes. Returns the log rows.
@@ -118,41 +170,44 @@ def train(
     model_path, log_path, checkpoint_path = Path(model_path), Path(log_path), Path(checkpoint_path)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    train_ds, val_ds = ShardDataset(train_shards), ShardDataset(val_shards)
-    model = FlowNet(cfg.encoder, cfg.encoding, cfg.encoder_depth, cfg.decoder_channels)
+    model = cfg.build_model()
     if cfg.pretrained_weights:
         model.load_encoder_weights(cfg.pretrained_weights)
     model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.RAdam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(train_ds) // cfg.batch_size)
-    sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    opt = torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay)
+    per_epoch = data.steps_per_epoch
+    total_steps = cfg.epochs * per_epoch
     rows: list[dict] = []
-    start, minutes = 0, 0.0
+    start, minutes, stopped = 0, 0.0, None
     if checkpoint_path.exists():
         ck = torch.load(checkpoint_path, map_location=device, weights_only=False)
         if ck["resume_key"] == cfg.resume_key():
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            rows, start = ck["rows"], ck["epoch"] + 1
+            rows, start, stopped = ck["rows"], ck["epoch"] + 1, ck.get("stopped")
             minutes = rows[-1]["minutes"] if rows else 0.0
             log.info("resuming from %s after epoch %d", checkpoint_path, ck["epoch"] + 1)
         else:
             log.warning("checkpoint %s is from another configuration; starting over", checkpoint_path)
 
-    loader_kw = {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "persistent_workers": cfg.workers > 0, "pin_memory": device.type == "cuda"}
-    val_loader = torch.utils.data.DataLoader(val_ds, shuffle=False, **loader_kw)
     amp = cfg.amp and device.type == "cuda"
+    log.info("training %s on %s: %d epochs of %d steps of %d images (%s data)", cfg.encoder, device, cfg.epochs, per_epoch, cfg.batch_size, cfg.data)
     run_epochs = 0
     for epoch in range(start, cfg.epochs):
-        if stop_after_epochs is not None and run_epochs >= stop_after_epochs:
+        if stopped or (stop_after_epochs is not None and run_epochs >= stop_after_epochs):
             break
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        loader = torch.utils.data.DataLoader(train_ds, shuffle=True, drop_last=True, generator=g, **loader_kw)
         model.train()
         t0, total, seen = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False, mininterval=5)
-        for batch in bar:
+        bar = logs.progress(total=per_epoch, enabled=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        for i, batch in enumerate(data.epoch(epoch)):
+            elapsed = minutes + (time.perf_counter() - t0) / 60
+            if cfg.max_minutes and elapsed >= cfg.max_minutes:
+                stopped = f"train.max_minutes ({cfg.max_minutes:g}) reached after {epoch * per_epoch + i} of {total_steps} steps"
+                break
+            step = epoch * per_epoch + i
+            progress_done = max(step / total_steps, elapsed / cfg.max_minutes if cfg.max_minutes else 0.0)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(progress_done, cfg)
             image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
             image = image.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
@@ -161,15 +216,17 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
             total += loss.item() * len(image)
             seen += len(image)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.close()
         elapsed = time.perf_counter() - t0
-        val_loss, r2 = evaluate_loss(model, val_loader, cfg, device)
+        val_loss, r2 = evaluate_loss(model, data.validation(), cfg, device)
         minutes += (time.perf_counter() - t0) / 60
         row = {
             "epoch": epoch + 1,
+            "samples": (rows[-1]["samples"] if rows else 0) + seen,
             "train_loss": total / max(seen, 1),
             "val_loss": val_loss,
             **{f"val_r2_{c}": r2[c] for c in COMPONENTS},
@@ -179,13 +236,19 @@ def train(
             "minutes": minutes,
         }
         rows.append(row)
-        log.info("epoch %d: train %.4f val %.4f R2 %.3f (%.0f img/s)", epoch + 1, row["train_loss"], val_loss, r2["mean"], row["images_per_s"])
+        log.info(
+            "epoch %d/%d: %d images, train loss %.4f, val loss %.4f, val R2 %.3f (%s), %.0f images/s, %.1f min",
+            epoch + 1, cfg.epochs, row["samples"], row["train_loss"], val_loss, r2["mean"],
+            " ".join(f"{c} {r2[c]:.2f}" for c in COMPONENTS), row["images_per_s"], minutes,
+        )  # fmt: skip
+        if stopped:
+            log.warning("training stopped early: %s", stopped)
         _write_log(rows, log_path)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "rows": rows, "resume_key": cfg.resume_key()}
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": cfg.resume_key()}
         with atomic_path(checkpoint_path) as tmp:
             torch.save(state, tmp)
         run_epochs += 1
-    if len(rows) == cfg.epochs:
-        save_model(model.cpu(), model_path, {**meta, "train": asdict(cfg), "epochs_trained": len(rows), "final": rows[-1] if rows else {}})
+    if len(rows) == cfg.epochs or stopped:
+        info = {"train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"], "stopped_early": stopped, "final": rows[-1]}
+        save_model(model.cpu(), model_path, {**meta, **info})
     return rows
-

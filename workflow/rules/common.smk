@@ -1,6 +1,22 @@
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-validate(config, "../schemas/config.schema.yaml")
+from blurflow import config as blurflow_config
+
+try:
+    validate(config, "../schemas/config.schema.yaml")
+except WorkflowError:
+    schema = Path(workflow.basedir) / blurflow_config.SCHEMA
+    sys.exit(f"blurflow: {blurflow_config.schema_error(config, schema)}")
+if workflow.is_main_process:  # once, before any job; jobs re-read the Snakefile
+    try:
+        for warning in blurflow_config.check(config):
+            print(f"blurflow: warning: {warning}", file=sys.stderr)
+    except ValueError as exc:
+        sys.exit(f"blurflow: config error: {exc}")
 
 CONDA_ENV = "../../envs/blurflow.yaml"
 GPU_CONDA_ENV = (
@@ -8,6 +24,13 @@ GPU_CONDA_ENV = (
     if config["conda"]["gpu_env"] == "cuda"
     else CONDA_ENV
 )
+
+
+def train_inputs(split):
+    """What training reads for a split: its shards, or its sources file (train.data online)."""
+    if config["train"]["data"] == "online":
+        return [f"results/sources/{split}.h5"]
+    return shard_paths(split)
 
 
 def shard_paths(split):

@@ -1,7 +1,8 @@
 rule train:
     input:
-        train=shard_paths("train"),
-        val=shard_paths("val"),
+        train=train_inputs("train"),
+        val=train_inputs("val"),
+        weights=config["train"]["pretrained_weights"] or [],
     output:
         model="results/model/model.pt",
         log=report(
@@ -25,3 +26,25 @@ rule train:
         checkpoint="results/model/checkpoint.pt",
     script:
         "../scripts/train.py"
+
+
+rule encoder_weights:
+    output:
+        weights="resources/weights/{encoder}-imagenet.pth",
+    log:
+        "logs/encoder_weights/{encoder}.log",
+    benchmark:
+        "results/benchmarks/encoder_weights/{encoder}.tsv"
+    wildcard_constraints:
+        encoder="resnet18|resnet34|resnet50",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=30,
+        gpu=0,
+    params:
+        base_url=config["train"]["weights_url"],
+    script:
+        "../scripts/encoder_weights.py"

@@ -2,6 +2,6 @@
 
 from blurflow import figures, logs
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 cyl = snakemake.params.cylinder
 figures.cylinder_sketch(cyl["speed"], cyl["direction_deg"]).savefig(snakemake.output.figure, dpi=110)

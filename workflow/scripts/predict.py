@@ -6,7 +6,7 @@ from blurflow import evaluate, logs
 from blurflow.model import load_model
 from blurflow.train import pick_device
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)
 model, meta = load_model(snakemake.input.model, pick_device("auto"))
 evaluate.predict_testset(

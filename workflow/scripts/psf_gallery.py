@@ -3,7 +3,7 @@
 from blurflow import figures, logs
 from blurflow.optics import MotionScales, Optics
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 fig = figures.psf_gallery(
     Optics.from_config(snakemake.params.optics),
     MotionScales.from_config(snakemake.params.motion),

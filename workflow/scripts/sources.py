@@ -2,7 +2,7 @@
 
 from blurflow import logs, sources
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 cfg = snakemake.params.sources
 split = snakemake.wildcards.split
 images = sources.images_for(split, cfg, snakemake.params.seed, snakemake.params.resources_dir)

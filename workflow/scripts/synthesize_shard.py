@@ -5,7 +5,7 @@ import torch
 from blurflow import logs, synthesis
 from blurflow.optics import MotionScales, Optics
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)
 p = snakemake.params
 synthesis.write_shard(

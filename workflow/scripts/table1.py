@@ -3,9 +3,13 @@
 from blurflow import evaluate, figures, logs
 from blurflow.data import ShardDataset
 
-logs.to_file(snakemake.log[0])
+log = logs.job(snakemake)
 rows = evaluate.table1_rows(snakemake.input.testset, snakemake.input.predictions)
 rows.to_csv(snakemake.output.csv, index=False)
+for row in rows.itertuples():
+    truth = ", ".join(f"{getattr(row, c):.2f}" for c in evaluate.COMPONENTS)
+    pred = ", ".join(f"{getattr(row, 'pred_' + c):.2f}" for c in evaluate.COMPONENTS)
+    log.info("Table 1 case %s (%s, %d images): truth (%s), predicted (%s)", row.case, row.source, row.images, truth, pred)
 with open(snakemake.output.md, "w") as f:
     f.write(rows.to_markdown(index=False, floatfmt=".2f") + "\n")
 ds = ShardDataset([snakemake.input.testset])

@@ -4,7 +4,7 @@ from blurflow import logs, testsets
 from blurflow.optics import MotionScales, Optics
 from blurflow.synthesis import SynthesisConfig
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 c = snakemake.params.config
 t = c["testsets"]
 name = snakemake.wildcards.testset

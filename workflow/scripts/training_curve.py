@@ -4,5 +4,5 @@ import pandas as pd
 
 from blurflow import figures, logs
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 figures.training_curve(pd.read_csv(snakemake.input.log)).savefig(snakemake.output.figure, dpi=120)

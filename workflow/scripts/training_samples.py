@@ -3,5 +3,5 @@
 from blurflow import figures, logs
 from blurflow.data import ShardDataset
 
-logs.to_file(snakemake.log[0])
+logs.job(snakemake)
 figures.training_samples(ShardDataset([snakemake.input.shard])).savefig(snakemake.output.figure, dpi=100)
