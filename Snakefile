@@ -16,6 +16,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/testsets.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/study.smk"
 
 
 rule all:

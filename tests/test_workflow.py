@@ -83,6 +83,21 @@ def test_online_training_reads_sources_instead_of_shards(workdir):
     assert "train" in run.stdout and "synthesize_shard" not in run.stdout
 
 
+def test_the_measurability_study_runs_on_the_tiny_config(workdir):
+    (workdir / "study.yaml").write_text("study:\n  settings: [[4, 5], [24, 20]]\n  samples: 32\n  epochs: 2\n  image_px: 64\n  val_samples: 8\n")
+    run = snakemake("study", "--configfile", "tiny.yaml", "study.yaml", cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    table = pd.read_csv(workdir / "results/study/measurability.csv")
+    assert list(table["lateral_scale_px"]) == [4, 24] and list(table["axial_scale_um"]) == [5, 20]
+    assert list(table["samples"]) == [32, 32] and table["kernel_px"].iloc[1] > table["kernel_px"].iloc[0]
+    assert {"r2_v1", "r2_v2", "r2_v3", "r2_z0", "r2_mean"} <= set(table.columns)
+    with Image.open(workdir / "results/figures/measurability.png") as im:
+        assert im.size[0] > 800
+    _, meta = load_model(workdir / "results/study/L24_A20/model.pt")
+    assert meta["scales"] == {"lateral_scale_px": 24.0, "axial_scale_um": 20.0} and meta["train"]["data"] == "online"
+    assert not (workdir / "results/shards").exists()  # the study synthesises online
+
+
 def test_an_interrupted_run_resumes_with_the_plain_command(workdir):
     """SIGINT to snakemake while shards are written: the running jobs finish, but snakemake marks
     their outputs incomplete; the plain command must make them again, not stop."""

@@ -47,7 +47,8 @@ def check(config: Mapping) -> list[str]:
         except ValueError as exc:
             raise ValueError(f"train.device: {exc}") from None
     src, tests = config["sources"], config["testsets"]
-    for key, size in (("synthesis.image_px", syn.image_px), ("testsets.image_px", tests["image_px"])):
+    sizes = (("synthesis.image_px", syn.image_px), ("testsets.image_px", tests["image_px"]), ("study.image_px", config["study"]["image_px"]))
+    for key, size in sizes:
         if src["tile_px"] < size:
             raise ValueError(f"sources.tile_px ({src['tile_px']}) must be at least {key} ({size})")
     for kind_key, folder_key in (("kind", "folder"), ("test_kind", "test_folder")):

@@ -91,6 +91,26 @@ def training_curve(log: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def measurability(table: pd.DataFrame, logs: dict[str, pd.DataFrame]) -> plt.Figure:
+    """Measurability study: final validation R^2 per component against the blur scale (left) and
+    the mean R^2 against training images for every setting (right)."""
+    fig, (ax, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.4), constrained_layout=True)
+    x = np.arange(len(table))
+    labels = [f"L = {r.lateral_scale_px:g} px\nA = {r.axial_scale_um:g} um" for r in table.itertuples()]
+    for comp, style in (("v1", "r"), ("v2", "g"), ("v3", "b"), ("z0", "m")):
+        ax.plot(x, table[f"r2_{comp}"], f"{style}o-", label=f"|{comp}|" if comp in ("v1", "v2") else comp)
+    ax.plot(x, table["r2_mean"], "ks-", lw=2.5, label="mean (paper's R²)")
+    ax.set_xticks(x, labels, fontsize=8)
+    budget = f"{int(table['samples'].max()):,} training images of each setting"
+    ax.set(ylabel="validation R² (squared Pearson)", ylim=(0, 1), title=f"R² against the blur per unit speed ({budget})")
+    ax.legend(fontsize=8, loc="upper left")
+    for name, log in logs.items():
+        ax_curve.plot(log["samples"], log["val_r2_mean"], "o-", label=name)
+    ax_curve.set(xlabel="training images", ylabel="validation R² (mean)", ylim=(0, 1), title="learning curves")
+    ax_curve.legend(fontsize=8)
+    return fig
+
+
 def _display_range(image: np.ndarray) -> tuple[float, float]:
     """Grey-level limits that clip the darkest and brightest 0.5% of the pixels."""
     lo, hi = np.percentile(image, [0.5, 99.5])
