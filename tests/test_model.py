@@ -75,12 +75,25 @@ def test_normalisation_standardises_and_stabilises_poisson_variance():
     assert float(a.var()) == pytest.approx(1.0, rel=0.1)
 
 
-@pytest.mark.parametrize("depth, decoder", [(5, (256, 128, 64, 32, 16)), (4, (128, 64, 32, 16))])
-def test_flownet_keeps_any_image_size(depth, decoder):
-    model = FlowNet("resnet18", depth=depth, decoder_channels=decoder).eval()
+@pytest.mark.parametrize(
+    "depth, decoder, stem, unshuffle",
+    [(5, (256, 128, 64, 32, 16), 2, 1), (4, (128, 64, 32, 16), 2, 1), (3, (64, 32, 16), 1, 1), (4, (128, 64, 32, 16), 2, 2), (3, (64, 32, 16), 1, 2)],
+)
+def test_flownet_keeps_any_image_size(depth, decoder, stem, unshuffle):
+    model = FlowNet("resnet18", depth=depth, decoder_channels=decoder, stem_stride=stem, unshuffle=unshuffle).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 1, 50, 70) * 100).shape == (2, 5, 50, 70)
         assert model.predict(torch.rand(1, 1, 64, 64) * 100).shape == (1, 5, 64, 64)
+
+
+def test_unshuffled_input_keeps_every_pixel():
+    model = FlowNet("resnet18", depth=3, decoder_channels=(64, 32, 16), unshuffle=2).eval()
+    x = torch.rand(1, 1, 64, 64) * 100
+    y = x.clone()
+    y[0, 0, 1, 1] += 50  # one pixel of a 2 x 2 block changes one input channel, so the output
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(y))
+    assert model.unet.encoder.conv1.in_channels == 4
 
 
 def test_bad_model_choices_raise():
@@ -124,6 +137,9 @@ def test_encoder_weights_load_from_a_local_file(tmp_path):
     model.load_encoder_weights(path)
     expected = torch.load(path)["conv1.weight"].sum(1, keepdim=True)
     assert torch.equal(model.unet.encoder.conv1.weight, expected)
+    unshuffled = FlowNet("resnet18", unshuffle=2)
+    unshuffled.load_encoder_weights(path)  # the grey filter, shared by the 4 channels of a 2 x 2 block
+    assert torch.allclose(unshuffled.unet.encoder.conv1.weight, expected.repeat(1, 4, 1, 1) / 4)
 
 
 def test_missing_or_mismatched_weights_are_clear_errors(tmp_path):
@@ -183,14 +199,14 @@ def test_interrupted_training_resumes_to_the_same_model(tiny_shards, tmp_path):
 
 
 def test_model_file_loads_back_to_identical_outputs(tmp_path):
-    model = FlowNet("resnet18", "paper", depth=3, decoder_channels=(64, 32, 16)).eval()
+    model = FlowNet("resnet18", "paper", depth=3, decoder_channels=(64, 32, 16), stem_stride=1, unshuffle=2).eval()
     save_model(model, tmp_path / "m.pt", {"optics": Optics().to_dict(), "config_hash": "abc"})
     loaded, meta = load_model(tmp_path / "m.pt")
     x = torch.rand(2, 1, 64, 64) * 500
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert meta["encoding"] == "paper" and meta["optics"]["na"] == 0.3 and "blurflow_version" in meta
-    assert (loaded.depth, loaded.decoder_channels) == (3, [64, 32, 16])
+    assert (loaded.depth, loaded.decoder_channels, loaded.stem_stride, loaded.unshuffle) == (3, [64, 32, 16], 1, 2)
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ValueError):
         load_model(tmp_path / "bad.pt")
@@ -254,29 +270,12 @@ def test_learning_rate_schedules(schedule):
 
 
 @pytest.fixture()
-def weights_server(tmp_path):
-    """HTTP server on 127.0.0.1 serving one file of ResNet-18 weights under any name."""
-    import http.server
-    import threading
-
+def weights_server(serve, tmp_path):
+    """ResNet-18 weights (a torchvision state dict) served on 127.0.0.1 under any name."""
     buffer = tmp_path / "served.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), buffer)
-    payload = buffer.read_bytes()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/models/", payload
-    httpd.shutdown()
+    url, _ = serve(buffer.read_bytes())
+    return url + "models/", buffer.read_bytes()
 
 
 def test_imagenet_weights_download_is_verified_and_loads(weights_server, tmp_path, monkeypatch):

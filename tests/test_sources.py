@@ -1,10 +1,8 @@
 """Source images: offline skimage set, phantoms, a user's folder, the Places365 download code."""
 
 import hashlib
-import http.server
 import io
 import tarfile
-import threading
 from pathlib import Path
 
 import h5py
@@ -127,32 +125,11 @@ def tiny_archive() -> bytes:
 
 
 @pytest.fixture()
-def server():
-    """HTTP server on 127.0.0.1 serving one archive, honouring Range requests; records them."""
+def server(serve):
+    """The tiny archive on 127.0.0.1, honouring Range requests; records them."""
     payload = tiny_archive()
-    ranges: list[str | None] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            rng = self.headers.get("Range")
-            ranges.append(rng)
-            body, status = payload, 200
-            if rng:
-                start = int(rng.removeprefix("bytes=").split("-")[0])
-                body, status = payload[start:], 206
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/", payload, ranges
-    httpd.shutdown()
+    url, ranges = serve(payload)
+    return url, payload, ranges
 
 
 def test_download_with_good_checksum_unpacks(server, tmp_path):

@@ -84,11 +84,14 @@ def decode(output: torch.Tensor, encoding: str) -> torch.Tensor:
     return torch.cat([v, w], dim=1)
 
 
-def loss_fn(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, loss: str, encoding: str, gamma: float = 1.0) -> torch.Tensor:
+def loss_fn(
+    output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, loss: str, encoding: str, gamma: float = 1.0,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> torch.Tensor:  # fmt: skip
     """Training loss (scalar).
 
     ``ours``: gamma * BCE(validity logit, w) + mean over pixels with w = 1 of the squared error of
-    the 4 regression channels in ``encoding``.
+    the 4 regression channels in ``encoding``, averaged with ``weights`` (one per channel).
     ``paper`` (Eq. 6, with w = 1 marking legitimate pixels as DESIGN.md says): per pixel
     gamma (w - sigmoid(logit))^2 + w / (U + 1) [sum_u (|v_u| - |v~_u|)^2 + (z0 - z0~)^2] with
     U = 3, averaged over all pixels; the velocity channels are the network's (v1, v2, v3).
@@ -103,7 +106,8 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, los
         return (gamma * (w - torch.sigmoid(logit)) ** 2 + w * reg).mean()
     if loss != "ours":
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
-    reg = ((output[:, :4] - encode(target, encoding)) ** 2).mean(1)
+    w_c = torch.as_tensor(weights, dtype=output.dtype, device=output.device)[None, :, None, None]
+    reg = (((output[:, :4] - encode(target, encoding)) ** 2) * w_c).sum(1) / w_c.sum()
     return gamma * F.binary_cross_entropy_with_logits(logit, w) + (w * reg).sum() / w.sum().clamp(min=1)
 
 
@@ -113,8 +117,11 @@ class FlowNet(torch.nn.Module):
     ``depth`` encoder stages (3-5; each halves the resolution) and ``decoder_channels`` (one per
     stage, coarse to fine). ``stem_stride`` 1 runs the encoder's first convolution at full
     resolution instead of the ResNet's stride 2 (every later stage then works at twice the
-    resolution: finer blur is seen, at about 4x the cost). Any H, W: the input is reflect-padded
-    to a multiple of 2**depth and the output cropped back.
+    resolution: finer blur is seen, at about 4x the cost). ``unshuffle`` 2 rearranges every 2 x 2
+    pixels into 4 channels (lossless) and runs the U-Net at half the resolution, at about 1/4 the
+    cost (with ``stem_stride`` 1 the stages keep their usual resolutions); the output is
+    interpolated back. Any H, W: the input is reflect-padded to a multiple of
+    ``unshuffle * 2**depth`` and the output cropped back.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class FlowNet(torch.nn.Module):
         depth: int = 5,
         decoder_channels: Sequence[int] = PAPER_DECODER,
         stem_stride: int = 2,
+        unshuffle: int = 1,
     ):
         super().__init__()
         if encoder not in ENCODERS:
@@ -135,17 +143,23 @@ class FlowNet(torch.nn.Module):
         self.depth, self.decoder_channels = depth, [int(c) for c in decoder_channels]
         if stem_stride not in (1, 2):
             raise ValueError(f"stem stride (train.stem_stride) must be 1 or 2, got {stem_stride!r}")
-        self.stem_stride = stem_stride
-        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=1, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)
+        if unshuffle not in (1, 2):
+            raise ValueError(f"input unshuffle (train.unshuffle) must be 1 or 2, got {unshuffle!r}")
+        self.stem_stride, self.unshuffle = stem_stride, unshuffle
+        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=unshuffle**2, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)
         self.unet.encoder.conv1.stride = (stem_stride, stem_stride)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         h, w = counts.shape[-2:]
-        ph, pw = -h % 2**self.depth, -w % 2**self.depth
+        multiple = self.unshuffle * 2**self.depth
+        ph, pw = -h % multiple, -w % multiple
         x = normalise(counts)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
-        return self.unet(x)[..., :h, :w]
+        if self.unshuffle == 1:
+            return self.unet(x)[..., :h, :w]
+        out = self.unet(F.pixel_unshuffle(x, self.unshuffle))
+        return F.interpolate(out, scale_factor=self.unshuffle, mode="bilinear", align_corners=False)[..., :h, :w]
 
     def predict(self, counts: torch.Tensor) -> torch.Tensor:
         """Canonical (v1, v2, v3, z0, w) maps (B, 5, H, W), normalised units."""
@@ -163,8 +177,9 @@ class FlowNet(torch.nn.Module):
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        if "conv1.weight" in state and state["conv1.weight"].shape[1] == 3:
-            state["conv1.weight"] = state["conv1.weight"].sum(1, keepdim=True)
+        if "conv1.weight" in state and state["conv1.weight"].shape[1] == 3:  # grey, shared by the unshuffled channels
+            channels = self.unshuffle**2
+            state["conv1.weight"] = state["conv1.weight"].sum(1, keepdim=True).repeat(1, channels, 1, 1) / channels
         own = self.unet.encoder.state_dict()
         missing = sorted(set(own) - set(state))
         shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
@@ -206,6 +221,7 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
         "encoder_depth": model.depth,
         "decoder_channels": model.decoder_channels,
         "stem_stride": model.stem_stride,
+        "unshuffle": model.unshuffle,
         "input_normalisation": "anscombe + per-image standardisation",
         "outputs": "v1,v2,v3,z0,w (canonical; normalised units, see scales)",
         "blurflow_version": __version__,
@@ -228,7 +244,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
         raise ValueError(f"{path} is not a blurflow model file: it has no blurflow metadata (use the model.pt that training writes)")
     meta = blob["meta"]
     try:
-        model = FlowNet(meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"], meta.get("stem_stride", 2))
+        model = FlowNet(meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"], meta.get("stem_stride", 2), meta.get("unshuffle", 1))
         model.load_state_dict(blob["state_dict"])
     except (KeyError, ValueError, RuntimeError):
         raise ValueError(f"{path} is a damaged blurflow model file: its weights do not match the architecture it records") from None

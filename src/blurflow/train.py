@@ -41,9 +41,11 @@ class TrainConfig:
     encoder_depth: int = 4
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16)
     stem_stride: int = 2
+    unshuffle: int = 1
     encoding: str = "doubled_angle"
     loss: str = "ours"
     gamma: float = 0.5
+    component_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     data: str = "shards"
     epochs: int = 4
     max_minutes: float | None = None
@@ -61,13 +63,15 @@ class TrainConfig:
     @classmethod
     def from_config(cls, cfg: Mapping, seed: int = 0) -> TrainConfig:
         out = cls(**dataclass_values(cls, cfg), seed=seed)
-        choices = (("encoder", ENCODERS), ("encoding", ENCODINGS), ("loss", LOSSES), ("schedule", SCHEDULES), ("data", DATA), ("stem_stride", (1, 2)))
+        choices = (("encoder", ENCODERS), ("encoding", ENCODINGS), ("loss", LOSSES), ("schedule", SCHEDULES), ("data", DATA), ("stem_stride", (1, 2)), ("unshuffle", (1, 2)))
         for name, allowed in choices:
             if getattr(out, name) not in allowed:
                 raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(out, name)!r}")
         check_architecture(out.encoder_depth, out.decoder_channels)
         if out.loss == "paper" and out.encoding != "paper":
             raise ValueError("train.loss 'paper' (Eq. 6) needs train.encoding 'paper'")
+        if len(out.component_weights) != 4 or min(out.component_weights) < 0 or not sum(out.component_weights) > 0:
+            raise ValueError(f"train.component_weights must be 4 non-negative weights, not all 0, got {list(out.component_weights)}")
         if out.max_minutes is not None and not out.max_minutes > 0:
             raise ValueError(f"train.max_minutes must be a positive number of minutes or null, got {out.max_minutes!r}")
         return out
@@ -77,7 +81,7 @@ class TrainConfig:
         return config_hash({k: v for k, v in asdict(self).items() if k not in ("workers", "device", "max_minutes")})
 
     def build_model(self) -> FlowNet:
-        return FlowNet(self.encoder, self.encoding, self.encoder_depth, self.decoder_channels, self.stem_stride)
+        return FlowNet(self.encoder, self.encoding, self.encoder_depth, self.decoder_channels, self.stem_stride, self.unshuffle)
 
 
 class TrainData(Protocol):
@@ -145,7 +149,7 @@ def evaluate_loss(model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, dev
         for batch in batches:
             image, target, valid = (batch[k].to(device) for k in ("image", "target", "valid"))
             out = model(image).float()
-            total += float(loss_fn(out, target, valid, cfg.loss, cfg.encoding, cfg.gamma)) * len(image)
+            total += float(loss_fn(out, target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)) * len(image)
             count += len(image)
             metrics.update(decode(out, cfg.encoding), target, valid)
     return total / max(count, 1), metrics.r2()
@@ -212,7 +216,7 @@ def train(
             image = image.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 out = model(image)
-            loss = loss_fn(out.float(), target, valid, cfg.loss, cfg.encoding, cfg.gamma)
+            loss = loss_fn(out.float(), target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -220,6 +224,8 @@ def train(
             seen += len(image)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if bar.disable and (i + 1) % max(1, per_epoch // 4) == 0 and i + 1 < per_epoch:  # no terminal: a line per quarter
+                log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, total / seen, seen / (time.perf_counter() - t0))
         bar.close()
         elapsed = time.perf_counter() - t0
         val_loss, r2 = evaluate_loss(model, data.validation(), cfg, device)
