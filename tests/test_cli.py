@@ -120,6 +120,7 @@ def test_bad_model_file(tmp_path, capsys):
     [
         (["--exposure-ms", "-5"], "--exposure-ms", "must be a positive number"),
         (["--batch", "0"], "--batch", "must be a positive number of tiles"),
+        (["--smooth-px", "-1"], "--smooth-px", "must be a number of pixels >= 0"),
         (["--device", "bogus"], "--device", "unknown device 'bogus'"),
         (["--out", "{file}"], "--out", "exists and is not a folder"),
     ],

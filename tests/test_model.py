@@ -303,3 +303,28 @@ def test_imagenet_weight_urls_are_torchvisions():
     models = torchvision.models
     for encoder, weights in (("resnet18", models.ResNet18_Weights), ("resnet34", models.ResNet34_Weights), ("resnet50", models.ResNet50_Weights)):
         assert TORCHVISION_URL + IMAGENET_WEIGHTS[encoder] == weights.IMAGENET1K_V1.url
+
+
+def test_output_smoothing_averages_valid_pixels_and_keeps_constants():
+    from blurflow.model import smooth_outputs
+
+    out = torch.zeros(1, 5, 32, 32)
+    out[:, :4, :, :16], out[:, :4, :, 16:] = 1.0, 5.0
+    out[:, 4, :, :16], out[:, 4, :, 16:] = 20.0, -20.0  # left half valid, right half not
+    assert torch.equal(smooth_outputs(out, 0), out)
+    smoothed = smooth_outputs(out, 4.0)
+    assert torch.allclose(smoothed[:, :4, :, :16], torch.ones(1, 4, 32, 16), atol=1e-3)  # invalid pixels do not leak in
+    assert torch.allclose(smoothed[:, :4, :, 16:20], torch.ones(1, 4, 32, 4), atol=1e-2)  # they take their valid neighbours'
+    assert torch.allclose(smoothed[:, :4, :, 29:], torch.full((1, 4, 32, 3), 5.0))  # none within reach (3 sigma)
+    assert torch.equal(smoothed[:, 4], out[:, 4])
+    noisy = torch.randn(1, 5, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert smooth_outputs(noisy, 4.0)[:, :4].std() < 0.3 * noisy[:, :4].std()
+
+
+def test_training_chooses_the_output_smoothing_on_validation(tiny_shards, tmp_path):
+    run(tmp_path, tiny_shards, epochs=1)
+    _, meta = load_model(tmp_path / "model.pt")
+    scores = meta["val_r2_by_smoothing_px"]
+    assert meta["output_smoothing_px"] in train.SMOOTHING_PX and set(scores) == {f"{s:g}" for s in train.SMOOTHING_PX}
+    best = max(scores.values(), key=lambda r: r["mean"])
+    assert scores[f"{meta['output_smoothing_px']:g}"]["mean"] == best["mean"]

@@ -181,7 +181,8 @@ def predict_command(args: argparse.Namespace) -> int:
         try:
             planes = load_planes(path)
             counts = torch.from_numpy((planes - args.offset) * args.gain)[:, None]
-            pred = predict(model, counts, tile=meta["image_px"], batch=args.batch).numpy()
+            smooth = meta.get("output_smoothing_px", 0.0) if args.smooth_px is None else args.smooth_px
+            pred = predict(model, counts, tile=meta["image_px"], batch=args.batch, smooth_px=smooth).numpy()
             phys, units = to_physical(pred, meta, pixel_um, args.exposure_ms)
             written = write_outputs(stem, planes, phys, units, pixel_um)
             if not args.quiet:
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gain", type=float, default=1.0, help="photo-electrons per pixel value after the offset (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--batch", type=int, default=8, help="tiles per inference batch (default 8)")
+    p.add_argument(
+        "--smooth-px", type=float, metavar="S",
+        help="smooth the flow over S pixels (Gaussian sigma, weighted by w; 0: off); default: the width chosen on the model's validation set",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=predict_command)
 
@@ -251,6 +256,9 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and not (np.isfinite(value) and value > 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value:g}")
+    smooth = getattr(args, "smooth_px", None)
+    if smooth is not None and not (np.isfinite(smooth) and smooth >= 0):
+        raise UsageError(f"--smooth-px must be a number of pixels >= 0, got {smooth:g}")
     if getattr(args, "batch", 1) < 1:
         raise UsageError(f"--batch must be a positive number of tiles, got {args.batch}")
 

@@ -26,7 +26,7 @@ import torch
 from blurflow import logs
 from blurflow.data import ShardDataset
 from blurflow.files import atomic_path
-from blurflow.model import FlowNet, decode
+from blurflow.model import FlowNet, decode, smooth_outputs
 from blurflow.optics import Optics
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,13 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
 
 
 @torch.no_grad()
-def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8) -> torch.Tensor:
+def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8, smooth_px: float = 0.0) -> torch.Tensor:
     """Canonical (v1, v2, v3, z0, w) maps (N, 5, H, W) for camera counts (N, 1, H, W).
 
     Images larger than ``tile`` are cut into overlapping tiles whose raw outputs (doubled-angle
-    channels and logits, which blend linearly) are averaged with ramp weights, then decoded.
-    Runs on the model's device; returns float32 on the CPU.
+    channels and logits, which blend linearly) are averaged with ramp weights, smoothed over
+    ``smooth_px`` (blurflow.model.smooth_outputs; a model file holds the width chosen on its
+    validation set), then decoded. Runs on the model's device; returns float32 on the CPU.
     """
     device = next(model.parameters()).device
     n, _, h, w = counts.shape
@@ -76,7 +77,7 @@ def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overl
             for (y, x), r in zip(chunk, raw):
                 acc[:, y : y + th, x : x + tw] += r * weight
                 norm[:, y : y + th, x : x + tw] += weight
-        out[i] = decode((acc / norm)[None], model.encoding)[0].cpu()
+        out[i] = decode(smooth_outputs((acc / norm)[None], smooth_px), model.encoding)[0].cpu()
     return out
 
 
@@ -138,7 +139,10 @@ class FlowMetrics:
         }
 
 
-def predict_testset(model: FlowNet, testset: str | Path, out: str | Path, evaluated: int | None = None, tile: int | None = None, batch: int = 8, progress: bool = True) -> None:
+def predict_testset(
+    model: FlowNet, testset: str | Path, out: str | Path, evaluated: int | None = None, tile: int | None = None, batch: int = 8,
+    smooth_px: float = 0.0, progress: bool = True,
+) -> None:  # fmt: skip
     """Predictions (N, 5, H, W) float16 for the first ``evaluated`` images of a test set (HDF5)."""
     ds = ShardDataset([testset])
     n = min(evaluated or len(ds), len(ds))
@@ -151,8 +155,8 @@ def predict_testset(model: FlowNet, testset: str | Path, out: str | Path, evalua
         for start in logs.progress(range(0, n, batch), enabled=progress, desc=f"predict {Path(testset).stem}", unit="batch"):
             idx = range(start, min(start + batch, n))
             counts = torch.stack([ds[i]["image"] for i in idx])
-            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch).numpy().astype(np.float16)
-    log.info("predicted %d images of %d x %d px (tiles of %s px) in %.1f s", n, h, w, tile or "whole", time.perf_counter() - t0)
+            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch, smooth_px=smooth_px).numpy().astype(np.float16)
+    log.info("predicted %d images of %d x %d px (tiles of %s px, smoothing %g px) in %.1f s", n, h, w, tile or "whole", smooth_px, time.perf_counter() - t0)
 
 
 def evaluate_testset(testset: str | Path, predictions: str | Path, name: str, paper_r2: float | None = None) -> dict:

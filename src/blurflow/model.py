@@ -84,6 +84,29 @@ def decode(output: torch.Tensor, encoding: str) -> torch.Tensor:
     return torch.cat([v, w], dim=1)
 
 
+def smooth_outputs(output: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Raw outputs (B, 5, H, W) with the 4 regression channels smoothed by a Gaussian of
+    ``sigma_px`` pixels, weighted by the predicted validity (normalised convolution: weakly
+    textured pixels, whose estimates are noisy, count less). The doubled-angle channels average
+    orientations correctly; a pixel with no valid pixel within reach keeps its value.
+    ``sigma_px`` 0 returns the input."""
+    if sigma_px <= 0:
+        return output
+    r = max(1, round(3 * sigma_px))
+    t = torch.arange(-r, r + 1, dtype=output.dtype, device=output.device)
+    g = torch.exp(-(t**2) / (2 * sigma_px**2))
+    g = g / g.sum()
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    w, eps = torch.sigmoid(output[:, 4:5]), 1e-4
+    values = output[:, :4]
+    return torch.cat([(blur(values * w) + eps * values) / (blur(w) + eps), output[:, 4:5]], dim=1)
+
+
 def loss_fn(
     output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, loss: str, encoding: str, gamma: float = 1.0,
     weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),

@@ -16,7 +16,7 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,13 +26,14 @@ import torch
 from blurflow import logs
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
-from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, check_architecture, decode, loss_fn, save_model
+from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, check_architecture, decode, loss_fn, save_model, smooth_outputs
 from blurflow.synthesis import config_hash, dataclass_values
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
 SCHEDULES = ("onecycle", "cosine", "constant")
 DATA = ("shards", "online")
+SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # output smoothing widths tried on the validation set after training
 
 
 @dataclass(frozen=True)
@@ -141,18 +142,19 @@ def _write_log(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def evaluate_loss(model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, device: torch.device) -> tuple[float, dict]:
-    """Mean loss and R^2 of the model over batches."""
+def evaluate_loss(model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, device: torch.device, smoothing: Sequence[float] = (0.0,)) -> tuple[float, dict[float, dict]]:
+    """Mean loss of the model over batches, and its R^2 with each output smoothing width (px)."""
     model.eval()
-    metrics, total, count = FlowMetrics(), 0.0, 0
+    metrics, total, count = {s: FlowMetrics() for s in smoothing}, 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         for batch in batches:
             image, target, valid = (batch[k].to(device) for k in ("image", "target", "valid"))
             out = model(image).float()
             total += float(loss_fn(out, target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)) * len(image)
             count += len(image)
-            metrics.update(decode(out, cfg.encoding), target, valid)
-    return total / max(count, 1), metrics.r2()
+            for sigma, m in metrics.items():
+                m.update(decode(smooth_outputs(out, sigma), cfg.encoding), target, valid)
+    return total / max(count, 1), {s: m.r2() for s, m in metrics.items()}
 
 
 def train(
@@ -184,7 +186,7 @@ def train(
     rows: list[dict] = []
     start, minutes, stopped = 0, 0.0, None
     if checkpoint_path.exists():
-        ck = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if ck["resume_key"] == cfg.resume_key():
             model.load_state_dict(ck["model"])
             opt.load_state_dict(ck["optimizer"])
@@ -224,11 +226,12 @@ def train(
             seen += len(image)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if bar.disable and (i + 1) % max(1, per_epoch // 4) == 0 and i + 1 < per_epoch:  # no terminal: a line per quarter
+            if bar.disable and 4 * (i + 1) // per_epoch > 4 * i // per_epoch and i + 1 < per_epoch:  # no terminal: a line per quarter
                 log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, total / seen, seen / (time.perf_counter() - t0))
         bar.close()
         elapsed = time.perf_counter() - t0
-        val_loss, r2 = evaluate_loss(model, data.validation(), cfg, device)
+        val_loss, scores = evaluate_loss(model, data.validation(), cfg, device)
+        r2 = scores[0.0]
         minutes += (time.perf_counter() - t0) / 60
         row = {
             "epoch": epoch + 1,
@@ -255,6 +258,12 @@ def train(
             torch.save(state, tmp)
         run_epochs += 1
     if len(rows) == cfg.epochs or stopped:
-        info = {"train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"], "stopped_early": stopped, "final": rows[-1]}
+        _, scores = evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX)
+        best = max(SMOOTHING_PX, key=lambda s: scores[s]["mean"])
+        log.info("output smoothing on the validation set: %s; chosen %g px", ", ".join(f"{s:g} px R2 {scores[s]['mean']:.3f}" for s in SMOOTHING_PX), best)
+        info = {
+            "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"], "stopped_early": stopped, "final": rows[-1],
+            "output_smoothing_px": best, "val_r2_by_smoothing_px": {f"{s:g}": scores[s] for s in SMOOTHING_PX},
+        }  # fmt: skip
         save_model(model.cpu(), model_path, {**meta, **info})
     return rows

@@ -16,4 +16,5 @@ evaluate.predict_testset(
     evaluated=snakemake.params.evaluated,
     tile=meta["image_px"],
     batch=snakemake.params.batch,
+    smooth_px=meta.get("output_smoothing_px", 0.0),
 )
