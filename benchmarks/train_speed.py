@@ -7,8 +7,11 @@ epochs) would take at the measured rate.
     python benchmarks/train_speed.py [--device cpu] [--threads 2] [--sizes 128 224] [--batch 16]
                                      [--archs paper laptop]
 
-Architectures: ``paper`` (encoder depth 5, decoder 256-128-64-32-16) and ``laptop`` (the default
-config: depth 4, decoder 128-64-32-16).
+Architectures (``--archs``): ``paper`` (encoder depth 5, decoder 256-128-64-32-16), ``laptop`` (the
+default config, blurflow.train.TrainConfig), and the alternatives compared in docs/results.md:
+``depth4`` (depth 4, decoder 128-64-32-16), ``depth4-stem1`` (its first convolution at stride 1),
+``depth3`` (decoder 64-32-16), ``depth4-unshuffle2`` and ``depth3-unshuffle2`` (2 x 2 pixels to 4
+channels, U-Net at half resolution).
 """
 
 from __future__ import annotations
@@ -24,11 +27,21 @@ from blurflow.model import PAPER_DECODER, FlowNet, loss_fn
 from blurflow.train import TrainConfig
 
 PAPER_SAMPLES = 400_000 * 50
-ARCHS = {"paper": (5, PAPER_DECODER), "laptop": (TrainConfig.encoder_depth, TrainConfig.decoder_channels)}
+D4, D3 = {"depth": 4, "decoder_channels": (128, 64, 32, 16)}, {"depth": 3, "decoder_channels": (64, 32, 16)}
+LAPTOP = TrainConfig()
+ARCHS = {  # FlowNet arguments
+    "paper": {"depth": 5, "decoder_channels": PAPER_DECODER},
+    "laptop": {"depth": LAPTOP.encoder_depth, "decoder_channels": LAPTOP.decoder_channels, "stem_stride": LAPTOP.stem_stride, "unshuffle": LAPTOP.unshuffle},
+    "depth4": D4,
+    "depth4-stem1": {**D4, "stem_stride": 1},
+    "depth3": D3,
+    "depth4-unshuffle2": {**D4, "unshuffle": 2},
+    "depth3-unshuffle2": {**D3, "unshuffle": 2},
+}
 
 
 def rate(encoder: str, arch: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> float:
-    model = FlowNet(encoder, depth=ARCHS[arch][0], decoder_channels=ARCHS[arch][1]).to(device, memory_format=torch.channels_last)
+    model = FlowNet(encoder, **ARCHS[arch]).to(device, memory_format=torch.channels_last)
     opt = torch.optim.RAdam(model.parameters(), lr=1e-3)
     image = torch.poisson(torch.full((batch, 1, size, size), 300.0)).to(device)
     target = torch.rand(batch, 4, size, size, device=device)

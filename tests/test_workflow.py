@@ -63,7 +63,7 @@ def write_config(workdir: Path, **sections) -> None:
         ({"train": {"epoch": 3}}, "blurflow: unknown config key train.epoch"),
         ({"optics": {"na": 2.0}}, "blurflow: config error: optics.na must be smaller than the immersion index optics.n"),
         ({"synthesis": {"v3": [1, 0]}}, "blurflow: config error: synthesis.v3 must be [low, high]"),
-        ({"train": {"encoder_depth": 3}}, "blurflow: config error: encoder depth (train.encoder_depth) must be 3..5 with one decoder"),
+        ({"train": {"encoder_depth": 4}}, "blurflow: config error: encoder depth (train.encoder_depth) must be 3..5 with one decoder"),
         ({"sources": {"tile_px": 32}}, "blurflow: config error: sources.tile_px (32) must be at least synthesis.image_px (64)"),
         ({"train": {"device": "gpu0"}}, "blurflow: config error: train.device: unknown device 'gpu0'"),
     ],
