@@ -5,7 +5,7 @@ synthesis_speed.py). Reports the hours that the paper's ~20M sample passes (400k
 epochs) would take at the measured rate.
 
     python benchmarks/train_speed.py [--device cpu] [--threads 2] [--sizes 128 224] [--batch 16]
-                                     [--archs paper laptop]
+                                     [--archs paper laptop] [--repeats 3]
 
 Architectures (``--archs``): ``paper`` (encoder depth 5, decoder 256-128-64-32-16), ``laptop`` (the
 default config, blurflow.train.TrainConfig), and the alternatives compared in docs/results.md:
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import time
 
 import torch
@@ -40,7 +41,8 @@ ARCHS = {  # FlowNet arguments
 }
 
 
-def rate(encoder: str, arch: str, size: int, batch: int, device: torch.device, steps: int, amp: bool) -> float:
+def rates(encoder: str, arch: str, size: int, batch: int, device: torch.device, steps: int, repeats: int, amp: bool) -> list[float]:
+    """Images/s of ``repeats`` timings of ``steps`` training steps each, after two warm-up steps."""
     model = FlowNet(encoder, **ARCHS[arch]).to(device, memory_format=torch.channels_last)
     opt = torch.optim.RAdam(model.parameters(), lr=1e-3)
     image = torch.poisson(torch.full((batch, 1, size, size), 300.0)).to(device)
@@ -55,16 +57,19 @@ def rate(encoder: str, arch: str, size: int, batch: int, device: torch.device, s
         loss.backward()
         opt.step()
 
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch / (time.perf_counter() - t0)
+
     for _ in range(2):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - t0)
+    return [timed() for _ in range(repeats)]
 
 
 def main() -> None:
@@ -76,13 +81,15 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", choices=sorted(ARCHS), default=["paper"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="timings per case; min and median are reported")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     amp = device.type == "cuda"
     rows = []
     for encoder, arch, size in itertools.product(args.encoders, args.archs, args.sizes):
-        r = rate(encoder, arch, size, args.batch, device, args.steps, amp)
+        r = rates(encoder, arch, size, args.batch, device, args.steps, args.repeats, amp)
+        median = statistics.median(r)
         rows.append(
             {
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads}",
@@ -91,8 +98,9 @@ def main() -> None:
                 "image_px": size,
                 "batch": args.batch,
                 "amp_bf16": amp,
-                "images_per_s": round(r, 1),
-                "hours_for_paper_20M_samples": round(PAPER_SAMPLES / r / 3600, 1),
+                "images_per_s_median": round(median, 1),
+                "images_per_s_min": round(min(r), 1),
+                "hours_for_paper_20M_samples": round(PAPER_SAMPLES / median / 3600, 1),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
