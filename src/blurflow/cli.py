@@ -176,12 +176,12 @@ def predict_command(args: argparse.Namespace) -> int:
             f"blurflow: warning: pixel size {pixel_um:g} um differs from the model's {model_pixel:g} um: the blur is measured in pixels "
             f"of the training optics (NA {meta['optics']['na']}, {meta['optics']['wavelength_um']} um), results are approximate"
         )
+    smooth = meta.get("output_smoothing_px", 0.0) if args.smooth_px is None else args.smooth_px
     failed = 0
     for path, stem in logs.progress(plan.items(), enabled=not args.quiet and len(plan) > 1, desc="predict", unit="image"):
         try:
             planes = load_planes(path)
             counts = torch.from_numpy((planes - args.offset) * args.gain)[:, None]
-            smooth = meta.get("output_smoothing_px", 0.0) if args.smooth_px is None else args.smooth_px
             pred = predict(model, counts, tile=meta["image_px"], batch=args.batch, smooth_px=smooth).numpy()
             phys, units = to_physical(pred, meta, pixel_um, args.exposure_ms)
             written = write_outputs(stem, planes, phys, units, pixel_um)

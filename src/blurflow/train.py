@@ -184,7 +184,7 @@ def train(
     per_epoch = data.steps_per_epoch
     total_steps = cfg.epochs * per_epoch
     rows: list[dict] = []
-    start, minutes, stopped = 0, 0.0, None
+    start, minutes, stopped, final_scores = 0, 0.0, None, None
     if checkpoint_path.exists():
         ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if ck["resume_key"] == cfg.resume_key():
@@ -230,8 +230,9 @@ def train(
                 log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, total / seen, seen / (time.perf_counter() - t0))
         bar.close()
         elapsed = time.perf_counter() - t0
-        val_loss, scores = evaluate_loss(model, data.validation(), cfg, device)
-        r2 = scores[0.0]
+        last = epoch + 1 == cfg.epochs or stopped  # the last epoch also scores every output smoothing width
+        val_loss, scores = evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX if last else (0.0,))
+        final_scores, r2 = scores if last else None, scores[0.0]
         minutes += (time.perf_counter() - t0) / 60
         row = {
             "epoch": epoch + 1,
@@ -258,7 +259,7 @@ def train(
             torch.save(state, tmp)
         run_epochs += 1
     if len(rows) == cfg.epochs or stopped:
-        _, scores = evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX)
+        scores = final_scores or evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX)[1]  # resumed after the last epoch
         best = max(SMOOTHING_PX, key=lambda s: scores[s]["mean"])
         log.info("output smoothing on the validation set: %s; chosen %g px", ", ".join(f"{s:g} px R2 {scores[s]['mean']:.3f}" for s in SMOOTHING_PX), best)
         info = {
