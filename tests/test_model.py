@@ -76,11 +76,19 @@ def test_normalisation_standardises_and_stabilises_poisson_variance():
 
 
 @pytest.mark.parametrize(
-    "depth, decoder, stem, unshuffle",
-    [(5, (256, 128, 64, 32, 16), 2, 1), (4, (128, 64, 32, 16), 2, 1), (3, (64, 32, 16), 1, 1), (4, (128, 64, 32, 16), 2, 2), (3, (64, 32, 16), 1, 2)],
+    "encoder, depth, decoder, stem, unshuffle",
+    [
+        ("resnet18", 5, (256, 128, 64, 32, 16), 2, 1),
+        ("resnet18", 4, (128, 64, 32, 16), 2, 1),
+        ("resnet18", 3, (64, 32, 16), 1, 1),
+        ("resnet18", 4, (128, 64, 32, 16), 2, 2),
+        ("resnet18", 3, (64, 32, 16), 1, 2),
+        ("efficientnet-b0", 3, (64, 32, 16), 2, 2),
+        ("efficientnet-b0", 5, (256, 128, 64, 32, 16), 2, 1),
+    ],
 )
-def test_flownet_keeps_any_image_size(depth, decoder, stem, unshuffle):
-    model = FlowNet("resnet18", depth=depth, decoder_channels=decoder, stem_stride=stem, unshuffle=unshuffle).eval()
+def test_flownet_keeps_any_image_size(encoder, depth, decoder, stem, unshuffle):
+    model = FlowNet(encoder, depth=depth, decoder_channels=decoder, stem_stride=stem, unshuffle=unshuffle).eval()
     with torch.no_grad():
         assert model(torch.rand(2, 1, 50, 70) * 100).shape == (2, 5, 50, 70)
         assert model.predict(torch.rand(1, 1, 64, 64) * 100).shape == (1, 5, 64, 64)
@@ -105,6 +113,10 @@ def test_bad_model_choices_raise():
         train.TrainConfig.from_config({"encoder_depth": 3, "decoder_channels": [128, 64, 32, 16]})
     with pytest.raises(ValueError, match="train.encoder"):
         train.TrainConfig.from_config({"encoder": "vgg16"})
+    with pytest.raises(ValueError, match="stem stride 1 .* needs a ResNet encoder"):
+        FlowNet("efficientnet-b0", depth=3, decoder_channels=(64, 32, 16), stem_stride=1)
+    with pytest.raises(ValueError, match="train.stem_stride 1 needs a ResNet encoder"):
+        train.TrainConfig.from_config({"encoder": "efficientnet-b0", "stem_stride": 1})
     with pytest.raises(ValueError, match="needs train.encoding 'paper'"):
         train.TrainConfig.from_config({"loss": "paper"})
 
@@ -205,6 +217,12 @@ def test_model_file_loads_back_to_identical_outputs(tmp_path):
     x = torch.rand(2, 1, 64, 64) * 500
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+    effnet = FlowNet("efficientnet-b0", depth=3, decoder_channels=(64, 32, 16), unshuffle=2).eval()
+    save_model(effnet, tmp_path / "e.pt", {})
+    loaded_effnet, meta_effnet = load_model(tmp_path / "e.pt")
+    with torch.no_grad():
+        assert torch.equal(effnet(x), loaded_effnet(x))
+    assert meta_effnet["encoder"] == "efficientnet-b0"
     assert meta["encoding"] == "paper" and meta["optics"]["na"] == 0.3 and "blurflow_version" in meta
     assert (loaded.depth, loaded.decoder_channels, loaded.stem_stride, loaded.unshuffle) == (3, [64, 32, 16], 1, 2)
     (tmp_path / "bad.pt").write_bytes(b"junk")

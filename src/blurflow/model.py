@@ -29,7 +29,8 @@ from blurflow import __version__, logs
 from blurflow.files import atomic_path
 from blurflow.optics import canonical_sign
 
-ENCODERS = ("resnet18", "resnet34", "resnet50")
+RESNETS = ("resnet18", "resnet34", "resnet50")
+ENCODERS = (*RESNETS, "efficientnet-b0")  # smp encoder names
 ENCODINGS = ("doubled_angle", "paper")
 LOSSES = ("ours", "paper")
 PAPER_DECODER = (256, 128, 64, 32, 16)  # smp's default U-Net decoder, encoder depth 5
@@ -166,11 +167,14 @@ class FlowNet(torch.nn.Module):
         self.depth, self.decoder_channels = depth, [int(c) for c in decoder_channels]
         if stem_stride not in (1, 2):
             raise ValueError(f"stem stride (train.stem_stride) must be 1 or 2, got {stem_stride!r}")
+        if stem_stride == 1 and encoder not in RESNETS:
+            raise ValueError(f"stem stride 1 (train.stem_stride) needs a ResNet encoder ({', '.join(RESNETS)}), got {encoder!r}")
         if unshuffle not in (1, 2):
             raise ValueError(f"input unshuffle (train.unshuffle) must be 1 or 2, got {unshuffle!r}")
         self.stem_stride, self.unshuffle = stem_stride, unshuffle
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=unshuffle**2, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)
-        self.unet.encoder.conv1.stride = (stem_stride, stem_stride)
+        if stem_stride == 1:
+            self.unet.encoder.conv1.stride = (1, 1)
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         h, w = counts.shape[-2:]
