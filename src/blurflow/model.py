@@ -51,6 +51,14 @@ def check_architecture(depth: int, decoder_channels: Sequence[int]) -> None:
         )
 
 
+def check_stem_stride(encoder: str, stem_stride: int) -> None:
+    """``ValueError`` unless the stem stride is 1 or 2, and 1 only for a ResNet (whose ``conv1`` it sets)."""
+    if stem_stride not in (1, 2):
+        raise ValueError(f"stem stride (train.stem_stride) must be 1 or 2, got {stem_stride!r}")
+    if stem_stride == 1 and encoder not in RESNETS:
+        raise ValueError(f"train.stem_stride 1 needs a ResNet encoder ({', '.join(RESNETS)}), got {encoder!r}")
+
+
 def normalise(counts: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W) camera counts -> Anscombe-transformed, per-image standardised input."""
     a = 2 * torch.sqrt(counts.clamp(min=0) + 0.375)
@@ -165,10 +173,7 @@ class FlowNet(torch.nn.Module):
         check_architecture(depth, decoder_channels)
         self.encoder_name, self.encoding = encoder, encoding
         self.depth, self.decoder_channels = depth, [int(c) for c in decoder_channels]
-        if stem_stride not in (1, 2):
-            raise ValueError(f"stem stride (train.stem_stride) must be 1 or 2, got {stem_stride!r}")
-        if stem_stride == 1 and encoder not in RESNETS:
-            raise ValueError(f"stem stride 1 (train.stem_stride) needs a ResNet encoder ({', '.join(RESNETS)}), got {encoder!r}")
+        check_stem_stride(encoder, stem_stride)
         if unshuffle not in (1, 2):
             raise ValueError(f"input unshuffle (train.unshuffle) must be 1 or 2, got {unshuffle!r}")
         self.stem_stride, self.unshuffle = stem_stride, unshuffle

@@ -26,7 +26,7 @@ import torch
 from blurflow import logs
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
-from blurflow.model import ENCODERS, ENCODINGS, LOSSES, RESNETS, FlowNet, check_architecture, decode, loss_fn, save_model, smooth_outputs
+from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, check_architecture, check_stem_stride, decode, loss_fn, save_model, smooth_outputs
 from blurflow.synthesis import config_hash, dataclass_values
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,7 @@ class TrainConfig:
             if getattr(out, name) not in allowed:
                 raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(out, name)!r}")
         check_architecture(out.encoder_depth, out.decoder_channels)
-        if out.stem_stride == 1 and out.encoder not in RESNETS:
-            raise ValueError(f"train.stem_stride 1 needs a ResNet encoder ({', '.join(RESNETS)}), got {out.encoder!r}")
+        check_stem_stride(out.encoder, out.stem_stride)
         if out.loss == "paper" and out.encoding != "paper":
             raise ValueError("train.loss 'paper' (Eq. 6) needs train.encoding 'paper'")
         if len(out.component_weights) != 4 or min(out.component_weights) < 0 or not sum(out.component_weights) > 0:
