@@ -224,3 +224,128 @@ def test_console_script_help_is_complete():
     out = subprocess.run([sys.executable, "-m", "blurflow.cli", "predict", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--out", "--exposure-ms", "--pixel-size-um", "--offset", "--gain", "--device", "um/s", "v2 >= 0"):
         assert option in out
+
+
+# --- files a user owns, file-system faults, interrupts (issue 16) -----------------------------
+
+
+def test_a_users_own_file_is_never_overwritten(model_file, tmp_path, capsys):
+    for name in ("x", "y"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", image((64, 64)))
+    (tmp_path / "x_flow.tif").write_bytes(b"my own notes")
+    assert cli.main(["predict", str(model_file), str(tmp_path / "x.tif"), str(tmp_path / "y.tif"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x_flow.tif exists and is not an output of blurflow predict; not overwritten" in err[0]
+    assert (tmp_path / "x_flow.tif").read_bytes() == b"my own notes" and not (tmp_path / "x_flow.png").exists()
+    assert (tmp_path / "y_flow.tif").exists()  # the others are written
+
+
+def test_an_unwritable_target_fails_alone_with_one_line(model_file, tmp_path, capsys):
+    for folder in ("d1", "d2"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "img.tif", image((64, 64)))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/d1").write_text("a file where the output folder of d1 would go")
+    args = ["predict", str(model_file), str(tmp_path / "d1/img.tif"), str(tmp_path / "d2/img.tif"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blurflow: error: ") and "d1/img.tif: cannot write its results" in err[0], err
+    assert (tmp_path / "out/d2/img_flow.tif").exists() and not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_a_full_disk_fails_that_file_with_one_line(model_file, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import matplotlib.figure
+
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    tifffile.imwrite(tmp_path / "b.tif", image((64, 64)))
+    real = matplotlib.figure.Figure.savefig
+
+    def full_once(self, path, *args, **kwargs):  # the first PNG finds the disk full
+        if "a_flow" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_once)
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a.tif: cannot write its results" in err[0] and "No space left on device" in err[0]
+    assert not list(tmp_path.glob("a_flow*")) and not list(tmp_path.glob(".*tmp*")) and (tmp_path / "b_flow.tif").exists()
+
+
+def test_out_below_a_file_is_an_option_error(model_file, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--out", str(tmp_path / "a.tif/sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blurflow: error: --out: cannot create folder") and "Traceback" not in err[0]
+
+
+def test_ctrl_c_gives_one_line_status_130_and_no_leftovers(model_file, tmp_path):
+    import signal
+    import time
+
+    tifffile.imwrite(tmp_path / "big.tif", image((1500, 1500)))
+    proc = subprocess.Popen([sys.executable, "-m", "blurflow.cli", "predict", str(model_file), str(tmp_path / "big.tif")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".big_flow.tif.tmp*")) and time.monotonic() < deadline:  # inference has begun
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and err.strip() == "blurflow: interrupted", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(model_file, tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".a_flow.tif.tmp{dead}"  # what SIGKILL during a write leaves
+    stale.write_bytes(bytes(100))
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "a_flow.png", "a_flow.tif"]
+
+
+@pytest.mark.parametrize("mode", ["P", "LA"])
+def test_palette_and_grey_alpha_images_are_read_as_seen(model_file, tmp_path, mode):
+    grey = image((96, 96), dtype=np.uint8)
+    if mode == "P":  # a reversed grey palette: the indices are the negative of the picture
+        im = Image.fromarray(255 - grey, "L").convert("P")
+        im.putpalette([c for i in range(256) for c in (255 - i,) * 3])
+    else:
+        im = Image.fromarray(np.stack([grey, np.full_like(grey, 200)], -1), "LA")
+    seen = grey.astype(np.float32)
+    im.save(tmp_path / "a.png")
+    planes = cli.load_planes(tmp_path / "a.png")
+    assert planes.shape == (1, 96, 96) and np.array_equal(planes[0], seen)
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.png"), "--quiet"]) == 0
+
+
+def test_a_folder_given_as_model_is_named_a_folder(tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    assert cli.main(["predict", str(tmp_path), str(tmp_path / "a.tif")]) == 1
+    assert "is a folder, not a model file" in capsys.readouterr().err
+
+
+def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_file, tmp_path):
+    """Band by band (bounded memory) gives the maps of the whole image at once, smoothing included."""
+    from blurflow.evaluate import predict, predict_bands
+    from blurflow.model import load_model
+
+    model, _ = load_model(model_file)
+    with torch.no_grad():  # a model whose output varies with the input, so that blending and smoothing show
+        model.unet.segmentation_head[0].weight.normal_(0, 0.1)
+    counts = torch.from_numpy(image((300, 257))).float()[None, None]
+    whole = predict(model, counts, tile=64, batch=4, smooth_px=8.0)
+    ticks = []
+
+    class Bar:
+        def update(self, n):
+            ticks.append(n)
+
+    rows = 0
+    for y0, maps in predict_bands(model, lambda a, b: counts[0, :, a:b], 300, 257, tile=64, batch=4, smooth_px=8.0, bar=Bar()):
+        assert y0 == rows and maps.shape[1] < 300
+        assert torch.allclose(maps, whole[0, :, y0 : y0 + maps.shape[1]], atol=1e-5)
+        rows += maps.shape[1]
+    assert rows == 300 and sum(ticks) == 9 * 8  # 9 tile rows x 8 tile columns

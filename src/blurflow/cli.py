@@ -121,37 +121,79 @@ def plan_outputs(images: list[Path], out_dir: Path | None) -> dict[Path, Path]:
     return plan
 
 
-def write_outputs(stem: Path, planes: np.ndarray, phys: np.ndarray, units: list[str], pixel_um: float) -> list[Path]:
-    """``<stem>_flow.tif`` (ImageJ hyperstack, float32, channels v1 v2 v3 z0 w) and ``<stem>_flow.png``."""
+def check_targets(stem: Path) -> None:
+    """``InputError`` when an output of ``stem`` exists and is not blurflow's own (a user's file
+    is never overwritten)."""
+    for target in output_paths(stem):
+        if target.exists() and not is_output(target):
+            raise InputError(f"{target} exists and is not an output of blurflow predict; not overwritten (move it, or use --out)")
+
+
+PREVIEW_PX = 1024  # the PNG shows at most this many pixels along a side (every n-th pixel of the flow)
+
+
+def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Namespace, pixel_um: float, smooth: float) -> list[Path]:
+    """Predict one image and write ``<stem>_flow.tif`` (ImageJ hyperstack, float32, channels v1 v2
+    v3 z0 w; written band by band) and ``<stem>_flow.png``; both appear only when complete.
+    Memory: the input plus a few tile rows, whatever the image size."""
     import tifffile
+    from skimage.measure import block_reduce
 
     from blurflow import figures
+    from blurflow.evaluate import predict_bands, tile_count
 
-    tif, png = output_paths(stem)
+    check_targets(stem)
+    planes = load_planes(path)
+    t, h, w = planes.shape
+    tile = meta["image_px"]
+    step = -(-max(h, w) // PREVIEW_PX)
+    units = to_physical(np.zeros((5, 1, 1), np.float32), meta, pixel_um, args.exposure_ms)[1]
     labels = [f"{c} ({u})" for c, u in zip(CHANNELS, units)]
-    data = phys if phys.shape[0] > 1 else phys[0]
-    axes = "TCYX" if phys.shape[0] > 1 else "CYX"
-    with atomic_path(tif) as tmp_tif, atomic_path(png) as tmp_png:
-        tifffile.imwrite(
-            tmp_tif,
-            data.astype(np.float32),
-            imagej=True,
-            software=SOFTWARE,
-            resolution=(1 / pixel_um, 1 / pixel_um),
-            metadata={"axes": axes, "unit": "um", "Labels": labels * phys.shape[0], "Info": json.dumps(dict(zip(CHANNELS, units)))},
-        )
-        figures.flow_overlay(planes[0], phys[0], units).savefig(tmp_png, dpi=110, format="png", metadata={"Software": SOFTWARE})
+    shape, axes = ((t, 5, h, w), "TCYX") if t > 1 else ((5, h, w), "CYX")
+    tif, png = output_paths(stem)
+    tiles = t * tile_count(h, w, tile)
+    with (
+        atomic_path(tif) as tmp_tif,
+        atomic_path(png) as tmp_png,
+        logs.progress(total=tiles, enabled=not args.quiet and tiles > 256, desc=path.name, unit="tile", leave=False) as bar,
+    ):
+        # the header and an empty data block, filled band by band below (plain writes: no image-sized buffer)
+        offset, _ = tifffile.imwrite(
+            tmp_tif, shape=shape, dtype="<f4", returnoffset=True, imagej=True, software=SOFTWARE, resolution=(1 / pixel_um, 1 / pixel_um),
+            metadata={"axes": axes, "unit": "um", "Labels": labels * t, "Info": json.dumps(dict(zip(CHANNELS, units)))},
+        )  # fmt: skip
+        preview = np.zeros((5, -(-h // step), -(-w // step)), np.float32)
+        with open(tmp_tif, "r+b") as f:
+            for i, plane in enumerate(planes):
+
+                def read(y0: int, y1: int, plane=plane) -> torch.Tensor:
+                    return torch.from_numpy((plane[None, y0:y1] - args.offset) * args.gain)
+
+                for y0, maps in predict_bands(model, read, h, w, tile, batch=args.batch, smooth_px=smooth, bar=bar):
+                    phys = to_physical(maps.numpy(), meta, pixel_um, args.exposure_ms)[0].astype("<f4")
+                    for c in range(5):  # channel c of plane i is one contiguous block of h x w values
+                        f.seek(offset + ((i * 5 + c) * h + y0) * w * 4)
+                        f.write(phys[c].tobytes())
+                    if i == 0:
+                        first = -y0 % step
+                        preview[:, (y0 + first) // step : (y0 + phys.shape[1] - 1) // step + 1] = phys[:, first::step, ::step]
+        image = block_reduce(planes[0], step, np.mean) if step > 1 else planes[0]
+        figures.flow_overlay(image, preview, units).savefig(tmp_png, dpi=110, format="png", metadata={"Software": SOFTWARE})
     return [tif, png]
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from blurflow.evaluate import predict
     from blurflow.model import load_model
     from blurflow.train import pick_device
 
     out_dir = Path(args.out) if args.out else None
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out: {out_dir} exists and is not a folder")
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out: {out_dir} exists and is not a folder")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out: cannot create folder {out_dir}: {exc.strerror or exc}") from None
     try:
         device = pick_device(args.device)
     except ValueError as exc:
@@ -180,15 +222,15 @@ def predict_command(args: argparse.Namespace) -> int:
     failed = 0
     for path, stem in logs.progress(plan.items(), enabled=not args.quiet and len(plan) > 1, desc="predict", unit="image"):
         try:
-            planes = load_planes(path)
-            counts = torch.from_numpy((planes - args.offset) * args.gain)[:, None]
-            pred = predict(model, counts, tile=meta["image_px"], batch=args.batch, smooth_px=smooth).numpy()
-            phys, units = to_physical(pred, meta, pixel_um, args.exposure_ms)
-            written = write_outputs(stem, planes, phys, units, pixel_um)
+            written = predict_file(model, meta, path, stem, args, pixel_um, smooth)
             if not args.quiet:
                 note(f"{path}: wrote {', '.join(str(p) for p in written)}", sys.stdout)
         except InputError as exc:
             note(f"blurflow: error: {exc}")
+            failed += 1
+        except OSError as exc:  # an output folder that cannot be written, a full disk
+            where = exc.filename or stem.parent
+            note(f"blurflow: error: {path}: cannot write its results to {where}: {exc.strerror or exc}")
             failed += 1
     return 1 if failed else 0
 
@@ -273,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"blurflow: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:  # Ctrl-C: files being written are removed, finished ones stay
+        print("\nblurflow: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

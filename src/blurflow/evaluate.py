@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import h5py
@@ -50,34 +50,78 @@ def _starts(length: int, tile: int, step: int) -> list[int]:
     return sorted(set(starts))
 
 
-@torch.no_grad()
-def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8, smooth_px: float = 0.0) -> torch.Tensor:
-    """Canonical (v1, v2, v3, z0, w) maps (N, 5, H, W) for camera counts (N, 1, H, W).
+def tile_count(h: int, w: int, tile: int, overlap: int = 32) -> int:
+    """Number of tiles :func:`predict_bands` infers for an image of ``h`` x ``w`` px."""
+    th, tw = min(tile, h), min(tile, w)
+    ov = min(overlap, th // 2, tw // 2)
+    return len(_starts(h, th, th - ov)) * len(_starts(w, tw, tw - ov))
 
-    Images larger than ``tile`` are cut into overlapping tiles whose raw outputs (doubled-angle
-    channels and logits, which blend linearly) are averaged with ramp weights, smoothed over
-    ``smooth_px`` (blurflow.model.smooth_outputs; a model file holds the width chosen on its
-    validation set), then decoded. Runs on the model's device; returns float32 on the CPU.
+
+@torch.no_grad()
+def predict_bands(
+    model: FlowNet, read: Callable[[int, int], torch.Tensor], h: int, w: int, tile: int | None = None, overlap: int = 32,
+    batch: int = 8, smooth_px: float = 0.0, bar=None,
+) -> Iterator[tuple[int, torch.Tensor]]:  # fmt: skip
+    """Canonical (v1, v2, v3, z0, w) maps of one image of ``h`` x ``w`` px, in bands of rows.
+
+    ``read(y0, y1)`` gives camera counts (1, y1 - y0, w) of rows y0..y1. Yields (first row, maps
+    (5, rows, w) float32 on the CPU), top to bottom, so memory stays bounded by a band (a few tile
+    rows and the smoothing margin) whatever the image size. Images larger than ``tile`` are cut
+    into overlapping tiles whose raw outputs (doubled-angle channels and logits, which blend
+    linearly) are averaged with ramp weights, smoothed over ``smooth_px``
+    (blurflow.model.smooth_outputs; a model file holds the width chosen on its validation set),
+    then decoded: the same maps as on the whole image. ``bar.update(n)`` is called per batch of
+    ``n`` tiles. Runs on the model's device.
     """
     device = next(model.parameters()).device
-    n, _, h, w = counts.shape
     tile = tile or max(h, w)
     th, tw = min(tile, h), min(tile, w)
     ov = min(overlap, th // 2, tw // 2)
     weight = (_window(th, ov if h > th else 0)[:, None] * _window(tw, ov if w > tw else 0)[None]).to(device)
-    boxes = [(y, x) for y in _starts(h, th, th - ov) for x in _starts(w, tw, tw - ov)]
-    out = torch.empty(n, 5, h, w)
-    for i in range(n):
-        acc = torch.zeros(5, h, w, device=device)
-        norm = torch.zeros(1, h, w, device=device)
+    ys, xs = _starts(h, th, th - ov), _starts(w, tw, tw - ov)
+    margin = max(1, round(3 * smooth_px)) if smooth_px > 0 else 0  # rows of context the smoothing reads
+    rows_per_band = max(1, -(-batch // len(xs)))  # tile rows inferred together: full batches on narrow images
+    acc = torch.zeros(5, 0, w, device=device)  # raw sums of unfinished rows, from row a0
+    norm = torch.zeros(1, 0, w, device=device)
+    done = torch.zeros(5, 0, w, device=device)  # finished raw rows from row d0, kept for the smoothing
+    a0 = d0 = emitted = 0
+    for k in range(0, len(ys), rows_per_band):
+        band = ys[k : k + rows_per_band]
+        extra = band[-1] + th - (a0 + acc.shape[1])
+        if extra > 0:
+            acc = torch.cat([acc, acc.new_zeros(5, extra, w)], 1)
+            norm = torch.cat([norm, norm.new_zeros(1, extra, w)], 1)
+        strip = read(band[0], band[-1] + th).float()
+        boxes = [(y, x) for y in band for x in xs]
         for b in range(0, len(boxes), batch):
             chunk = boxes[b : b + batch]
-            tiles = torch.stack([counts[i, :, y : y + th, x : x + tw] for y, x in chunk]).to(device)
+            tiles = torch.stack([strip[:, y - band[0] : y - band[0] + th, x : x + tw] for y, x in chunk]).to(device)
             raw = model(tiles).float()
             for (y, x), r in zip(chunk, raw):
-                acc[:, y : y + th, x : x + tw] += r * weight
-                norm[:, y : y + th, x : x + tw] += weight
-        out[i] = decode(smooth_outputs((acc / norm)[None], smooth_px), model.encoding)[0].cpu()
+                acc[:, y - a0 : y - a0 + th, x : x + tw] += r * weight
+                norm[:, y - a0 : y - a0 + th, x : x + tw] += weight
+            if bar is not None:
+                bar.update(len(chunk))
+        finished = (ys[k + rows_per_band] if k + rows_per_band < len(ys) else h) - a0  # no later tile reaches these rows
+        done = torch.cat([done, acc[:, :finished] / norm[:, :finished]], 1)
+        acc, norm, a0 = acc[:, finished:], norm[:, finished:], a0 + finished
+        end = h if a0 == h else a0 - margin
+        if end > emitted:
+            s0 = max(d0, emitted - margin)
+            maps = decode(smooth_outputs(done[None, :, s0 - d0 : min(h, end + margin) - d0], smooth_px), model.encoding)[0]
+            yield emitted, maps[:, emitted - s0 : end - s0].cpu()
+            keep = max(d0, end - margin)
+            done, d0, emitted = done[:, keep - d0 :], keep, end
+
+
+def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8, smooth_px: float = 0.0) -> torch.Tensor:
+    """Canonical (v1, v2, v3, z0, w) maps (N, 5, H, W) float32 on the CPU for camera counts
+    (N, 1, H, W), image by image with :func:`predict_bands`."""
+    n, _, h, w = counts.shape
+    out = torch.empty(n, 5, h, w)
+    for i in range(n):
+        for y0, maps in predict_bands(model, lambda a, b: counts[i, :, a:b], h, w, tile, overlap, batch, smooth_px):
+            out[i, :, y0 : y0 + maps.shape[1]] = maps
     return out
 
 

@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries of ``path`` (``.NAME.tmpPID``) whose writer no longer runs, as a
+    killed process leaves them; returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp(\d+)")
+    removed = []
+    if path.parent.is_dir():
+        for other in path.parent.glob(f".{path.name}.tmp*"):
+            match = pattern.fullmatch(other.name)
+            if match and not _alive(int(match.group(1))):
+                other.unlink(missing_ok=True)
+                removed.append(other)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` when the block succeeds,
-    delete it when the block raises. Creates the parent folder."""
+    """Yield a temporary path beside ``path`` (``.NAME.tmpPID``); rename it to ``path`` when the
+    block succeeds, delete it when the block raises. Creates the parent folder, and removes the
+    temporaries of ``path`` that a killed writer left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp

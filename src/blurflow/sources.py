@@ -125,8 +125,9 @@ def phantom_images(count: int, size: int, seed: int) -> Iterator[tuple[str, np.n
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Pixels of a TIFF (tifffile) or of a PNG, JPEG or other Pillow-readable file; raises on
-    unreadable files with the reader's own account of what is wrong."""
+    """Pixels of a TIFF (tifffile) or of a PNG, JPEG or other Pillow-readable file, as the picture a
+    person sees: palette images as their colours (2D when the palette is grey), grey + alpha as the
+    grey values. Raises on unreadable files with the reader's own account of what is wrong."""
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
@@ -134,6 +135,12 @@ def read_image(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode in ("P", "PA"):  # palette indices -> the colours a person sees (grey palettes stay grey)
+            im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+            rgb = np.asarray(im)
+            return rgb[..., 0] if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all() else rgb
+        if im.mode in ("LA", "La"):  # grey + alpha: the grey values
+            return np.asarray(im.getchannel("L"))
         return np.asarray(im)
 
 
@@ -246,7 +253,8 @@ def split_kinds(split: str, cfg: dict) -> list[str]:
 
 def _kind_images(kind: str, split: str, cfg: dict, seed: int, resources: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     if kind == "phantom":
-        count = {"train": cfg["phantom"]["count"], "val": max(1, round(cfg["phantom"]["count"] * cfg["val_fraction"])), "test": cfg["phantom"]["test_count"]}[split]
+        ph = cfg["phantom"]
+        count = ph["test_count"] if split == "test" else ph["count"] if split == "train" else max(1, round(ph["count"] * cfg["val_fraction"]))
         split_seed = {"train": 0, "val": 1, "test": 2}[split]
         return phantom_images(count, cfg["phantom"]["size_px"], seed * 1000 + split_seed)
     if kind == "skimage":
