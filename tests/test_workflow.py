@@ -1,5 +1,6 @@
 """The Snakemake workflow: lint-clean, formatted, config validated, builds end to end on a copy."""
 
+import io
 import json
 import shutil
 import signal
@@ -26,14 +27,29 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800)
 
 
+def copy_workflow(folder: Path) -> Path:
+    """The workflow (Snakefile, config, rules, scripts, envs, profiles) and tiny.yaml in ``folder``."""
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(ROOT / name, folder / name)
+    for name in ("workflow", "envs", "profiles"):
+        shutil.copytree(ROOT / name, folder / name)
+    shutil.copy(ROOT / "tests/config/tiny.yaml", folder / "tiny.yaml")
+    return folder
+
+
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    for name in ("workflow", "envs", "profiles"):
-        shutil.copytree(ROOT / name, tmp_path / name)
-    shutil.copy(ROOT / "tests/config/tiny.yaml", tmp_path / "tiny.yaml")
-    return tmp_path
+    return copy_workflow(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The tiny pipeline run once from an empty results/; its stderr is in run.stderr."""
+    folder = copy_workflow(tmp_path_factory.mktemp("built"))
+    run = snakemake("--configfile", "tiny.yaml", cwd=folder)
+    assert run.returncode == 0, run.stderr
+    (folder / "run.stderr").write_text(run.stderr)
+    return folder
 
 
 def test_dry_run_and_lint_are_clean():
@@ -130,10 +146,8 @@ FIGURES = (
 )  # fmt: skip
 
 
-def test_pipeline_builds_end_to_end_on_the_tiny_config(workdir):
-    run = snakemake("--configfile", "tiny.yaml", cwd=workdir)
-    assert run.returncode == 0, run.stderr
-    results = workdir / "results"
+def test_pipeline_builds_end_to_end_on_the_tiny_config(built):
+    workdir, results = built, built / "results"
     for figure in FIGURES:
         with Image.open(results / f"figures/{figure}.png") as im:
             assert im.size[0] > 400 and im.size[1] > 200, figure
@@ -161,7 +175,7 @@ def test_pipeline_builds_end_to_end_on_the_tiny_config(workdir):
     for path in logs:  # every job says what it did, in lines, without progress-bar redraws
         text = path.read_text()
         assert "rule " in text.splitlines()[0] and " done in " in text.splitlines()[-1] and "\r" not in text, path
-    assert "\r" not in run.stderr
+    assert "\r" not in (workdir / "run.stderr").read_text()
     assert "R2" in (workdir / "logs/metrics/two_zone.log").read_text()
     assert "epoch 1/1: 32 images" in (workdir / "logs/train.log").read_text()
     assert not list(workdir.glob("results/**/.*tmp*"))  # nothing half-written left behind
@@ -170,3 +184,53 @@ def test_pipeline_builds_end_to_end_on_the_tiny_config(workdir):
     report = snakemake("--configfile", "tiny.yaml", "--report", "report.html", cwd=workdir)
     assert report.returncode == 0 and "ERROR" not in report.stderr, report.stderr
     assert (workdir / "report.html").stat().st_size > 100_000
+
+
+def planned(output: str) -> set[str]:
+    """The rules of a dry run's first job-stats table (empty when there is nothing to do)."""
+    lines = output.splitlines()
+    if "Job stats:" not in lines:
+        return set()
+    table = lines[lines.index("Job stats:") + 3 :]
+    return {line.split()[0] for line in table[: next(i for i, line in enumerate(table) if line.startswith("total"))]}
+
+
+DOWNSTREAM_OF_MODEL = {"predict", "metrics", "fig2_two_zone", "fig4_cylinder", "table1", "all"}
+
+
+@pytest.mark.parametrize(
+    "edit, rules, named",
+    [
+        ("testsets:\n  batch: 4\n", DOWNSTREAM_OF_MODEL, "{'testsets.batch': 8} now: {'testsets.batch': 4}"),
+        ("study:\n  samples: 64\n  settings: [[8, 10]]\n", set(), None),
+        ("train:\n  workers: 1\n  threads: 1\n", set(), None),
+        ("train:\n  lr: 0.001\n", {"train", "training_curve"} | DOWNSTREAM_OF_MODEL, "{'train.lr': 0.003} now: {'train.lr': 0.001}"),
+        ("testsets:\n  cylinder:\n    speed: 0.5\n", {"testset", "fig3_cylinder_sketch", "predict", "fig4_cylinder", "metrics", "all"}, "'testsets.cylinder.speed': 0.5"),
+        ("synthesis:\n  shards:\n    train: 3\n", {"synthesize_shard", "train", "training_curve"} | DOWNSTREAM_OF_MODEL, "{'synthesis.shards.train': 2} now: {'synthesis.shards.train': 3}"),
+    ],
+)
+def test_a_config_edit_plans_exactly_the_rules_it_can_change(built, edit, rules, named):
+    (built / "edit.yaml").write_text(edit)
+    run = snakemake("-n", "--configfile", "tiny.yaml", "edit.yaml", cwd=built)
+    assert run.returncode == 0, run.stderr
+    assert planned(run.stdout + run.stderr) == rules
+    if named:  # the rerun reason names the value that changed, in a short line
+        reasons = [line.split("Params have changed")[1] for line in (run.stdout + run.stderr).splitlines() if "Params have changed" in line]
+        assert reasons and all(len(reason) < 200 for reason in reasons) and any(named in reason for reason in reasons), reasons
+
+
+def test_a_forced_rerun_of_train_rewrites_the_same_model_and_log(built):
+    """A finished train job started again (forced, or by an edit of a value it reads and back)
+    used to end without its log, and snakemake deleted the model; from scratch, the same bytes."""
+    model, log = built / "results/model/model.pt", built / "results/model/training_log.csv"
+    before, log_before = model.read_bytes(), log.read_text()
+    for fresh in (False, True):
+        if fresh:
+            (built / "results/model/checkpoint.pt").unlink()
+        run = snakemake("results/model/model.pt", "--configfile", "tiny.yaml", "--forcerun", "train", cwd=built)
+        assert run.returncode == 0, run.stderr
+        assert model.read_bytes() == before
+        if not fresh:
+            assert log.read_text() == log_before
+        untimed = pd.read_csv(log).drop(columns=["minutes", "images_per_s"])  # a new training has new timings
+        assert untimed.equals(pd.read_csv(io.StringIO(log_before)).drop(columns=["minutes", "images_per_s"]))

@@ -5,7 +5,9 @@ architecture, sources)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from types import SimpleNamespace
+from typing import Any
 from pathlib import Path
 
 import jsonschema
@@ -73,3 +75,95 @@ def check(config: Mapping) -> list[str]:
             f"streak and the widest defocus of the synthesis ranges: the blur of the fastest or deepest motions wraps around"
         )
     return warnings
+
+
+# What each workflow rule reads of the config, and nothing else, as its ``params`` (one param per
+# value, blurflow.config.rule_params), so a rule runs again exactly when a value it reads changes,
+# and snakemake's rerun reason names that value: before {'train.lr': 0.003} now {'train.lr': 0.001}.
+RUNTIME_KEYS = ("threads", "workers")  # train keys that change the speed, never the result: read from the job's config
+
+
+def _without(section: Mapping, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def for_sources(config: Mapping, split: str) -> dict:
+    """The ``sources`` keys that the sources of ``split`` ('train', 'val', 'test') depend on."""
+    src = config["sources"]
+    if split == "test":
+        return {"test_kind": src["test_kind"], "test_folder": src["test_folder"], "tile_px": src["tile_px"],
+                "phantom": {"test_count": src["phantom"]["test_count"], "size_px": src["phantom"]["size_px"]}}  # fmt: skip
+    return {**_without(src, ("test_kind", "test_folder")), "phantom": _without(src["phantom"], ("test_count",))}
+
+
+def for_synthesis(config: Mapping) -> dict:
+    """What one synthesised image depends on: seed, optics, motion and the synthesis ranges (not
+    the number of shards, which only adds or removes shards)."""
+    return {"seed": config["seed"], "optics": config["optics"], "motion": config["motion"], "synthesis": _without(config["synthesis"], ("shards",))}
+
+
+def for_training(config: Mapping) -> dict:
+    """What a trained model depends on: the training sources, the synthesis (shard count and size
+    included) and the ``train`` section without its speed-only keys (RUNTIME_KEYS)."""
+    return {
+        **for_synthesis(config), "sources": for_sources(config, "train"), "synthesis": config["synthesis"],
+        "train": _without(config["train"], RUNTIME_KEYS),
+    }  # fmt: skip
+
+
+def for_testset(config: Mapping, name: str) -> dict:
+    """What test set ``name`` (two_zone, cylinder, table1) depends on."""
+    tests = config["testsets"]
+    return {**for_synthesis(config), "testsets": {"image_px": tests["image_px"], name: tests[name]}}
+
+
+PREFIX = "config."
+
+
+def flatten(section: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{'train.lr': 0.003, ...}: one entry per value of a nested config (a mapping with other
+    than string keys, such as optics.zernike, or an empty one, is one value)."""
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        if isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def rule_params(select: Callable[[Any], Mapping], wildcard_sets: Iterable[Mapping] = ({},)) -> dict[str, Callable]:
+    """A rule's ``params``: for each config value that ``select(wildcards)`` returns for any of
+    ``wildcard_sets`` (all the rule's wildcard values), a param ``config.<key>`` whose value is
+    ``{key: value}`` (``{}`` for a job that does not read it). Snakemake compares params by their
+    values only: the key in the value makes every value distinct and names it in a rerun reason."""
+    names = dict.fromkeys(n for w in wildcard_sets for n in flatten(select(SimpleNamespace(**w))))
+
+    def param(name: str) -> Callable[[Any], dict]:
+        def value(wildcards) -> dict:
+            values = flatten(select(wildcards))
+            return {name: values[name]} if name in values else {}
+
+        return value
+
+    return {PREFIX + name: param(name) for name in names}
+
+
+def unflatten(params: Iterable[tuple[str, Any]]) -> dict:
+    """The nested config of a rule's params (:func:`rule_params`; other params are skipped)."""
+    out: dict = {}
+    for name, value in params:
+        if name.startswith(PREFIX):
+            for key, leaf in value.items():
+                *path, last = key.split(".")
+                node = out
+                for part in path:
+                    node = node.setdefault(part, {})
+                node[last] = leaf
+    return out
+
+
+def evaluated(config: Mapping, testset: str) -> dict:
+    """``{two_zone: {evaluated: N}}`` for the two-zone test set (how many of its images are
+    predicted and scored), ``{}`` for the others."""
+    return {"two_zone": {"evaluated": config["testsets"]["two_zone"]["evaluated"]}} if testset == "two_zone" else {}

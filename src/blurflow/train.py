@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
 SCHEDULES = ("onecycle", "cosine", "constant")
 DATA = ("shards", "online")
+TIMING_COLUMNS = ("images_per_s", "minutes")  # log columns that vary from run to run
 SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # output smoothing widths tried on the validation set after training
 
 
@@ -158,6 +159,69 @@ def evaluate_loss(model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, dev
     return total / max(count, 1), {s: m.r2() for s, m in metrics.items()}
 
 
+def _resume(checkpoint_path: Path, key: str, model: FlowNet, opt: torch.optim.Optimizer, device: torch.device) -> tuple[list[dict], int, str | None]:
+    """Load an interrupted run's checkpoint into ``model`` and ``opt`` when its key is ``key``;
+    returns (log rows, next epoch, why it stopped early or None)."""
+    if not checkpoint_path.exists():
+        return [], 0, None
+    ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    if ck["resume_key"] != key:
+        log.warning("checkpoint %s is from another configuration; starting over", checkpoint_path)
+        return [], 0, None
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    log.info("resuming from %s after epoch %d", checkpoint_path, ck["epoch"] + 1)
+    return ck["rows"], ck["epoch"] + 1, ck.get("stopped")
+
+
+def _train_epoch(model: FlowNet, opt: torch.optim.Optimizer, batches: Iterable[dict], epoch: int, cfg: TrainConfig, device: torch.device, minutes: float, per_epoch: int, progress: bool) -> tuple[float, int, str | None]:
+    """One epoch of optimiser steps; returns (mean training loss, images seen, why training
+    stopped early or None). ``minutes`` of training before this epoch count against max_minutes."""
+    model.train()
+    total_steps = cfg.epochs * per_epoch
+    t0, total, seen, stopped = time.perf_counter(), 0.0, 0, None
+    amp = cfg.amp and device.type == "cuda"
+    bar = logs.progress(total=per_epoch, enabled=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+    for i, batch in enumerate(batches):
+        elapsed = minutes + (time.perf_counter() - t0) / 60
+        if cfg.max_minutes and elapsed >= cfg.max_minutes:
+            stopped = f"train.max_minutes ({cfg.max_minutes:g}) reached after {epoch * per_epoch + i} of {total_steps} steps"
+            break
+        step = epoch * per_epoch + i
+        progress_done = max(step / total_steps, elapsed / cfg.max_minutes if cfg.max_minutes else 0.0)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(progress_done, cfg)
+        image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
+        image = image.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            out = model(image)
+        loss = loss_fn(out.float(), target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(image)
+        seen += len(image)
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if bar.disable and 4 * (i + 1) // per_epoch > 4 * i // per_epoch and i + 1 < per_epoch:  # no terminal: a line per quarter
+            log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, total / seen, seen / (time.perf_counter() - t0))
+    bar.close()
+    return total / max(seen, 1), seen, stopped
+
+
+def _save_final(model: FlowNet, rows: list[dict], scores: dict[float, dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping) -> None:
+    """The model file, with the output smoothing width chosen on the validation ``scores``. It holds
+    no timings (those are in the training log), so the same configuration gives the same bytes."""
+    best = max(SMOOTHING_PX, key=lambda s: scores[s]["mean"])
+    log.info("output smoothing on the validation set: %s; chosen %g px", ", ".join(f"{s:g} px R2 {scores[s]['mean']:.3f}" for s in SMOOTHING_PX), best)
+    info = {
+        "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"], "stopped_early": stopped,
+        "final": {k: v for k, v in rows[-1].items() if k not in TIMING_COLUMNS},
+        "output_smoothing_px": best, "val_r2_by_smoothing_px": {f"{s:g}": scores[s] for s in SMOOTHING_PX},
+    }  # fmt: skip
+    save_model(model.cpu(), model_path, {**meta, **info})
+
+
 def train(
     data: TrainData,
     model_path: str | Path,
@@ -169,10 +233,12 @@ def train(
     progress: bool = True,
 ) -> list[dict]:
     """Train, logging every epoch to ``log_path`` (CSV) and ``checkpoint_path``; write the model
-    when all epochs are done or ``cfg.max_minutes`` is reached.
+    and the log when all epochs are done or ``cfg.max_minutes`` is reached.
 
-    ``stop_after_epochs`` ends this run early, as an interruption would (for time-limited jobs);
-    calling again resumes. Returns the log rows.
+    A checkpoint resumes when it was written for the same ``cfg`` and data (``meta['data_key']``,
+    a hash of what the training data depend on); a finished run's checkpoint writes its model and
+    log again without training. ``stop_after_epochs`` ends this run early, as an interruption
+    would (for time-limited jobs); calling again resumes. Returns the log rows.
     """
     model_path, log_path, checkpoint_path = Path(model_path), Path(log_path), Path(checkpoint_path)
     device = pick_device(cfg.device)
@@ -183,69 +249,25 @@ def train(
     model = model.to(device, memory_format=torch.channels_last)
     opt = torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay)
     per_epoch = data.steps_per_epoch
-    total_steps = cfg.epochs * per_epoch
-    rows: list[dict] = []
-    start, minutes, stopped, final_scores = 0, 0.0, None, None
-    if checkpoint_path.exists():
-        ck = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if ck["resume_key"] == cfg.resume_key():
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            rows, start, stopped = ck["rows"], ck["epoch"] + 1, ck.get("stopped")
-            minutes = rows[-1]["minutes"] if rows else 0.0
-            log.info("resuming from %s after epoch %d", checkpoint_path, ck["epoch"] + 1)
-        else:
-            log.warning("checkpoint %s is from another configuration; starting over", checkpoint_path)
-
-    amp = cfg.amp and device.type == "cuda"
+    key = config_hash(cfg.resume_key(), meta.get("data_key"))
+    rows, start, stopped = _resume(checkpoint_path, key, model, opt, device)
+    minutes, final_scores = (rows[-1]["minutes"] if rows else 0.0), None
     log.info("training %s on %s: %d epochs of %d steps of %d images (%s data)", cfg.encoder, device, cfg.epochs, per_epoch, cfg.batch_size, cfg.data)
-    run_epochs = 0
-    for epoch in range(start, cfg.epochs):
+    for run_epochs, epoch in enumerate(range(start, cfg.epochs)):
         if stopped or (stop_after_epochs is not None and run_epochs >= stop_after_epochs):
             break
-        model.train()
-        t0, total, seen = time.perf_counter(), 0.0, 0
-        bar = logs.progress(total=per_epoch, enabled=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
-        for i, batch in enumerate(data.epoch(epoch)):
-            elapsed = minutes + (time.perf_counter() - t0) / 60
-            if cfg.max_minutes and elapsed >= cfg.max_minutes:
-                stopped = f"train.max_minutes ({cfg.max_minutes:g}) reached after {epoch * per_epoch + i} of {total_steps} steps"
-                break
-            step = epoch * per_epoch + i
-            progress_done = max(step / total_steps, elapsed / cfg.max_minutes if cfg.max_minutes else 0.0)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(progress_done, cfg)
-            image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
-            image = image.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-                out = model(image)
-            loss = loss_fn(out.float(), target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(image)
-            seen += len(image)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if bar.disable and 4 * (i + 1) // per_epoch > 4 * i // per_epoch and i + 1 < per_epoch:  # no terminal: a line per quarter
-                log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, total / seen, seen / (time.perf_counter() - t0))
-        bar.close()
+        t0 = time.perf_counter()
+        train_loss, seen, stopped = _train_epoch(model, opt, data.epoch(epoch), epoch, cfg, device, minutes, per_epoch, progress)
         elapsed = time.perf_counter() - t0
         last = epoch + 1 == cfg.epochs or stopped  # the last epoch also scores every output smoothing width
         val_loss, scores = evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX if last else (0.0,))
         final_scores, r2 = scores if last else None, scores[0.0]
         minutes += (time.perf_counter() - t0) / 60
         row = {
-            "epoch": epoch + 1,
-            "samples": (rows[-1]["samples"] if rows else 0) + seen,
-            "train_loss": total / max(seen, 1),
-            "val_loss": val_loss,
-            **{f"val_r2_{c}": r2[c] for c in COMPONENTS},
-            "val_r2_mean": r2["mean"],
-            "images_per_s": seen / elapsed,
-            "lr": opt.param_groups[0]["lr"],
-            "minutes": minutes,
-        }
+            "epoch": epoch + 1, "samples": (rows[-1]["samples"] if rows else 0) + seen, "train_loss": train_loss, "val_loss": val_loss,
+            **{f"val_r2_{c}": r2[c] for c in COMPONENTS}, "val_r2_mean": r2["mean"], "images_per_s": seen / elapsed,
+            "lr": opt.param_groups[0]["lr"], "minutes": minutes,
+        }  # fmt: skip
         rows.append(row)
         log.info(
             "epoch %d/%d: %d images, train loss %.4f, val loss %.4f, val R2 %.3f (%s), %.0f images/s, %.1f min",
@@ -255,17 +277,11 @@ def train(
         if stopped:
             log.warning("training stopped early: %s", stopped)
         _write_log(rows, log_path)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": cfg.resume_key()}
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": key}
         with atomic_path(checkpoint_path) as tmp:
             torch.save(state, tmp)
-        run_epochs += 1
     if len(rows) == cfg.epochs or stopped:
         scores = final_scores or evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX)[1]  # resumed after the last epoch
-        best = max(SMOOTHING_PX, key=lambda s: scores[s]["mean"])
-        log.info("output smoothing on the validation set: %s; chosen %g px", ", ".join(f"{s:g} px R2 {scores[s]['mean']:.3f}" for s in SMOOTHING_PX), best)
-        info = {
-            "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"], "stopped_early": stopped, "final": rows[-1],
-            "output_smoothing_px": best, "val_r2_by_smoothing_px": {f"{s:g}": scores[s] for s in SMOOTHING_PX},
-        }  # fmt: skip
-        save_model(model.cpu(), model_path, {**meta, **info})
+        _write_log(rows, log_path)
+        _save_final(model, rows, scores, cfg, stopped, model_path, meta)
     return rows

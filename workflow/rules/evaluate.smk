@@ -18,12 +18,15 @@ rule predict:
         runtime=120,
         gpu=1,
     params:
-        evaluated=lambda wc: (
-            config["testsets"]["two_zone"]["evaluated"]
-            if wc.testset == "two_zone"
-            else None
+        **blurflow_config.rule_params(
+            lambda wc: {
+                "testsets": {
+                    "batch": config["testsets"]["batch"],
+                    **blurflow_config.evaluated(config, wc.testset),
+                }
+            },
+            [{"testset": name} for name in ("two_zone", "cylinder", "table1")],
         ),
-        batch=config["testsets"]["batch"],
     script:
         "../scripts/predict.py"
 

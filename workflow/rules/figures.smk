@@ -17,8 +17,9 @@ rule psf_gallery:
         runtime=10,
         gpu=0,
     params:
-        optics=config["optics"],
-        motion=config["motion"],
+        **blurflow_config.rule_params(
+            lambda wc: {"optics": config["optics"], "motion": config["motion"]}
+        ),
     script:
         "../scripts/psf_gallery.py"
 
@@ -115,7 +116,9 @@ rule fig3_cylinder_sketch:
         runtime=5,
         gpu=0,
     params:
-        cylinder=config["testsets"]["cylinder"],
+        **blurflow_config.rule_params(
+            lambda wc: {"testsets": {"cylinder": config["testsets"]["cylinder"]}}
+        ),
     script:
         "../scripts/fig3_cylinder_sketch.py"
 

@@ -15,8 +15,13 @@ rule sources:
         runtime=120,
         gpu=0,
     params:
-        sources=config["sources"],
-        seed=config["seed"],
+        **blurflow_config.rule_params(
+            lambda wc: {
+                "sources": blurflow_config.for_sources(config, wc.split),
+                "seed": config["seed"],
+            },
+            [{"split": split} for split in ("train", "val", "test")],
+        ),
         resources_dir="resources",
     script:
         "../scripts/sources.py"

@@ -25,8 +25,13 @@ rule study_train:
         runtime=12 * 60,
         gpu=1,
     params:
-        config=lambda wc: blurflow_study.setting_config(
-            config, float(wc.lateral), float(wc.axial)
+        **blurflow_config.rule_params(
+            lambda wc: blurflow_config.for_training(
+                blurflow_study.setting_config(
+                    config, float(wc.lateral), float(wc.axial)
+                )
+            ),
+            [{"lateral": lateral, "axial": axial} for lateral, axial in STUDY],
         ),
         checkpoint=lambda wc: f"results/study/L{wc.lateral}_A{wc.axial}/checkpoint.pt",
     script:
@@ -62,7 +67,12 @@ rule study:
         runtime=5,
         gpu=0,
     params:
-        config=config,
+        **blurflow_config.rule_params(
+            lambda wc: {
+                k: config[k]
+                for k in ("optics", "motion", "synthesis", "train", "study")
+            }
+        ),
         settings=STUDY,
     script:
         "../scripts/study.py"

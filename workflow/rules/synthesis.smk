@@ -18,9 +18,6 @@ rule synthesize_shard:
         runtime=60,
         gpu=0,
     params:
-        optics=config["optics"],
-        motion=config["motion"],
-        synthesis=config["synthesis"],
-        seed=config["seed"],
+        **blurflow_config.rule_params(lambda wc: blurflow_config.for_synthesis(config)),
     script:
         "../scripts/synthesize_shard.py"

@@ -17,6 +17,9 @@ rule testset:
         runtime=120,
         gpu=0,
     params:
-        config=config,
+        **blurflow_config.rule_params(
+            lambda wc: blurflow_config.for_testset(config, wc.testset),
+            [{"testset": name} for name in ("two_zone", "cylinder", "table1")],
+        ),
     script:
         "../scripts/testset.py"

@@ -22,7 +22,7 @@ rule train:
         runtime=24 * 60,
         gpu=1,
     params:
-        config=config,
+        **blurflow_config.rule_params(lambda wc: blurflow_config.for_training(config)),
         checkpoint="results/model/checkpoint.pt",
     script:
         "../scripts/train.py"

@@ -3,18 +3,20 @@
 import torch
 
 from blurflow import evaluate, logs
+from blurflow.config import unflatten
 from blurflow.model import load_model
 from blurflow.train import pick_device
 
 logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)
+tests = unflatten(snakemake.params.items())["testsets"]
 model, meta = load_model(snakemake.input.model, pick_device("auto"))
 evaluate.predict_testset(
     model,
     snakemake.input.testset,
     snakemake.output.h5,
-    evaluated=snakemake.params.evaluated,
+    evaluated=tests.get(snakemake.wildcards.testset, {}).get("evaluated"),
     tile=meta["image_px"],
-    batch=snakemake.params.batch,
+    batch=tests["batch"],
     smooth_px=meta.get("output_smoothing_px", 0.0),
 )

@@ -1,12 +1,10 @@
 """Render the motion PSF gallery (rule psf_gallery)."""
 
 from blurflow import figures, logs
+from blurflow.config import unflatten
 from blurflow.optics import MotionScales, Optics
 
 logs.job(snakemake)
-fig = figures.psf_gallery(
-    Optics.from_config(snakemake.params.optics),
-    MotionScales.from_config(snakemake.params.motion),
-    size=snakemake.params.motion["kernel_px"],
-)
+c = unflatten(snakemake.params.items())
+fig = figures.psf_gallery(Optics.from_config(c["optics"]), MotionScales.from_config(c["motion"]), size=c["motion"]["kernel_px"])
 fig.savefig(snakemake.output.figure, dpi=120)

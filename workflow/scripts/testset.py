@@ -1,11 +1,12 @@
 """Generate one test set: two_zone, cylinder or table1 (rule testset)."""
 
 from blurflow import logs, testsets
+from blurflow.config import unflatten
 from blurflow.optics import MotionScales, Optics
 from blurflow.synthesis import SynthesisConfig
 
 logs.job(snakemake)
-c = snakemake.params.config
+c = unflatten(snakemake.params.items())
 t = c["testsets"]
 name = snakemake.wildcards.testset
 common = (
