@@ -264,14 +264,33 @@ def test_max_minutes_cuts_training_and_says_so(tiny_shards, tmp_path, caplog):
         train.TrainConfig.from_config({"max_minutes": 0})
 
 
-def test_without_max_minutes_the_model_is_reproducible(tiny_shards, tmp_path):
+def test_without_max_minutes_the_model_file_is_reproducible_to_the_byte(tiny_shards, tmp_path):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         run(tmp_path / name, tiny_shards, epochs=1)
-    a, meta = load_model(tmp_path / "a/model.pt")
-    b, _ = load_model(tmp_path / "b/model.pt")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (tmp_path / "a/model.pt").read_bytes() == (tmp_path / "b/model.pt").read_bytes()  # timings live in the log only
+    _, meta = load_model(tmp_path / "a/model.pt")
     assert meta["stopped_early"] is None and meta["samples_trained"] == 16
+    assert "minutes" not in meta["final"] and "val_r2_mean" in meta["final"]
+
+
+def test_a_finished_run_started_again_writes_its_model_and_log(tiny_shards, tmp_path):
+    """As snakemake does when a finished rule is forced to run again: outputs deleted, checkpoint kept."""
+    run(tmp_path, tiny_shards)
+    model, log_text = (tmp_path / "model.pt").read_bytes(), (tmp_path / "log.csv").read_text()
+    (tmp_path / "model.pt").unlink(), (tmp_path / "log.csv").unlink()
+    rows = run(tmp_path, tiny_shards)
+    assert len(rows) == 2 and (tmp_path / "model.pt").read_bytes() == model and (tmp_path / "log.csv").read_text() == log_text
+
+
+def test_a_checkpoint_of_other_data_is_not_resumed(tiny_shards, tmp_path, caplog):
+    cfg = train.TrainConfig(epochs=1, batch_size=8, schedule="constant")
+    batches = data.ShardData([tiny_shards[0]], [tiny_shards[1]], 8, 0)
+    for key in ("optics A", "optics B"):
+        with caplog.at_level("WARNING"):
+            rows = train.train(batches, tmp_path / "m.pt", tmp_path / "log.csv", tmp_path / "ck.pt", cfg, {"data_key": key}, progress=False)
+        assert len(rows) == 1
+    assert "is from another configuration; starting over" in caplog.text
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
@@ -346,3 +365,26 @@ def test_training_chooses_the_output_smoothing_on_validation(tiny_shards, tmp_pa
     assert meta["output_smoothing_px"] in train.SMOOTHING_PX and set(scores) == {f"{s:g}" for s in train.SMOOTHING_PX}
     best = max(scores.values(), key=lambda r: r["mean"])
     assert scores[f"{meta['output_smoothing_px']:g}"]["mean"] == best["mean"]
+
+
+def test_the_model_stores_only_the_stages_it_runs_and_old_files_still_load(tmp_path):
+    import segmentation_models_pytorch as smp
+
+    model = FlowNet("resnet18", depth=3, decoder_channels=(64, 32, 16), unshuffle=2).eval()
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000  # ResNet-18 keeps 11.2M, 10.5M of them in layer3/layer4
+    assert not any(k.startswith(("unet.encoder.layer3", "unet.encoder.layer4")) for k in model.state_dict())
+    save_model(model, tmp_path / "new.pt", {})
+    assert (tmp_path / "new.pt").stat().st_size < 5_000_000
+    # a file written before: smp's whole encoder, layer3 and layer4 included
+    full = smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=4, classes=5, encoder_depth=3, decoder_channels=[64, 32, 16])
+    blob = torch.load(tmp_path / "new.pt", weights_only=True)
+    torch.save({**blob, "state_dict": {"unet." + k: v for k, v in full.state_dict().items()}}, tmp_path / "old.pt")
+    old, _ = load_model(tmp_path / "old.pt")
+    x = torch.rand(2, 1, 64, 64) * 500
+    with torch.no_grad():
+        expected = torch.nn.functional.interpolate(full.eval()(torch.nn.functional.pixel_unshuffle(normalise(x), 2)), scale_factor=2, mode="bilinear", align_corners=False)
+        assert torch.equal(old(x), expected)
+    damaged = {k: v for k, v in blob["state_dict"].items() if "decoder" not in k}
+    torch.save({**blob, "state_dict": damaged}, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="damaged blurflow model file"):
+        load_model(tmp_path / "damaged.pt")

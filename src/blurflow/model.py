@@ -15,6 +15,7 @@ the photon level or the camera offset.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -33,7 +34,8 @@ RESNETS = ("resnet18", "resnet34", "resnet50")
 ENCODERS = (*RESNETS, "efficientnet-b0")  # smp encoder names
 ENCODINGS = ("doubled_angle", "paper")
 LOSSES = ("ours", "paper")
-PAPER_DECODER = (256, 128, 64, 32, 16)  # smp's default U-Net decoder, encoder depth 5
+PAPER_DECODER = (256, 128, 64, 32, 16)
+RESNET_STAGES = ("layer2", "layer3", "layer4")  # stages 3-5 of an smp ResNet encoder (depth 3-5 runs up to stage `depth`)  # smp's default U-Net decoder, encoder depth 5
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 IMAGENET_WEIGHTS = {  # torchvision's ImageNet-1k ResNet weights; the 8 hex digits of a name begin its SHA-256
     "resnet18": "resnet18-f37072fd.pth",
@@ -178,8 +180,20 @@ class FlowNet(torch.nn.Module):
             raise ValueError(f"input unshuffle (train.unshuffle) must be 1 or 2, got {unshuffle!r}")
         self.stem_stride, self.unshuffle = stem_stride, unshuffle
         self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=unshuffle**2, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)
+        for stage in self.unused_stages():  # never run at this depth: not built, not stored (10.5M of ResNet-18's 11.2M at depth 3)
+            delattr(self.unet.encoder, stage)
         if stem_stride == 1:
             self.unet.encoder.conv1.stride = (1, 1)
+
+    def unused_stages(self) -> tuple[str, ...]:
+        """The ResNet stages an encoder of this depth never runs (smp keeps them)."""
+        return RESNET_STAGES[self.depth - 2 :] if self.encoder_name in RESNETS else ()
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a state dict, dropping the unused stages that files written before they were
+        removed still hold; any other mismatch is an error (``RuntimeError``)."""
+        unused = tuple(f"unet.encoder.{stage}." for stage in self.unused_stages())
+        self.load_state_dict({k: v for k, v in state.items() if not k.startswith(unused) or not unused})
 
     def forward(self, counts: torch.Tensor) -> torch.Tensor:
         h, w = counts.shape[-2:]
@@ -246,7 +260,8 @@ def fetch_encoder_weights(encoder: str, dest: str | Path, base_url: str = TORCHV
 
 def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
     """Model file: weights plus everything needed to use them (architecture, encoding, optics,
-    scales, normalisation, version, config hash, ...). Written atomically."""
+    scales, normalisation, version, config hash, ...) as JSON values. Written atomically; the same
+    weights and metadata give the same bytes."""
     info = {
         "encoder": model.encoder_name,
         "encoding": model.encoding,
@@ -259,6 +274,7 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
         "blurflow_version": __version__,
         **meta,
     }
+    info = json.loads(json.dumps(info, default=str))  # plain JSON values, no shared objects: the same meta pickles to the same bytes
     with atomic_path(path) as tmp:
         torch.save({"state_dict": model.state_dict(), "meta": info}, tmp)
 
@@ -266,6 +282,8 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowNet, dict]:
     """(model in eval mode, metadata) from a model file written by :func:`save_model`."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a model file (give the model.pt inside it)")
     if not path.is_file():
         raise ValueError(f"model file {path} not found")
     try:
@@ -277,7 +295,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
     meta = blob["meta"]
     try:
         model = FlowNet(meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"], meta.get("stem_stride", 2), meta.get("unshuffle", 1))
-        model.load_state_dict(blob["state_dict"])
+        model.load_weights(blob["state_dict"])
     except (KeyError, ValueError, RuntimeError):
         raise ValueError(f"{path} is a damaged blurflow model file: its weights do not match the architecture it records") from None
     return model.to(device).eval(), meta
