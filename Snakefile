@@ -24,7 +24,7 @@ rule all:
     input:
         rules.psf_gallery.output.figure,
         rules.training_samples.output.figure,
-        rules.train.output.model,
+        MODEL,
         rules.training_curve.output.figure,
         expand("results/metrics/{testset}.json", testset=["two_zone", "cylinder"]),
         rules.fig2_two_zone.output.figure,

@@ -349,3 +349,21 @@ def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_f
         assert torch.allclose(maps, whole[0, :, y0 : y0 + maps.shape[1]], atol=1e-5)
         rows += maps.shape[1]
     assert rows == 300 and sum(ticks) == 9 * 8  # 9 tile rows x 8 tile columns
+
+
+def test_without_a_model_the_shipped_one_is_used_and_named(model_file, tmp_path, capsys, monkeypatch):
+    import blurflow.model
+
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    monkeypatch.setattr(blurflow.model, "SHIPPED_MODEL", model_file)
+    assert cli.main(["predict", str(tmp_path / "a.tif")]) == 0
+    assert f"blurflow: using the shipped model {model_file}" in capsys.readouterr().err
+    assert (tmp_path / "a_flow.tif").exists()
+    assert cli.main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shipped"] is True and info["model_file"] == str(model_file) and info["scales"] == SCALES
+    monkeypatch.setattr(blurflow.model, "SHIPPED_MODEL", tmp_path / "none.pt")
+    assert cli.main(["predict", str(tmp_path / "a.tif")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no model given and no shipped model" in err[0]
+    assert cli.main(["predict", str(model_file)]) == 2 and "no image given after the model" in capsys.readouterr().err

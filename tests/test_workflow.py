@@ -234,3 +234,25 @@ def test_a_forced_rerun_of_train_rewrites_the_same_model_and_log(built):
             assert log.read_text() == log_before
         untimed = pd.read_csv(log).drop(columns=["minutes", "images_per_s"])  # a new training has new timings
         assert untimed.equals(pd.read_csv(io.StringIO(log_before)).drop(columns=["minutes", "images_per_s"]))
+
+
+def test_the_pretrained_preset_scores_a_given_model_without_training(built, tmp_path):
+    """The pretrained preset on the tiny config with the tiny run's model: no training job, and the
+    same test sets and model give the same scores."""
+    workdir = copy_workflow(tmp_path)
+    (workdir / "models").mkdir()
+    shutil.copy(built / "results/model/model.pt", workdir / "models/tiny.pt")
+    shutil.copy(built / "results/model/training_log.csv", workdir / "models/tiny.log.csv")
+    (workdir / "model.yaml").write_text("train:\n  model_file: models/tiny.pt\n")
+    configs = ["--configfile", "tiny.yaml", "workflow/presets/pretrained.yaml", "model.yaml"]
+    run = snakemake(*configs, cwd=workdir)
+    assert run.returncode == 0, run.stderr
+    assert "rule pretrained_model" in run.stderr and "rule train:" not in run.stderr
+    assert not (workdir / "results/shards/val").exists()  # no validation data: nothing is trained
+    for name in ("two_zone", "cylinder"):
+        assert json.loads((workdir / f"results/metrics/{name}.json").read_text()) == json.loads((built / f"results/metrics/{name}.json").read_text())
+    for figure in FIGURES:
+        assert (workdir / f"results/figures/{figure}.png").exists(), figure
+    (workdir / "optics.yaml").write_text("optics:\n  na: 0.4\n")
+    bad = snakemake("-n", *configs, "optics.yaml", cwd=workdir)
+    assert bad.returncode != 0 and "blurflow: config error: train.model_file: models/tiny.pt was trained for other optics" in bad.stderr

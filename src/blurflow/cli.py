@@ -182,9 +182,33 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
     return [tif, png]
 
 
+def model_and_images(inputs: list[str]) -> tuple[Path, list[Path], bool]:
+    """(model file, images, whether the model is the shipped one) of ``[MODEL] IMAGE...``: the
+    first input is the model when it is a .pt file (or a folder, to say it is not a model)."""
+    from blurflow.model import SHIPPED_MODEL
+
+    first = Path(inputs[0])
+    if first.suffix == ".pt" or first.is_dir():
+        if len(inputs) == 1:
+            raise UsageError(f"IMAGE: no image given after the model {first}")
+        return first, [Path(p) for p in inputs[1:]], False
+    if not SHIPPED_MODEL.is_file():
+        raise InputError(f"no model given and no shipped model at {SHIPPED_MODEL}: give a model file first (results/model/model.pt after snakemake)")
+    return SHIPPED_MODEL, [Path(p) for p in inputs], True
+
+
+def describe(path: Path, meta: dict) -> str:
+    """One line on a model: file, images trained on, validation R^2."""
+    if "samples_trained" not in meta:
+        return str(path)
+    return f"{path} ({meta['samples_trained']:,} training images, validation R2 {meta['final']['val_r2_mean']:.3f})"
+
+
 def predict_command(args: argparse.Namespace) -> int:
     from blurflow.model import load_model
     from blurflow.train import pick_device
+
+    model_path, image_paths, shipped = model_and_images(args.inputs)
 
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None:
@@ -199,7 +223,7 @@ def predict_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--device: {exc}") from None
     images = []
-    for path in map(Path, args.images):
+    for path in image_paths:
         if not is_output(path):
             images.append(path)
         elif not args.quiet:
@@ -208,9 +232,11 @@ def predict_command(args: argparse.Namespace) -> int:
         raise InputError("no input images left: every one given is an output of blurflow predict")
     plan = plan_outputs(images, out_dir)
     try:
-        model, meta = load_model(args.model, device)
+        model, meta = load_model(model_path, device)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    if shipped and not args.quiet:
+        note(f"blurflow: using the shipped model {describe(model_path, meta)}")
     model_pixel = Optics.from_config(meta["optics"]).pixel_um
     pixel_um = args.pixel_size_um or model_pixel
     if abs(pixel_um - model_pixel) > 0.01 * model_pixel:
@@ -241,13 +267,16 @@ def note(message: str, file=None) -> None:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    from blurflow.model import load_model
+    from blurflow.model import SHIPPED_MODEL, load_model
 
+    path = Path(args.model) if args.model else SHIPPED_MODEL
+    if args.model is None and not path.is_file():
+        raise InputError(f"no model given and no shipped model at {path}")
     try:
-        _, meta = load_model(args.model)
+        _, meta = load_model(path)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    print(json.dumps(meta, indent=2, default=str))
+    print(json.dumps({"model_file": str(path), "shipped": args.model is None, **meta}, indent=2, default=str))
     return 0
 
 
@@ -271,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
             "has v2 >= 0."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="model file from training (results/model/model.pt)")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="TIFF (2D or stack, any dtype), PNG or JPEG; camera counts work best")
+    p.add_argument(
+        "inputs", metavar="[MODEL] IMAGE", nargs="+",
+        help="MODEL: a model file (.pt) from training, results/model/model.pt; without it the shipped model (models/blurflow.pt, "
+        "docs/model.md) is used. IMAGE: TIFF (2D or stack, any dtype), PNG or JPEG; camera counts work best",
+    )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="output folder (default: beside each image)")
     p.add_argument("--exposure-ms", type=float, metavar="T", help="exposure time in ms: velocities in um/s")
     p.add_argument("--pixel-size-um", type=float, metavar="P", help="sample pixel size in um (default: the model's)")
@@ -288,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=predict_command)
 
     p = sub.add_parser("info", help="show what a model file holds", description="Print the metadata of a model file as JSON.")
-    p.add_argument("model", metavar="MODEL")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="model file (default: the shipped model, models/blurflow.pt)")
     p.set_defaults(func=info_command)
     return parser
 

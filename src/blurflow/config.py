@@ -63,6 +63,8 @@ def check(config: Mapping) -> list[str]:
     weights, encoder = config["train"]["pretrained_weights"], config["train"]["encoder"]
     if weights and Path(weights).as_posix() != f"resources/weights/{encoder}-imagenet.pth" and not Path(weights).is_file():
         raise ValueError(f"train.pretrained_weights: {weights} not found (resources/weights/{encoder}-imagenet.pth is downloaded)")
+    if config["train"]["model_file"]:
+        check_model_file(config, config["train"]["model_file"])
     if tests["two_zone"]["evaluated"] > tests["two_zone"]["count"]:
         raise ValueError(f"testsets.two_zone.evaluated ({tests['two_zone']['evaluated']}) exceeds testsets.two_zone.count ({tests['two_zone']['count']})")
     warnings = []
@@ -167,3 +169,26 @@ def evaluated(config: Mapping, testset: str) -> dict:
     """``{two_zone: {evaluated: N}}`` for the two-zone test set (how many of its images are
     predicted and scored), ``{}`` for the others."""
     return {"two_zone": {"evaluated": config["testsets"]["two_zone"]["evaluated"]}} if testset == "two_zone" else {}
+
+
+def model_log(model_file: str | Path) -> str:
+    """The training log shipped beside a model file: ``MODEL.log.csv`` (models/blurflow.log.csv)."""
+    return str(Path(model_file).with_suffix(".log.csv"))
+
+
+def check_model_file(config: Mapping, path: str | Path) -> None:
+    """``ValueError`` unless ``path`` is a model file with its training log beside it, trained for
+    the config's optics and blur scales (the test sets are synthesised with those)."""
+    from blurflow.model import load_model
+
+    try:
+        _, meta = load_model(path)
+    except ValueError as exc:
+        raise ValueError(f"train.model_file: {exc}") from None
+    if not Path(model_log(path)).is_file():
+        raise ValueError(f"train.model_file: its training log {model_log(path)} is missing")
+    if Optics.from_config(meta["optics"]) != Optics.from_config(config["optics"]):
+        raise ValueError(f"train.model_file: {path} was trained for other optics ({meta['optics']}) than the config's optics section")
+    scales = {k: float(config["motion"][k]) for k in ("lateral_scale_px", "axial_scale_um")}
+    if {k: float(v) for k, v in meta["scales"].items()} != scales:
+        raise ValueError(f"train.model_file: {path} was trained for blur scales {meta['scales']}, the config's motion section has {scales}")

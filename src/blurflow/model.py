@@ -36,6 +36,7 @@ ENCODINGS = ("doubled_angle", "paper")
 LOSSES = ("ours", "paper")
 PAPER_DECODER = (256, 128, 64, 32, 16)
 RESNET_STAGES = ("layer2", "layer3", "layer4")  # stages 3-5 of an smp ResNet encoder (depth 3-5 runs up to stage `depth`)  # smp's default U-Net decoder, encoder depth 5
+SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "blurflow.pt"  # the pretrained model in the repository (docs/model.md)
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 IMAGENET_WEIGHTS = {  # torchvision's ImageNet-1k ResNet weights; the 8 hex digits of a name begin its SHA-256
     "resnet18": "resnet18-f37072fd.pth",

@@ -18,6 +18,8 @@ if workflow.is_main_process:  # once, before any job; jobs re-read the Snakefile
     except ValueError as exc:
         sys.exit(f"blurflow: config error: {exc}")
 
+MODEL = "results/model/model.pt"
+TRAINING_LOG = "results/model/training_log.csv"
 CONDA_ENV = "../../envs/blurflow.yaml"
 GPU_CONDA_ENV = (
     "../../envs/blurflow-cuda.yaml"

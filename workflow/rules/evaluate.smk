@@ -1,6 +1,6 @@
 rule predict:
     input:
-        model=rules.train.output.model,
+        model=MODEL,
         testset="results/testsets/{testset}.h5",
     output:
         h5="results/predictions/{testset}.h5",

@@ -50,7 +50,7 @@ rule training_samples:
 
 rule training_curve:
     input:
-        log="results/model/training_log.csv",
+        log=TRAINING_LOG,
     output:
         figure=report(
             "results/figures/training_curve.png",

@@ -1,31 +1,62 @@
-rule train:
-    input:
-        train=train_inputs("train"),
-        val=train_inputs("val"),
-        weights=config["train"]["pretrained_weights"] or [],
-    output:
-        model="results/model/model.pt",
-        log=report(
-            "results/model/training_log.csv",
-            caption="../report/training_log.rst",
-            category="Training",
-        ),
-    log:
-        "logs/train.log",
-    benchmark:
-        "results/benchmarks/train.tsv"
-    conda:
-        GPU_CONDA_ENV
-    threads: config["train"]["threads"]
-    resources:
-        mem_mb=8000,
-        runtime=24 * 60,
-        gpu=1,
-    params:
-        **blurflow_config.rule_params(lambda wc: blurflow_config.for_training(config)),
-        checkpoint="results/model/checkpoint.pt",
-    script:
-        "../scripts/train.py"
+if config["train"]["model_file"]:
+
+    rule pretrained_model:
+        input:
+            model=config["train"]["model_file"],
+            log=blurflow_config.model_log(config["train"]["model_file"]),
+        output:
+            model=MODEL,
+            log=report(
+                TRAINING_LOG,
+                caption="../report/training_log.rst",
+                category="Training",
+            ),
+        log:
+            "logs/pretrained_model.log",
+        benchmark:
+            "results/benchmarks/pretrained_model.tsv"
+        conda:
+            CONDA_ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=5,
+            gpu=0,
+        script:
+            "../scripts/pretrained_model.py"
+
+else:
+
+    rule train:
+        input:
+            train=train_inputs("train"),
+            val=train_inputs("val"),
+            weights=config["train"]["pretrained_weights"] or [],
+        output:
+            model=MODEL,
+            log=report(
+                TRAINING_LOG,
+                caption="../report/training_log.rst",
+                category="Training",
+            ),
+        log:
+            "logs/train.log",
+        benchmark:
+            "results/benchmarks/train.tsv"
+        conda:
+            GPU_CONDA_ENV
+        threads: config["train"]["threads"]
+        resources:
+            mem_mb=8000,
+            runtime=24 * 60,
+            gpu=1,
+        params:
+            **blurflow_config.rule_params(
+                lambda wc: blurflow_config.for_training(config)
+            ),
+            checkpoint="results/model/checkpoint.pt",
+        script:
+            "../scripts/train.py"
 
 
 rule encoder_weights:
