@@ -256,3 +256,16 @@ def test_the_pretrained_preset_scores_a_given_model_without_training(built, tmp_
     (workdir / "optics.yaml").write_text("optics:\n  na: 0.4\n")
     bad = snakemake("-n", *configs, "optics.yaml", cwd=workdir)
     assert bad.returncode != 0 and "blurflow: config error: train.model_file: models/tiny.pt was trained for other optics" in bad.stderr
+
+
+def test_the_gpu_command_trains_for_its_minutes_and_scores_into_one_folder(tmp_path):
+    """tools/gpu_run.sh on the CPU with a tiny budget: the paper-regime preset, cut by the clock,
+    then scored; the outputs flat in the folder."""
+    run = subprocess.run([str(ROOT / "tools/gpu_run.sh"), "0.1", str(tmp_path), str(ROOT / "tests/config/tiny.yaml")], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(
+        ["model.pt", "training_log.csv", "training_curve.png", "two_zone.json", "cylinder.json", "table1.md"]
+    )
+    _, meta = load_model(tmp_path / "model.pt")
+    assert meta["train"]["max_minutes"] == 0.1 and meta["train"]["data"] == "online" and meta["encoder"] == "resnet34"
+    assert json.loads((tmp_path / "two_zone.json").read_text())["pixels"] > 0
