@@ -23,7 +23,7 @@ STDLIB = set(sys.stdlib_module_names) | {"blurflow"}
 
 def rule_blocks() -> dict[str, str]:
     text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow/rules").glob("*.smk")))
-    return {m.group(1): m.group(2) for m in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", text, re.S | re.M)}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^[ ]*rule (\w+):\n(.*?)(?=^[ ]*rule |^else:|\Z)", text, re.S | re.M)}  # rules in if/else too
 
 
 def imported_packages() -> set[str]:
