@@ -296,9 +296,15 @@ class MotionPSF:
         k = torch.ceil(torch.maximum(lateral, axial)).clamp(min=1).long()
         return torch.where(v3 == 0, torch.ones_like(k), k) * step_factor
 
-    def __call__(self, params: torch.Tensor, step_factor: int = 1, chunk: int = 256) -> torch.Tensor:
-        """Kernels (B, size, size) float32 for params (B, 4) = (v1, v2, v3, z0), normalised units."""
+    def __call__(
+        self, params: torch.Tensor, step_factor: int = 1, chunk: int = 256, offset_px: torch.Tensor | None = None, offset_gradient: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """Kernels (B, size, size) float32 for params (B, 4) = (v1, v2, v3, z0), normalised units.
+        ``offset_px`` (B, 2): (x, y) shift of the path midpoint from the kernel origin, px (exact,
+        applied before the kernel is sampled on the camera grid). With ``offset_gradient``,
+        (B, 3, size, size): the kernels and their derivatives by the x and y offsets (per px)."""
         params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, 4)
+        offset = torch.zeros(params.shape[0], 2, device=self.device) if offset_px is None else torch.as_tensor(offset_px, dtype=torch.float32, device=self.device).reshape(-1, 2)
         if not torch.isfinite(params).all():
             raise ValueError("motion parameters must be finite")
         z_start = params[:, 3] * self.scales.axial_scale_um
@@ -311,15 +317,20 @@ class MotionPSF:
                 f"{self.z_lo:.3g}..{self.z_hi:.3g} um (set z_range_um)"
             )
         steps = self.n_steps(params, step_factor)
-        out = torch.empty(params.shape[0], self.size, self.size, device=self.device)
+        out = torch.empty(params.shape[0], 3 if offset_gradient else 1, self.size, self.size, device=self.device)
         order = torch.argsort(steps, descending=True, stable=True)
         for start in range(0, params.shape[0], chunk):
             idx = order[start : start + chunk]
-            out[idx] = self._kernels(params[idx], steps[idx])
-        return out
+            acc = self._kernels(params[idx], steps[idx], offset[idx])
+            out[idx, 0] = self._image(acc)
+            if offset_gradient:  # d/ds of exp(-2 pi i f s) is -2 pi i f: the same sum, weighted
+                out[idx, 1] = self._image(acc * (-2j * math.pi * self._fx))
+                out[idx, 2] = self._image(acc * (-2j * math.pi * self._fy))
+        return out if offset_gradient else out[:, 0]
 
-    def _kernels(self, params: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """Kernels for params sorted by descending step count."""
+    def _kernels(self, params: torch.Tensor, steps: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Fine-grid OTF samples (B, support) of the kernels for params sorted by descending step
+        count, shifted by ``offset`` (px)."""
         kf = steps.to(torch.float32)[:, None]
         d = params[:, :2] * self.scales.lateral_scale_px  # (dx, dy) px over the exposure
         a = d[:, :1] * self._fx + d[:, 1:2] * self._fy  # cycles of phase over the exposure
@@ -348,7 +359,13 @@ class MotionPSF:
         small = x.abs() < 1e-3
         dsinc = torch.where(small, -(math.pi**2) * x / 3, (torch.cos(math.pi * x) - torch.sinc(x)) / torch.where(small, 1, x))
         acc.mul_(h * torch.sinc(x)).addcmul_(acc_slope, (1j * h**2 / (2 * math.pi)) * dsinc)
-        b = params.shape[0]
+        if offset.any():
+            acc.mul_(torch.polar(ones, -2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy)))
+        return acc
+
+    def _image(self, acc: torch.Tensor) -> torch.Tensor:
+        """Kernels (B, size, size) on the camera grid from fine-grid OTF samples (B, support)."""
+        b = acc.shape[0]
         coarse = torch.zeros(b, self.size * (self.size // 2 + 1), dtype=acc.dtype, device=acc.device)
         coarse.index_add_(1, self._fold, acc)
         kern = torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))

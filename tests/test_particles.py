@@ -1,0 +1,72 @@
+"""Particle mode: maximum-likelihood fits of single beads against the motion PSF."""
+
+import numpy as np
+import pytest
+import torch
+
+from blurflow.optics import MotionPSF, MotionScales, Optics
+from blurflow.particles import BeadFitter, canonical
+
+SCALES = MotionScales(24, 10)
+
+
+@pytest.fixture(scope="module")
+def fitter():
+    torch.set_num_threads(2)
+    return BeadFitter(Optics(), SCALES, 64)
+
+
+def bead(v1, v2, v3, z0, photons=5000.0, background=3.0, x=0.3, y=-0.4):
+    return torch.tensor([[x, y, v1, v2, v3, z0, photons, background]])
+
+
+def test_noise_free_beads_give_back_their_parameters(fitter):
+    truth = torch.cat([bead(0.3, 0.3, 0.8, 0.3), bead(-1.2, 0.7, 0.6, 0.1, 8000, 2), bead(0.5, -0.5, 0.0, 0.6, 3000, 1), bead(0.0, 0.05, 0.5, 1.2)])
+    fit = fitter.fit(fitter.expected(truth))
+    expected = canonical(truth).numpy()
+    got = fit.params.copy()
+    lateral_sign = np.where(expected[:, 4] == 0, np.sign((got[:, 2:4] * expected[:, 2:4]).sum(1)), 1)  # no axial motion: an orientation
+    got[:, 2:4] *= lateral_sign[:, None]
+    assert np.abs(got[:, :6] - expected[:, :6]).max() < 0.01, (got, expected)
+    assert np.allclose(got[:, 6], expected[:, 6], rtol=0.01) and np.allclose(got[:, 7], expected[:, 7], atol=0.05)
+    assert fit.converged.all() and not fit.at_bound.any() and (np.abs(fit.deviance) < 1).all()
+    assert list(fit.direction_resolved) == [True, True, False, True]
+
+
+def test_the_time_reversed_path_is_the_same_image_and_the_same_fit(fitter):
+    """The project's identity (v1, v2, v3, z0) == (-v1, -v2, -v3, z0 + v3) as a rendered image, and
+    the fit returns the one representative; the opposite direction is fitted as opposite."""
+    forward, backward = bead(0.4, -0.3, 0.7, 0.2), bead(-0.4, 0.3, -0.7, 0.9)
+    assert torch.allclose(fitter.expected(forward), fitter.expected(backward), rtol=1e-5, atol=1e-4)
+    fit = fitter.fit(torch.cat([fitter.expected(forward), fitter.expected(backward), fitter.expected(bead(-0.4, 0.3, 0.7, 0.2))]))
+    assert np.abs(fit.params[0, 2:6] - [0.4, -0.3, 0.7, 0.2]).max() < 0.01 and np.abs(fit.params[1, 2:6] - fit.params[0, 2:6]).max() < 0.01
+    assert np.abs(fit.params[2, 2:6] - [-0.4, 0.3, 0.7, 0.2]).max() < 0.01 and fit.direction_resolved.all()
+
+
+def test_the_spread_of_fits_over_noise_matches_the_cramer_rao_bound(fitter):
+    """200 Poisson draws of one bead: the standard deviation of the estimates is the bound (within
+    25 %) for every motion component, and the estimates are unbiased within their error."""
+    truth = bead(0.4, 0.3, 0.6, 0.4, photons=5000, background=2.0)
+    g = torch.Generator().manual_seed(1)
+    fit = fitter.fit(fitter.simulate(truth.repeat(200, 1), g))
+    est, bound = fit.params[:, 2:6], fit.std[:, 2:6]
+    spread = est.std(0)
+    assert np.all(np.abs(spread / np.median(bound, 0) - 1) < 0.25), (spread, np.median(bound, 0))
+    assert np.all(np.abs(est.mean(0) - truth[0, 2:6].numpy()) < 3 * spread / np.sqrt(200) + 0.01)
+
+
+def test_fit_ranges_follow_the_optics_and_window():
+    wide = BeadFitter(Optics(na=0.3), SCALES, 64)
+    narrow = BeadFitter(Optics(na=0.6), SCALES, 64)
+    assert narrow.z_max < wide.z_max / 2  # larger NA: defocus blurs faster, less depth fits
+    assert BeadFitter(Optics(), SCALES, 96).v_max == pytest.approx(1.5 * wide.v_max)
+
+
+def test_motion_psf_offset_and_its_gradient():
+    psf = MotionPSF(Optics(), SCALES, 64)
+    p = torch.tensor([[0.3, 0.2, 0.5, 0.2]])
+    assert torch.allclose(psf(p, offset_px=torch.tensor([[3.0, -2.0]])), torch.roll(psf(p), (-2, 3), (-2, -1)), atol=1e-7)
+    off, h = torch.tensor([[0.3, -0.2]]), 1e-2
+    k = psf(p, offset_px=off, offset_gradient=True)
+    dx = (psf(p, offset_px=off + torch.tensor([h, 0])) - psf(p, offset_px=off - torch.tensor([h, 0]))) / (2 * h)
+    assert k.shape == (1, 3, 64, 64) and torch.allclose(k[:, 1], dx, atol=1e-4 * dx.abs().max())
