@@ -247,3 +247,62 @@ def canonical(theta: torch.Tensor) -> torch.Tensor:
     out[flip, 2:4] = -theta[flip, 2:4]
     out[flip, 5] = -theta[flip, 5] - theta[flip, 4]
     return out
+
+
+@dataclass
+class Detection:
+    """Isolated streaks found in an image: ``centres`` (N, 2) integer (row, col) of each fit
+    window's centre, ``labels`` (H, W) int32 of the streaks kept (1..N, 0 elsewhere), and
+    ``rejected`` {reason: count} for streaks left out."""
+
+    centres: np.ndarray
+    labels: np.ndarray
+    rejected: dict[str, int]
+
+
+def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold: float = 5.0, min_area_px: int = 6) -> Detection:
+    """Isolated streaks in a camera image (H, W): the image smoothed by a Gaussian of ``sigma_px``
+    minus its background (median over blocks of ``window`` px, interpolated), thresholded at
+    ``threshold`` noise standard deviations (median absolute deviation of the smoothed residual);
+    the connected components of at least ``min_area_px`` pixels are streaks. A streak is kept when
+    a ``window`` px window centred on it lies inside the image (else 'border') and holds no pixel of
+    another streak (else 'overlap', for both)."""
+    from scipy import ndimage
+    from skimage import measure, transform
+
+    image = np.asarray(image, dtype=np.float32)
+    h, w = image.shape
+    smooth = ndimage.gaussian_filter(image, sigma_px)
+    block = max(8, window)
+    coarse = measure.block_reduce(smooth, (block, block), np.nanmedian, cval=np.nan)  # partial edge blocks: their own pixels
+    background = transform.resize(coarse, (h, w), order=1, mode="edge", anti_aliasing=False)
+    residual = smooth - background
+    noise = 1.4826 * np.median(np.abs(residual - np.median(residual))) + 1e-6
+    labels = measure.label(residual > threshold * noise)
+    regions = [r for r in measure.regionprops(labels, intensity_image=np.clip(residual, 0, None)) if r.area >= min_area_px]
+    half = window // 2
+    rejected = {"border": 0, "overlap": 0}
+    keep, centres = [], []
+    for region in regions:
+        cy, cx = (int(round(c)) for c in region.centroid_weighted)
+        if cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
+            rejected["border"] += 1
+            continue
+        inside = labels[cy - half : cy + half, cx - half : cx + half]
+        others = np.setdiff1d(np.unique(inside), [0, region.label])
+        if any(o in {r.label for r in regions} for o in others):
+            rejected["overlap"] += 1
+            continue
+        keep.append(region.label)
+        centres.append((cy, cx))
+    kept = np.zeros_like(labels, dtype=np.int32)
+    for i, label in enumerate(keep, 1):
+        kept[labels == label] = i
+    return Detection(np.array(centres, dtype=np.int64).reshape(-1, 2), kept, rejected)
+
+
+def windows(image: np.ndarray, centres: np.ndarray, window: int) -> torch.Tensor:
+    """The ``window`` px windows (N, window, window) float32 of ``image`` centred on ``centres``
+    (row, col): pixel (window // 2, window // 2) of a window is its centre."""
+    half = window // 2
+    return torch.from_numpy(np.stack([image[y - half : y + half, x - half : x + half] for y, x in centres]).astype(np.float32)) if len(centres) else torch.zeros(0, window, window)
