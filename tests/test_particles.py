@@ -91,3 +91,49 @@ def test_detection_keeps_isolated_streaks_and_rejects_border_and_overlap(fitter)
     assert found.labels.max() == 1 and found.labels[100, 100] == 1
     fit = fitter.fit(windows(image, found.centres, 64))
     assert np.abs(fit.params[0, :2]).max() < 0.3 and np.abs(fit.params[0, 2:6] - [0.4, 0.3, 0.5, 0.3]).max() < 0.1
+
+
+def test_blurflow_particles_writes_a_table_in_physical_units_and_an_overlay(fitter, tmp_path, capsys):
+    import pandas as pd
+    import tifffile
+    import yaml
+    from PIL import Image
+
+    from blurflow import cli
+
+    truth = bead(-0.8, 0.3, 0.4, 0.1, 6000, 0, x=0, y=0)
+    mu = torch.full((160, 200), 4.0)
+    mu[68:132, 68:132] += fitter.expected(truth)[0]  # path midpoint at row 100, column 100
+    tifffile.imwrite(tmp_path / "beads.tif", torch.poisson(mu, generator=torch.Generator().manual_seed(0)).numpy().astype(np.uint16))
+    (tmp_path / "optics.yaml").write_text(yaml.safe_dump({"optics": {"na": 0.3}, "motion": {"lateral_scale_px": 24, "axial_scale_um": 10}}))
+    args = ["particles", str(tmp_path / "beads.tif"), "--config", str(tmp_path / "optics.yaml"), "--exposure-ms", "100"]
+    assert cli.main(args) == 0
+    assert "1 particles fitted" in capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "beads_particles.csv")
+    assert list(table.columns) == list(cli.PARTICLE_COLUMNS) and len(table) == 1
+    row = table.iloc[0]
+    per_s, pixel = 10.0, 0.65  # 100 ms exposure; 6.5 um camera pixel / 10x
+    assert abs(row.x_px - 100) < 0.3 and abs(row.y_px - 100) < 0.3 and row.x_um == pytest.approx(row.x_px * pixel)
+    assert row.v1 == pytest.approx(-0.8 * 24 * pixel * per_s, abs=0.05 * 24 * pixel * per_s) and row.speed_unit == "um/s"
+    assert row.v3 == pytest.approx(0.4 * 10 * per_s, abs=0.1 * 10 * per_s) and row.z0_um == pytest.approx(1.0, abs=1.0)
+    assert row.direction_resolved and row.converged and row.v1_std > 0
+    with Image.open(tmp_path / "beads_particles.png") as im:
+        assert im.size[0] > 500
+    # a rerun on everything skips its own outputs; a user's file of an output's name is never overwritten
+    assert cli.main(["particles", *map(str, sorted(tmp_path.glob("beads*"))), "--quiet"]) == 0
+    (tmp_path / "beads_particles.csv").write_text("my,own\n1,2\n")
+    assert cli.main(["particles", str(tmp_path / "beads.tif"), "--quiet"]) == 1
+    assert (tmp_path / "beads_particles.csv").read_text() == "my,own\n1,2\n"
+    assert "not an output of blurflow particles; not overwritten" in capsys.readouterr().err
+
+
+def test_blurflow_particles_bad_input_is_one_line(tmp_path, capsys):
+    from blurflow import cli
+
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00junk")
+    assert cli.main(["particles", str(tmp_path / "bad.tif"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read image" in err[0] and not list(tmp_path.glob("*_particles*"))
+    assert cli.main(["particles", str(tmp_path / "bad.tif"), "--window", "63"]) == 2
+    assert cli.main(["particles", str(tmp_path / "bad.tif"), "--na", "1.5"]) == 2
+    assert "optics:" in capsys.readouterr().err

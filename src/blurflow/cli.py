@@ -79,14 +79,21 @@ def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: floa
     return out, [speed_unit] * 3 + ["um", "1"]
 
 
-def output_paths(stem: Path) -> tuple[Path, Path]:
-    """``<stem>_flow.tif`` and ``<stem>_flow.png``."""
-    return stem.with_name(stem.name + "_flow.tif"), stem.with_name(stem.name + "_flow.png")
+OUTPUTS = {"predict": ("_flow.tif", "_flow.png"), "particles": ("_particles.csv", "_particles.png")}  # what each command writes per image
+
+
+def output_paths(stem: Path, command: str = "predict") -> tuple[Path, Path]:
+    """The files ``command`` writes for an image: ``<stem>_flow.tif`` and ``<stem>_flow.png``, or
+    ``<stem>_particles.csv`` and ``<stem>_particles.png``."""
+    return tuple(stem.with_name(stem.name + suffix) for suffix in OUTPUTS[command])
 
 
 def is_output(path: Path) -> bool:
     """Whether ``path`` is a file written by ``blurflow predict`` (by the software tag it carries)."""
     try:
+        if path.suffix.lower() == ".csv":
+            with open(path) as f:
+                return f.readline().rstrip("\n") == ",".join(PARTICLE_COLUMNS)
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -100,7 +107,7 @@ def is_output(path: Path) -> bool:
         return False
 
 
-def plan_outputs(images: list[Path], out_dir: Path | None) -> dict[Path, Path]:
+def plan_outputs(images: list[Path], out_dir: Path | None, command: str = "predict") -> dict[Path, Path]:
     """Output stem of every input image: beside the image, or under ``out_dir`` at the image's path
     relative to the folder that holds all inputs (d1/img.tif and d2/img.tif stay apart). An image
     given twice counts once; two inputs that would write the same output (img.tif and img.png) are
@@ -115,18 +122,18 @@ def plan_outputs(images: list[Path], out_dir: Path | None) -> dict[Path, Path]:
         folder = given.parent if out_dir is None else out_dir / resolved.parent.relative_to(base)
         stem = folder / given.stem
         if stem.resolve() in taken:
-            raise InputError(f"{taken[stem.resolve()]} and {given} would both write {output_paths(stem)[0]}; rename one or predict them separately")
+            raise InputError(f"{taken[stem.resolve()]} and {given} would both write {output_paths(stem, command)[0]}; rename one or run them separately")
         taken[stem.resolve()] = given
         plan[given] = stem
     return plan
 
 
-def check_targets(stem: Path) -> None:
+def check_targets(stem: Path, command: str = "predict") -> None:
     """``InputError`` when an output of ``stem`` exists and is not blurflow's own (a user's file
     is never overwritten)."""
-    for target in output_paths(stem):
+    for target in output_paths(stem, command):
         if target.exists() and not is_output(target):
-            raise InputError(f"{target} exists and is not an output of blurflow predict; not overwritten (move it, or use --out)")
+            raise InputError(f"{target} exists and is not an output of blurflow {command}; not overwritten (move it, or use --out)")
 
 
 PREVIEW_PX = 1024  # the PNG shows at most this many pixels along a side (every n-th pixel of the flow)
@@ -142,7 +149,6 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
     from blurflow import figures
     from blurflow.evaluate import predict_bands, tile_count
 
-    check_targets(stem)
     planes = load_planes(path)
     t, h, w = planes.shape
     tile = meta["image_px"]
@@ -209,28 +215,11 @@ def predict_command(args: argparse.Namespace) -> int:
     from blurflow.train import pick_device
 
     model_path, image_paths, shipped = model_and_images(args.inputs)
-
-    out_dir = Path(args.out) if args.out else None
-    if out_dir is not None:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise UsageError(f"--out: {out_dir} exists and is not a folder")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out: cannot create folder {out_dir}: {exc.strerror or exc}") from None
+    plan = plan_images(image_paths, args, "predict")
     try:
         device = pick_device(args.device)
     except ValueError as exc:
         raise UsageError(f"--device: {exc}") from None
-    images = []
-    for path in image_paths:
-        if not is_output(path):
-            images.append(path)
-        elif not args.quiet:
-            note(f"blurflow: skipping {path}: an output of blurflow predict")
-    if not images:
-        raise InputError("no input images left: every one given is an output of blurflow predict")
-    plan = plan_outputs(images, out_dir)
     try:
         model, meta = load_model(model_path, device)
     except ValueError as exc:
@@ -245,10 +234,40 @@ def predict_command(args: argparse.Namespace) -> int:
             f"of the training optics (NA {meta['optics']['na']}, {meta['optics']['wavelength_um']} um), results are approximate"
         )
     smooth = meta.get("output_smoothing_px", 0.0) if args.smooth_px is None else args.smooth_px
-    failed = 0
-    for path, stem in logs.progress(plan.items(), enabled=not args.quiet and len(plan) > 1, desc="predict", unit="image"):
+    return run_images(plan, lambda path, stem: predict_file(model, meta, path, stem, args, pixel_um, smooth), args, "predict")
+
+
+def plan_images(image_paths: list[Path], args: argparse.Namespace, command: str) -> dict[Path, Path]:
+    """Output stem of every image to process (blurflow's own outputs among them are skipped):
+    :func:`plan_outputs` under ``--out`` (created here; one line, exit 2 if it cannot be)."""
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out: {out_dir} exists and is not a folder")
         try:
-            written = predict_file(model, meta, path, stem, args, pixel_um, smooth)
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out: cannot create folder {out_dir}: {exc.strerror or exc}") from None
+    images = []
+    for path in image_paths:
+        if not is_output(path):
+            images.append(path)
+        elif not args.quiet:
+            note(f"blurflow: skipping {path}: an output of blurflow")
+    if not images:
+        raise InputError("no input images left: every one given is an output of blurflow")
+    return plan_outputs(images, out_dir, command)
+
+
+def run_images(plan: dict[Path, Path], process, args: argparse.Namespace, command: str) -> int:
+    """``process(path, stem)`` for every planned image, which returns the files it wrote: a bad
+    image, an unwritable folder or a full disk is one line for that image, and the others go on.
+    Exit status 1 if any failed."""
+    failed = 0
+    for path, stem in logs.progress(plan.items(), enabled=not args.quiet and len(plan) > 1, desc=command, unit="image"):
+        try:
+            check_targets(stem, command)
+            written = process(path, stem)
             if not args.quiet:
                 note(f"{path}: wrote {', '.join(str(p) for p in written)}", sys.stdout)
         except InputError as exc:
@@ -259,6 +278,99 @@ def predict_command(args: argparse.Namespace) -> int:
             note(f"blurflow: error: {path}: cannot write its results to {where}: {exc.strerror or exc}")
             failed += 1
     return 1 if failed else 0
+
+
+PARTICLE_COLUMNS = (
+    "particle", "plane", "x_px", "y_px", "x_um", "y_um", "x_std_px", "y_std_px", "dx_px", "dy_px",
+    "v1", "v1_std", "v2", "v2_std", "v3", "v3_std", "z0_um", "z0_std_um", "speed_unit",
+    "photons", "photons_std", "background", "background_std", "deviance", "direction_resolved", "crosses_focus", "at_bound", "converged",
+)  # fmt: skip
+
+
+def particle_table(fit, centres: np.ndarray, plane: int, scales, pixel_um: float, exposure_ms: float | None) -> list[dict]:
+    """One row per particle (PARTICLE_COLUMNS) in physical units: positions in px of the image
+    (column x, row y) and um, of the path midpoint; dx, dy the lateral path over the exposure in
+    px; v1, v2, v3 in um per exposure, or um/s with ``exposure_ms``; z0 in um."""
+    per = 1000 / exposure_ms if exposure_ms else 1.0
+    lateral, axial = scales.lateral_scale_px * pixel_um * per, scales.axial_scale_um
+    rows = []
+    for i, ((cy, cx), p, sd) in enumerate(zip(centres, fit.params, fit.std)):
+        x, y = cx + p[0], cy + p[1]
+        rows.append({
+            "particle": i + 1, "plane": plane, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "x_std_px": sd[0], "y_std_px": sd[1],
+            "dx_px": p[2] * scales.lateral_scale_px, "dy_px": p[3] * scales.lateral_scale_px,
+            "v1": p[2] * lateral, "v1_std": sd[2] * lateral, "v2": p[3] * lateral, "v2_std": sd[3] * lateral,
+            "v3": p[4] * axial * per, "v3_std": sd[4] * axial * per, "z0_um": p[5] * axial, "z0_std_um": sd[5] * axial,
+            "speed_unit": "um/s" if exposure_ms else "um/exposure", "photons": p[6], "photons_std": sd[6], "background": p[7], "background_std": sd[7],
+            "deviance": fit.deviance[i], "direction_resolved": bool(fit.direction_resolved[i]), "crosses_focus": bool(fit.crosses_focus[i]),
+            "at_bound": bool(fit.at_bound[i]), "converged": bool(fit.converged[i]),
+        })  # fmt: skip
+    return rows
+
+
+def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> list[Path]:
+    """Detect and fit the isolated beads of every plane of one image; write
+    ``<stem>_particles.csv`` (PARTICLE_COLUMNS) and ``<stem>_particles.png`` (the first plane)."""
+    import pandas as pd
+
+    from blurflow import figures
+    from blurflow.particles import detect, windows
+
+    planes = (load_planes(path) - args.offset) * args.gain
+    rows, first = [], None
+    for i, plane in enumerate(planes):
+        found = detect(plane, fitter.window, threshold=args.threshold)
+        fit = fitter.fit(windows(plane, found.centres, fitter.window))
+        rows += particle_table(fit, found.centres, i, fitter.scales, fitter.optics.pixel_um, args.exposure_ms)
+        first = first or (found, rows[:])
+    table = pd.DataFrame(rows, columns=list(PARTICLE_COLUMNS))
+    csv, png = output_paths(stem, "particles")
+    with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
+        table.to_csv(tmp_csv, index=False)
+        figures.particles_overlay(planes[0], first[0].labels, pd.DataFrame(first[1], columns=list(PARTICLE_COLUMNS))).savefig(
+            tmp_png, dpi=110, format="png", metadata={"Software": SOFTWARE}
+        )
+    if not args.quiet:
+        rejected = ", ".join(f"{n} at the {k}" if k == "border" else f"{n} overlapping" for k, n in first[0].rejected.items() if n)
+        note(f"blurflow: {path}: {len(table)} particles fitted" + (f" (left out in the first plane: {rejected})" if rejected else ""))
+    return [csv, png]
+
+
+def particles_command(args: argparse.Namespace) -> int:
+    from blurflow.optics import MotionScales
+    from blurflow.particles import BeadFitter
+
+    first = Path(args.inputs[0])
+    if first.suffix == ".pt" or first.is_dir():
+        from blurflow.model import load_model
+
+        try:
+            _, meta = load_model(first)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        optics_cfg, scales_cfg, image_paths = meta["optics"], meta["scales"], [Path(p) for p in args.inputs[1:]]
+    elif args.config:
+        import yaml
+
+        try:
+            config = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"--config: cannot read {args.config}: {exc}") from None
+        optics_cfg, scales_cfg, image_paths = config.get("optics", {}), config.get("motion", {}), [Path(p) for p in args.inputs]
+    else:
+        optics_cfg, scales_cfg, image_paths = {}, {}, [Path(p) for p in args.inputs]
+    flags = {k: getattr(args, k) for k in ("na", "n", "wavelength_um", "magnification", "camera_pixel_um") if getattr(args, k) is not None}
+    scale_flags = {k: getattr(args, k) for k in ("lateral_scale_px", "axial_scale_um") if getattr(args, k) is not None}
+    try:
+        optics = Optics.from_config({k: v for k, v in {**optics_cfg, **flags}.items()})
+        scales = MotionScales.from_config({"lateral_scale_px": 24.0, "axial_scale_um": 10.0, **scales_cfg, **scale_flags})
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"optics: {exc}") from None
+    if not image_paths:
+        raise UsageError("IMAGE: no image given")
+    plan = plan_images(image_paths, args, "particles")
+    fitter = BeadFitter(optics, scales, args.window)
+    return run_images(plan, lambda path, stem: particles_file(fitter, path, stem, args), args, "particles")
 
 
 def note(message: str, file=None) -> None:
@@ -319,6 +431,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=predict_command)
 
+    p = sub.add_parser(
+        "particles",
+        help="3D velocity of every isolated bead by a maximum-likelihood fit of its streak",
+        description=(
+            "Find the isolated streaks of tracer particles (beads) in each image and fit each one with the motion PSF by "
+            "Poisson maximum likelihood: position, v1, v2, v3, z0, photons and background, each with its Cramer-Rao standard "
+            "deviation. Writes IMAGE_particles.csv (one row per particle) and IMAGE_particles.png (streaks outlined, arrows for "
+            "the lateral motion coloured by v3). The path is reported moving away from focus (v3 >= 0, z0 >= 0 unless it crosses "
+            "focus); (v1, v2) is its direction where direction_resolved, else an orientation. Optics from a model file, a "
+            "config file (--config, its optics and motion sections) or the flags; the defaults are config.yaml's."
+        ),
+    )
+    p.add_argument("inputs", metavar="[MODEL] IMAGE", nargs="+", help="MODEL: a model file (.pt) whose optics and blur scales to use; IMAGE: TIFF, PNG or JPEG in camera counts")
+    p.add_argument("--config", metavar="YAML", help="a blurflow config file: its optics and motion sections")
+    for name, what in (("na", "numerical aperture (0.3)"), ("n", "immersion refractive index (1.0)"), ("wavelength-um", "emission wavelength in um (0.65)"),
+                       ("magnification", "magnification (10)"), ("camera-pixel-um", "camera pixel in um (6.5)"),
+                       ("lateral-scale-px", "L: px of lateral motion per unit v (24)"), ("axial-scale-um", "A: um of axial motion per unit v3 (10)")):  # fmt: skip
+        p.add_argument(f"--{name}", type=float, help=what)
+    p.add_argument("--out", metavar="DIR", help="output folder (default: beside each image)")
+    p.add_argument("--exposure-ms", type=float, metavar="T", help="exposure time in ms: velocities in um/s")
+    p.add_argument("--offset", type=float, default=0.0, help="camera offset subtracted from the pixel values (default 0)")
+    p.add_argument("--gain", type=float, default=1.0, help="photo-electrons per pixel value after the offset (default 1)")
+    p.add_argument("--window", type=int, default=64, help="fit window in px, even (default 64): holds the longest streak")
+    p.add_argument("--threshold", type=float, default=5.0, help="detection threshold in noise standard deviations (default 5)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    p.set_defaults(func=particles_command)
+
     p = sub.add_parser("info", help="show what a model file holds", description="Print the metadata of a model file as JSON.")
     p.add_argument("model", metavar="MODEL", nargs="?", help="model file (default: the shipped model, models/blurflow.pt)")
     p.set_defaults(func=info_command)
@@ -333,6 +472,9 @@ def _check(args: argparse.Namespace) -> None:
     smooth = getattr(args, "smooth_px", None)
     if smooth is not None and not (np.isfinite(smooth) and smooth >= 0):
         raise UsageError(f"--smooth-px must be a number of pixels >= 0, got {smooth:g}")
+    window = getattr(args, "window", 64)
+    if window < 16 or window % 2:
+        raise UsageError(f"--window must be an even number of pixels >= 16, got {window}")
     if getattr(args, "batch", 1) < 1:
         raise UsageError(f"--batch must be a positive number of tiles, got {args.batch}")
 

@@ -266,3 +266,28 @@ def flow_overlay(image: np.ndarray, flow: np.ndarray, units: list[str], arrows: 
     b.set_title(f"|v1| red (max {peak[0]:.2g}), v2 green (max {peak[1]:.2g}), v3 blue (max {peak[2]:.2g}) {units[0]}", fontsize=9)
     b.set_axis_off()
     return fig
+
+
+def particles_overlay(image: np.ndarray, labels: np.ndarray, table) -> plt.Figure:
+    """The image with the fitted streaks outlined and each particle's lateral path as an arrow from
+    its start to its end (a headless segment where the direction is not resolved), coloured by v3.
+    ``table`` has the columns of blurflow particles' CSV (x_px, y_px, dx_px, dy_px, v3, ...)."""
+    h, w = image.shape
+    fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1) + 0.6), constrained_layout=True)
+    lo, hi = _display_range(image)
+    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
+    if labels.any():
+        ax.contour(labels > 0, levels=[0.5], colors="cyan", linewidths=0.6)
+    if len(table):
+        unit = table["speed_unit"].iloc[0]
+        v3 = table["v3"].to_numpy()
+        norm = plt.Normalize(0, max(float(v3.max()), 1e-9))
+        colours = plt.cm.plasma(norm(v3))
+        for row, colour in zip(table.itertuples(), colours):
+            start = (row.x_px - row.dx_px / 2, row.y_px - row.dy_px / 2)
+            style = "-|>" if row.direction_resolved else "-"
+            ax.annotate("", xy=(row.x_px + row.dx_px / 2, row.y_px + row.dy_px / 2), xytext=start, arrowprops={"arrowstyle": style, "color": colour, "lw": 1.5})
+        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), ax=ax, shrink=0.8, label=f"v3 ({unit}, away from focus)")
+    ax.set_title(f"{len(table)} particles: lateral path over the exposure (arrow: direction resolved)", fontsize=9)
+    ax.set_axis_off()
+    return fig
