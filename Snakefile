@@ -31,3 +31,4 @@ rule all:
         rules.fig3_cylinder_sketch.output.figure,
         rules.fig4_cylinder.output.figure,
         rules.table1.output.figure,
+        rules.crb_map.output.figure,

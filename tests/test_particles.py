@@ -137,3 +137,16 @@ def test_blurflow_particles_bad_input_is_one_line(tmp_path, capsys):
     assert cli.main(["particles", str(tmp_path / "bad.tif"), "--window", "63"]) == 2
     assert cli.main(["particles", str(tmp_path / "bad.tif"), "--na", "1.5"]) == 2
     assert "optics:" in capsys.readouterr().err
+
+
+def test_the_cramer_rao_map_falls_with_photons_and_a_deeper_axial_scale_shows_v3():
+    from blurflow.particles import cramer_rao_map
+
+    rows = cramer_rao_map(Optics(), [(24, 10), (24, 20)], [1000, 20000], motions=8)
+    by = {(r["axial_scale_um"], r["photons"]): r for r in rows}
+    for name in ("v1", "v3", "z0"):
+        for axial in (10, 20):
+            assert by[(axial, 20000)][f"std_{name}"] < by[(axial, 1000)][f"std_{name}"] / 3  # ~ 1 / sqrt(photons)
+            assert 0 <= by[(axial, 1000)][f"ideal_r2_{name}"] <= by[(axial, 20000)][f"ideal_r2_{name}"] <= 1
+    assert by[(20, 1000)]["std_v3"] < by[(10, 1000)]["std_v3"]  # more axial blur per unit v3: v3 is better seen
+    assert by[(20, 1000)]["window_px"] > by[(10, 1000)]["window_px"]

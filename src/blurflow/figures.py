@@ -291,3 +291,20 @@ def particles_overlay(image: np.ndarray, labels: np.ndarray, table) -> plt.Figur
     ax.set_title(f"{len(table)} particles: lateral path over the exposure (arrow: direction resolved)", fontsize=9)
     ax.set_axis_off()
     return fig
+
+
+def crb_map(table: pd.DataFrame) -> plt.Figure:
+    """Measurability from theory: the ideal R^2 that one bead's Cramér-Rao bound allows for the
+    lateral motion, v3 and z0, against the blur per unit speed (L, A), one line per photon count."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True, sharey=True)
+    settings = table[["lateral_scale_px", "axial_scale_um"]].drop_duplicates()
+    x = np.arange(len(settings))
+    labels = [f"L = {r.lateral_scale_px:g} px\nA = {r.axial_scale_um:g} um" for r in settings.itertuples()]
+    for ax, (comp, name) in zip(axes, (("v1", "lateral (v1; v2 alike)"), ("v3", "v3 (axial velocity)"), ("z0", "z0 (start depth)"))):
+        for count, rows in table.groupby("photons"):
+            ax.plot(x, rows[f"ideal_r2_{comp}"], "o-", label=f"{count:,.0f} photons")
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set(title=name, ylim=(0, 1.02))
+    axes[0].set_ylabel("ideal R² of one bead (Cramér-Rao)")
+    axes[0].legend(fontsize=8, loc="lower right")
+    return fig

@@ -168,6 +168,14 @@ class BeadFitter:
         jac[:, 7] = 1.0
         return mu, jac
 
+    def cramer_rao(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expected counts (B, window**2), Cramér-Rao standard deviations (B, 8)): the square roots
+        of the diagonal of the inverse Poisson Fisher information at ``theta`` (B, 8)."""
+        mu, jac = self._jacobian(theta)
+        fisher = torch.einsum("bpn,bqn->bpq", jac / mu[:, None], jac)
+        cov = torch.linalg.pinv(fisher.double()).float()
+        return mu, torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()
+
     @staticmethod
     def log_likelihood(counts: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """Poisson log-likelihood (B,) without the counts-only term."""
@@ -220,10 +228,7 @@ class BeadFitter:
         theta, ll, _ = self.refine(repeated, starts.reshape(b * s, 8), screen)
         pick = ll.reshape(b, s).argmax(1) + torch.arange(b) * s
         theta, ll, converged = self.refine(counts, theta[pick], iterations)
-        m, final = self._jacobian(theta)
-        fisher = torch.einsum("bpn,bqn->bpq", final / m[:, None], final)
-        cov = torch.linalg.pinv(fisher.double()).float()
-        std = torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()
+        m, std = self.cramer_rao(theta)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
         theta = canonical(theta)
@@ -306,3 +311,36 @@ def windows(image: np.ndarray, centres: np.ndarray, window: int) -> torch.Tensor
     (row, col): pixel (window // 2, window // 2) of a window is its centre."""
     half = window // 2
     return torch.from_numpy(np.stack([image[y - half : y + half, x - half : x + half] for y, x in centres]).astype(np.float32)) if len(centres) else torch.zeros(0, window, window)
+
+
+TRAINING_VARIANCE = {"v1": 1 / 3, "v2": 1 / 3, "v3": 1 / 12, "z0": 1 / 12}  # of uniform [-1, 1], [-1, 1], [0, 1], [0, 1]
+
+
+@torch.no_grad()
+def cramer_rao_map(
+    optics: Optics, settings: list[tuple[float, float]], photons: list[float], motions: int = 48, background: float = 2.0, seed: int = 0,
+) -> list[dict]:  # fmt: skip
+    """The bound for one bead against the exposure: for every blur scale (L px, A um per unit speed,
+    as a longer exposure scales both) and photon count, the median Cramér-Rao standard deviation
+    of v1, v2, v3, z0 (normalised units) over ``motions`` motions drawn in the training ranges, and
+    the ideal R^2 it allows, var / (var + mean sigma^2) with the training ranges' variance. The window
+    of each setting holds its longest streak and widest defocus (required_kernel_px)."""
+    from blurflow.optics import required_kernel_px
+
+    g = torch.Generator().manual_seed(seed)
+    motion = torch.rand(motions, 4, generator=g) * torch.tensor([2.0, 2.0, 1.0, 1.0]) - torch.tensor([1.0, 1.0, 0.0, 0.0])
+    motion[:, 2:] = motion[:, 2:].clamp(min=0.02)  # v3 = 0 exactly: its derivative is one-sided there
+    rows = []
+    for lateral, axial in settings:
+        scales = MotionScales(lateral, axial)
+        window = max(32, required_kernel_px(optics, scales, math.sqrt(2), 2.0))
+        fitter = BeadFitter(optics, scales, window + window % 2)
+        for count in photons:
+            theta = torch.cat([torch.zeros(motions, 2), motion, torch.full((motions, 1), float(count)), torch.full((motions, 1), background)], 1)
+            std = fitter.cramer_rao(theta)[1][:, 2:6]
+            row = {"lateral_scale_px": lateral, "axial_scale_um": axial, "photons": count, "window_px": fitter.window}
+            for i, name in enumerate(("v1", "v2", "v3", "z0")):
+                row[f"std_{name}"] = float(std[:, i].median())
+                row[f"ideal_r2_{name}"] = TRAINING_VARIANCE[name] / (TRAINING_VARIANCE[name] + float((std[:, i] ** 2).mean()))
+            rows.append(row)
+    return rows

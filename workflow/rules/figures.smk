@@ -177,3 +177,34 @@ rule table1:
         gpu=0,
     script:
         "../scripts/table1.py"
+
+
+rule crb_map:
+    output:
+        csv="results/tables/crb_map.csv",
+        figure=report(
+            "results/figures/crb_map.png",
+            caption="../report/crb_map.rst",
+            category="Measurability study",
+        ),
+    log:
+        "logs/figures/crb_map.log",
+    benchmark:
+        "results/benchmarks/figures/crb_map.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    params:
+        **blurflow_config.rule_params(
+            lambda wc: {
+                "optics": config["optics"],
+                "study": {"settings": config["study"]["settings"]},
+            }
+        ),
+        photons=[1000, 5000, 20000],
+    script:
+        "../scripts/crb_map.py"
