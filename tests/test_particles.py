@@ -150,3 +150,28 @@ def test_the_cramer_rao_map_falls_with_photons_and_a_deeper_axial_scale_shows_v3
             assert 0 <= by[(axial, 1000)][f"ideal_r2_{name}"] <= by[(axial, 20000)][f"ideal_r2_{name}"] <= 1
     assert by[(20, 1000)]["std_v3"] < by[(10, 1000)]["std_v3"]  # more axial blur per unit v3: v3 is better seen
     assert by[(20, 1000)]["window_px"] > by[(10, 1000)]["window_px"]
+
+
+def test_beads_of_the_training_synthesis_are_fitted_where_and_as_they_were_made(tmp_path, fitter):
+    """The bead test set (rendered by the training synthesis: its kernel size, time steps and camera)
+    against the fit (its own window and steps): positions, photons and motions agree."""
+    import h5py
+
+    from blurflow import sources, testsets
+    from blurflow.data import ShardDataset
+    from blurflow.synthesis import SynthesisConfig
+
+    sources.write_sources(sources.phantom_images(1, 256, seed=0), tmp_path / "src.h5", 256, "phantom")
+    cfg = SynthesisConfig(photons=(15000, 20000), background_sigma=(0, 2))
+    testsets.write_beads(tmp_path / "beads.h5", tmp_path / "src.h5", Optics(), SCALES, 64, cfg, 128, 2, seed=0, progress=False)
+    ds = ShardDataset([tmp_path / "beads.h5"])
+    centres = np.stack([ds.attrs["bead_rows"], ds.attrs["bead_cols"]], 1)
+    assert centres.tolist() == [[32, 32], [32, 96], [96, 32], [96, 96]]
+    with h5py.File(tmp_path / "beads.h5") as f:
+        truth, photons = f["params"][()], f["quantum_efficiency"][()] * f["photons"][()]
+    assert (truth[..., 1] >= 0).all()  # drawn with v2 >= 0: the stored labels are the signed motions
+    for i in range(2):
+        fit = fitter.fit(windows(ds[i]["image"][0].numpy(), centres, 64))
+        assert np.abs(fit.params[:, :2]).max() < 0.2 and np.allclose(fit.params[:, 6], photons[i], rtol=0.05)
+        assert np.abs(fit.params[:, 2:4] - truth[i, :, :2]).max() < 0.03
+        assert np.abs(fit.params[:, 4:6] - truth[i, :, 2:4]).max() < 0.15

@@ -6,13 +6,16 @@
   with phi going smoothly from 0 at the bottom row (lateral motion) to pi/2 at the top row (axial
   motion); every row is its own region with its own PSF, so the profile has no bands
   (paper Fig. 3-4, R^2 = 0.91);
-- Table 1: five fixed motions, a-d on simulated beads, e on a textured held-out image.
+- Table 1: five fixed motions, a-d on simulated beads, e on a textured held-out image;
+- beads: isolated point sources on a grid, each its own region with its own random motion, for
+  the particle fit (blurflow.particles) beside the network.
 
 Camera draws (photons, quantum efficiency, background) follow the training configuration.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -36,7 +39,7 @@ TABLE1_PAPER = {  # the paper's predictions
     "e": (0.10, 0.35, 0.98, 0.06),
 }
 PAPER_R2 = {"two_zone": 0.92, "cylinder": 0.91}
-TESTSET_KEYS = {"two_zone": 10, "cylinder": 11, "table1": 12}  # seed-key prefixes, apart from training
+TESTSET_KEYS = {"two_zone": 10, "cylinder": 11, "table1": 12, "beads": 13}  # seed-key prefixes, apart from training
 
 
 def straight_split(size: int, rng: np.random.Generator) -> np.ndarray:
@@ -118,3 +121,39 @@ def write_table1(path, sources, optics: Optics, scales: MotionScales, kernel_px:
 
     keys = [(seed, TESTSET_KEYS["table1"], i) for i in range(len(cases))]
     write_samples(path, syn, draw, keys, 1, {"seed": seed, "testset": "table1", "cases": "".join(cases)}, progress=progress, desc="table 1")
+
+
+def bead_grid(image_px: int, per_side: int) -> np.ndarray:
+    """(per_side**2, 2) integer (row, col) of beads on a grid: the centres of equal cells."""
+    cell = image_px // per_side
+    centres = cell // 2 + cell * np.arange(per_side)
+    return np.stack(np.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2)
+
+
+def write_beads(
+    path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, count: int, seed: int,
+    per_side: int = 2, progress: bool = True,
+) -> None:  # fmt: skip
+    """Bead test set: ``count`` images of ``image_px``, each with ``per_side`` x ``per_side``
+    isolated beads (one bright pixel each, at :func:`bead_grid`) in their own grid cells, each
+    cell a region with its own motion drawn in the training ranges; photons and background as in
+    training (a bead's photons are ``quantum_efficiency * photons``). Motions are drawn with
+    v2 >= 0, so the stored (canonical) labels are the signed motions: the direction of a bead that
+    moves away from focus is known, and is what the fit must find (a 180 degree rotation of the
+    plane loses nothing)."""
+    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px)  # the sources are not used: beads are the sources
+    centres = bead_grid(image_px, per_side)
+    cell, offset = image_px // per_side, (syn.canvas_px - image_px) // 2
+    index = np.clip((np.arange(syn.canvas_px) - offset) // cell, 0, per_side - 1)
+    regions = (index[:, None] * per_side + index[None, :]).astype(np.uint8)
+    sharp = np.zeros((image_px, image_px), np.float32)
+    sharp[centres[:, 0], centres[:, 1]] = 1.0
+
+    def draw(i, rng):
+        motions = syn.motions(per_side**2, rng)
+        motions[motions[:, 1] < 0, :2] *= -1
+        return {"sharp": sharp, "regions": regions, "params": motions, **syn.camera_draws(rng)}
+
+    keys = [(seed, TESTSET_KEYS["beads"], i) for i in range(count)]
+    attrs = {"seed": seed, "testset": "beads", "bead_rows": json.dumps(centres[:, 0].tolist()), "bead_cols": json.dumps(centres[:, 1].tolist())}
+    write_samples(path, syn, draw, keys, per_side**2, attrs, progress=progress, desc="beads")
