@@ -32,3 +32,4 @@ rule all:
         rules.fig4_cylinder.output.figure,
         rules.table1.output.figure,
         rules.crb_map.output.figure,
+        rules.bead_metrics.output.figure,

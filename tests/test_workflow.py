@@ -142,7 +142,7 @@ def test_an_interrupted_run_resumes_with_the_plain_command(workdir):
 
 FIGURES = (
     "psf_gallery", "training_samples", "training_curve", "fig2_two_zone", "fig3_cylinder_sketch",
-    "fig4_cylinder", "table1", "scatter_two_zone", "scatter_cylinder", "crb_map",
+    "fig4_cylinder", "table1", "scatter_two_zone", "scatter_cylinder", "crb_map", "fit_vs_truth",
 )  # fmt: skip
 
 
@@ -166,6 +166,9 @@ def test_pipeline_builds_end_to_end_on_the_tiny_config(built):
         assert list(table["component"]) == ["v1", "v2", "v3", "z0", "mean"]
     with h5py.File(results / "predictions/two_zone.h5") as f:
         assert f["pred"].shape == (3, 5, 64, 64)  # `evaluated` of the 4 generated
+    beads = json.loads((results / "metrics/beads.json").read_text())
+    assert beads["fit"]["beads"] == beads["network"]["beads"] == 1 and "within_2_std" in beads["fit"]
+    assert len(pd.read_csv(results / "particles/beads.csv")) == 1
     table1 = pd.read_csv(results / "tables/table1.csv")
     assert list(table1["case"]) == list("abcde") and table1[["pred_v1", "pred_v3"]].notna().all().all()
     assert (results / "tables/table1.md").read_text().startswith("| case")
@@ -195,7 +198,7 @@ def planned(output: str) -> set[str]:
     return {line.split()[0] for line in table[: next(i for i, line in enumerate(table) if line.startswith("total"))]}
 
 
-DOWNSTREAM_OF_MODEL = {"predict", "metrics", "fig2_two_zone", "fig4_cylinder", "table1", "all"}
+DOWNSTREAM_OF_MODEL = {"predict", "metrics", "bead_metrics", "fig2_two_zone", "fig4_cylinder", "table1", "all"}
 
 
 @pytest.mark.parametrize(

@@ -264,3 +264,21 @@ def table1_rows(testset: str | Path, predictions: str | Path) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def bead_estimates(testset: str | Path, predictions: str | Path) -> np.ndarray:
+    """The network's estimate of every bead of a bead test set (image by image, bead by bead):
+    its predicted (v1, v2, v3, z0) averaged over the valid pixels of the bead's region (all the
+    region's pixels when none is valid). (M, 4) float64, canonical."""
+    ds = ShardDataset([testset])
+    with h5py.File(predictions) as f:
+        pred = f["pred"][()].astype(np.float64)
+    out = []
+    for i in range(len(pred)):
+        item = ds[i]
+        region, valid = item["region"].numpy(), item["valid"][0].numpy() > 0.5
+        for r in range(len(ds.attrs["bead_rows"])):
+            mask = (region == r) & valid
+            mask = mask if mask.any() else region == r
+            out.append(pred[i, :4][:, mask].mean(1))
+    return np.array(out)

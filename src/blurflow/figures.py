@@ -308,3 +308,19 @@ def crb_map(table: pd.DataFrame) -> plt.Figure:
     axes[0].set_ylabel("ideal R² of one bead (Cramér-Rao)")
     axes[0].legend(fontsize=8, loc="lower right")
     return fig
+
+
+def fit_vs_truth(table: pd.DataFrame, network: np.ndarray) -> plt.Figure:
+    """Bead test set: the particle fit (with its 2-std error bars) and the network against the
+    truth, per component (normalised units). ``table`` is blurflow.particles.fit_testset's,
+    ``network`` the network's per-bead estimates (M, 4) in the same order."""
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4), constrained_layout=True)
+    for j, (ax, name) in enumerate(zip(axes, ("v1", "v2", "v3", "z0"))):
+        truth = table[f"true_{name}"].to_numpy()
+        ax.errorbar(truth, table[name], yerr=2 * table[f"std_{name}"], fmt="o", ms=3, lw=0.8, color="tab:blue", label="particle fit (+-2 std)")
+        ax.plot(truth, network[:, j], "s", ms=3, color="tab:orange", alpha=0.7, label="network (mean over the bead)")
+        lo, hi = min(truth.min(), 0), max(truth.max(), 1)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set(xlabel=f"true {name}", ylabel=f"estimated {name}", title=name)
+    axes[0].legend(fontsize=8)
+    return fig

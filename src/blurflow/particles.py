@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import h5py
 import numpy as np
+import pandas as pd
 import torch
 
 from blurflow.optics import MotionPSF, MotionScales, Optics
@@ -344,3 +347,64 @@ def cramer_rao_map(
                 row[f"ideal_r2_{name}"] = TRAINING_VARIANCE[name] / (TRAINING_VARIANCE[name] + float((std[:, i] ** 2).mean()))
             rows.append(row)
     return rows
+
+
+COMPONENTS = ("v1", "v2", "v3", "z0")
+
+
+def fit_testset(testset: str | Path, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Fit every bead of a bead test set (blurflow.testsets.write_beads) in its grid cell: one row
+    per bead with its image, index, true motion and photons, the fit (PARAMS), their standard
+    deviations (``std_*``) and the flags."""
+    from blurflow.data import ShardDataset
+
+    ds = ShardDataset([testset])
+    centres = np.stack([ds.attrs["bead_rows"], ds.attrs["bead_cols"]], 1)
+    image_px = ds[0]["image"].shape[-1]
+    per_side = round(math.sqrt(len(centres)))
+    fitter = BeadFitter(Optics.from_config(ds.attrs["optics"]), MotionScales.from_config(ds.attrs["scales"]), image_px // per_side, device)
+    with h5py.File(testset) as f:
+        truth, photons = f["params"][()], f["quantum_efficiency"][()] * f["photons"][()]
+    cut = torch.cat([windows(ds[i]["image"][0].numpy(), centres, fitter.window) for i in range(len(ds))])
+    fit = fitter.fit(cut)
+    n = len(centres)
+    table = pd.DataFrame({"image": np.repeat(np.arange(len(ds)), n), "bead": np.tile(np.arange(n), len(ds))})
+    for j, name in enumerate(COMPONENTS):
+        table[f"true_{name}"] = truth[:, :, j].reshape(-1)
+    table["true_photons"] = np.repeat(photons, n)
+    for j, name in enumerate(PARAMS):
+        table[name], table[f"std_{name}"] = fit.params[:, j], fit.std[:, j]
+    for flag in ("direction_resolved", "crosses_focus", "at_bound", "converged"):
+        table[flag] = getattr(fit, flag)
+    table["deviance"] = fit.deviance
+    return table
+
+
+def bead_scores(truth: np.ndarray, estimate: np.ndarray, scales: MotionScales, pixel_um: float, std: np.ndarray | None = None, resolved: np.ndarray | None = None) -> dict:
+    """Scores of per-bead estimates (M, 4) of (v1, v2, v3, z0) against the truth (M, 4): R^2
+    (squared Pearson; of |v1|, |v2| as in the paper), MAE in um (per exposure; z0 in um), the
+    median orientation error (deg, beads moving > 0.1), and for a fit with ``std`` and
+    ``resolved``: the share of resolved directions and of those right, and the coverage (share of
+    errors within 1 and 2 predicted std; an unresolved direction's sign is not an error)."""
+    est = estimate.copy()
+    same = (est[:, 0] * truth[:, 0] + est[:, 1] * truth[:, 1]) >= 0
+    if resolved is not None:
+        est[:, :2] *= np.where(resolved | same, 1, -1)[:, None]
+    pairs = [(np.abs(truth[:, 0]), np.abs(est[:, 0])), (np.abs(truth[:, 1]), np.abs(est[:, 1])), (truth[:, 2], est[:, 2]), (truth[:, 3], est[:, 3])]
+    to_um = np.array([scales.lateral_scale_px * pixel_um] * 2 + [scales.axial_scale_um] * 2)
+    moving = np.hypot(truth[:, 0], truth[:, 1]) > 0.1
+    angle = np.rad2deg(np.abs(np.arctan2(est[:, 1], est[:, 0]) - np.arctan2(truth[:, 1], truth[:, 0]))) % 180
+    out = {
+        "beads": len(truth),
+        "r2": {c: float(np.corrcoef(a, b)[0, 1] ** 2) for c, (a, b) in zip(COMPONENTS, pairs)},
+        "mae_um": {c: float(v) for c, v in zip(COMPONENTS, np.abs(est - truth).mean(0) * to_um)},
+        "orientation_error_deg_median": float(np.median(np.minimum(angle, 180 - angle)[moving])) if moving.any() else math.nan,
+    }
+    out["r2"]["mean"] = float(np.mean(list(out["r2"].values())))
+    if std is not None and resolved is not None:
+        z = np.abs(est - truth) / std
+        out["directions_resolved"] = float(resolved.mean())
+        out["resolved_directions_right"] = float(same[resolved].mean()) if resolved.any() else math.nan
+        out["within_1_std"] = {c: float(v) for c, v in zip(COMPONENTS, (z < 1).mean(0))}
+        out["within_2_std"] = {c: float(v) for c, v in zip(COMPONENTS, (z < 2).mean(0))}
+    return out

@@ -9,7 +9,7 @@ rule predict:
     benchmark:
         "results/benchmarks/predict/{testset}.tsv"
     wildcard_constraints:
-        testset="two_zone|cylinder|table1",
+        testset="two_zone|cylinder|table1|beads",
     conda:
         GPU_CONDA_ENV
     threads: 2
@@ -25,7 +25,10 @@ rule predict:
                     **blurflow_config.evaluated(config, wc.testset),
                 }
             },
-            [{"testset": name} for name in ("two_zone", "cylinder", "table1")],
+            [
+                {"testset": name}
+                for name in ("two_zone", "cylinder", "table1", "beads")
+            ],
         ),
     script:
         "../scripts/predict.py"
@@ -64,3 +67,57 @@ rule metrics:
         gpu=0,
     script:
         "../scripts/metrics.py"
+
+
+rule particles_fit:
+    input:
+        testset="results/testsets/beads.h5",
+    output:
+        csv="results/particles/beads.csv",
+    log:
+        "logs/particles/beads.log",
+    benchmark:
+        "results/benchmarks/particles/beads.tsv"
+    conda:
+        CONDA_ENV
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=0,
+    script:
+        "../scripts/particles_fit.py"
+
+
+rule bead_metrics:
+    input:
+        testset="results/testsets/beads.h5",
+        predictions="results/predictions/beads.h5",
+        fits=rules.particles_fit.output.csv,
+    output:
+        json="results/metrics/beads.json",
+        csv=report(
+            "results/metrics/beads.csv",
+            caption="../report/fit_vs_truth.rst",
+            category="Scores",
+            subcategory="beads",
+        ),
+        figure=report(
+            "results/figures/fit_vs_truth.png",
+            caption="../report/fit_vs_truth.rst",
+            category="Scores",
+            subcategory="beads",
+        ),
+    log:
+        "logs/metrics/beads.log",
+    benchmark:
+        "results/benchmarks/metrics/beads.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+        gpu=0,
+    script:
+        "../scripts/bead_metrics.py"

@@ -8,7 +8,7 @@ rule testset:
     benchmark:
         "results/benchmarks/testsets/{testset}.tsv"
     wildcard_constraints:
-        testset="two_zone|cylinder|table1",
+        testset="two_zone|cylinder|table1|beads",
     conda:
         CONDA_ENV
     threads: 1
@@ -19,7 +19,10 @@ rule testset:
     params:
         **blurflow_config.rule_params(
             lambda wc: blurflow_config.for_testset(config, wc.testset),
-            [{"testset": name} for name in ("two_zone", "cylinder", "table1")],
+            [
+                {"testset": name}
+                for name in ("two_zone", "cylinder", "table1", "beads")
+            ],
         ),
     script:
         "../scripts/testset.py"

@@ -23,5 +23,7 @@ if name == "two_zone":
 elif name == "cylinder":
     cyl = t["cylinder"]
     testsets.write_cylinder(*common, count=cyl["count"], seed=c["seed"], speed=cyl["speed"], z0=cyl["z0"], direction_deg=cyl["direction_deg"])
+elif name == "beads":
+    testsets.write_beads(*common, count=t["beads"]["count"], seed=c["seed"], per_side=t["beads"]["per_side"])
 else:
     testsets.write_table1(*common, repeats=t["table1"]["repeats"], seed=c["seed"])

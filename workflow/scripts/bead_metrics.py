@@ -1,0 +1,29 @@
+"""Score the particle fit and the network on the bead test set (rule bead_metrics)."""
+
+import json
+
+import pandas as pd
+
+from blurflow import evaluate, figures, logs, particles
+from blurflow.data import ShardDataset
+from blurflow.optics import MotionScales, Optics
+
+log = logs.job(snakemake)
+table = pd.read_csv(snakemake.input.fits)
+attrs = ShardDataset([snakemake.input.testset]).attrs
+scales, pixel_um = MotionScales.from_config(attrs["scales"]), Optics.from_config(attrs["optics"]).pixel_um
+truth = table[[f"true_{c}" for c in particles.COMPONENTS]].to_numpy()
+network = evaluate.bead_estimates(snakemake.input.testset, snakemake.input.predictions)
+fit = table[list(particles.COMPONENTS)].to_numpy()
+std = table[[f"std_{c}" for c in particles.COMPONENTS]].to_numpy()
+scores = {
+    "fit": particles.bead_scores(truth, fit, scales, pixel_um, std, table.direction_resolved.to_numpy()),
+    "network": particles.bead_scores(truth, network, scales, pixel_um),
+}
+with open(snakemake.output.json, "w") as f:
+    json.dump(scores, f, indent=2)
+rows = [{"method": m, "component": c, "r2": s["r2"][c], "mae_um": s["mae_um"][c], **({"within_1_std": s["within_1_std"][c], "within_2_std": s["within_2_std"][c]} if "within_1_std" in s else {})} for m, s in scores.items() for c in particles.COMPONENTS]
+pd.DataFrame(rows).to_csv(snakemake.output.csv, index=False)
+for method, s in scores.items():
+    log.info("%s on %d beads: R2 |v1| %.3f, |v2| %.3f, v3 %.3f, z0 %.3f", method, s["beads"], *(s["r2"][c] for c in particles.COMPONENTS))
+figures.fit_vs_truth(table, network).savefig(snakemake.output.figure, dpi=110)
