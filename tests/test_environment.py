@@ -88,4 +88,4 @@ def test_paper_preset_builds_its_dag_quickly():
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", run.stdout, re.M))
-    assert stats["synthesize_shard"] == "410" and stats["train"] == "1" and stats["predict"] == "3"
+    assert stats["synthesize_shard"] == "410" and stats["train"] == "1" and stats["predict"] == "4"  # two-zone, cylinder, Table 1, beads
