@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from blurflow.optics import MotionScales, Optics
-from blurflow.particles import BeadFitter, canonical
+from blurflow.particles import BeadFitter, bead_scores, canonical
 
 
 def random_beads(n: int, seed: int) -> torch.Tensor:
@@ -40,23 +40,10 @@ def random_beads(n: int, seed: int) -> torch.Tensor:
     return torch.stack([uniform(-0.5, 0.5), uniform(-0.5, 0.5), uniform(-1, 1), uniform(-1, 1), uniform(0, 1), uniform(0, 1), uniform(1000, 20000), background], 1)
 
 
-def accuracy(truth: torch.Tensor, fit) -> dict:
-    t, p = canonical(truth).numpy(), fit.params
-    r2 = {name: float(np.corrcoef(a, b)[0, 1] ** 2) for name, a, b in (
-        ("abs_v1", abs(t[:, 2]), abs(p[:, 2])), ("abs_v2", abs(t[:, 3]), abs(p[:, 3])), ("v3", t[:, 4], p[:, 4]), ("z0", t[:, 5], p[:, 5]))}  # fmt: skip
-    same = (p[:, 2] * t[:, 2] + p[:, 3] * t[:, 3]) > 0
-    aligned = p[:, 2:6].copy()  # an unresolved direction is an orientation: its sign is not an error
-    aligned[:, :2] *= np.where(fit.direction_resolved | same, 1, -1)[:, None]
-    z = np.abs(aligned - t[:, 2:6]) / fit.std[:, 2:6]
-    right = same[fit.direction_resolved]
-    return {
-        "r2": {k: round(v, 4) for k, v in r2.items()},
-        "median_error_over_std": [round(float(v), 2) for v in np.median(z, 0)],
-        "within_1_std": [round(float(v), 3) for v in (z < 1).mean(0)],
-        "within_2_std": [round(float(v), 3) for v in (z < 2).mean(0)],
-        "directions_resolved": round(float(fit.direction_resolved.mean()), 3),
-        "resolved_directions_right": round(float(right.mean()), 3) if len(right) else None,
-    }
+def accuracy(fitter: BeadFitter, truth: torch.Tensor, fit) -> dict:
+    """blurflow.particles.bead_scores of the fit against the (canonical) truth."""
+    t = canonical(truth).numpy()[:, 2:6]
+    return bead_scores(t, fit.params[:, 2:6], fitter.scales, fitter.optics.pixel_um, fit.std[:, 2:6], fit.direction_resolved)
 
 
 def main() -> None:
@@ -77,7 +64,7 @@ def main() -> None:
         fit = fitter.fit(counts)
         rates.append(args.beads / (time.perf_counter() - t0))
         print(json.dumps({"beads": args.beads, "threads": args.threads, "particles_per_s": round(rates[-1], 2)}), flush=True)
-    print(json.dumps({"min_per_s": round(min(rates), 2), "median_per_s": round(statistics.median(rates), 2), **accuracy(truth, fit)}))
+    print(json.dumps({"min_per_s": round(min(rates), 2), "median_per_s": round(statistics.median(rates), 2), **accuracy(fitter, truth, fit)}))
     if args.table1:
         from blurflow.testsets import TABLE1
 

@@ -89,7 +89,8 @@ def output_paths(stem: Path, command: str = "predict") -> tuple[Path, Path]:
 
 
 def is_output(path: Path) -> bool:
-    """Whether ``path`` is a file written by ``blurflow predict`` (by the software tag it carries)."""
+    """Whether ``path`` is a file written by ``blurflow predict`` or ``particles`` (by the software
+    tag it carries, or a CSV's header)."""
     try:
         if path.suffix.lower() == ".csv":
             with open(path) as f:
@@ -188,19 +189,26 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
     return [tif, png]
 
 
+def split_model(inputs: list[str]) -> tuple[Path | None, list[Path]]:
+    """(model file or None, images) of ``[MODEL] IMAGE...``: the first input is the model when it
+    is a .pt file (or a folder, to say it is not a model); ``UsageError`` when no image follows."""
+    first = Path(inputs[0])
+    model, images = (first, inputs[1:]) if first.suffix == ".pt" or first.is_dir() else (None, inputs)
+    if not images:
+        raise UsageError(f"IMAGE: no image given after the model {first}")
+    return model, [Path(p) for p in images]
+
+
 def model_and_images(inputs: list[str]) -> tuple[Path, list[Path], bool]:
-    """(model file, images, whether the model is the shipped one) of ``[MODEL] IMAGE...``: the
-    first input is the model when it is a .pt file (or a folder, to say it is not a model)."""
+    """(model file, images, whether the model is the shipped one) of ``[MODEL] IMAGE...``."""
     from blurflow.model import SHIPPED_MODEL
 
-    first = Path(inputs[0])
-    if first.suffix == ".pt" or first.is_dir():
-        if len(inputs) == 1:
-            raise UsageError(f"IMAGE: no image given after the model {first}")
-        return first, [Path(p) for p in inputs[1:]], False
+    model, images = split_model(inputs)
+    if model is not None:
+        return model, images, False
     if not SHIPPED_MODEL.is_file():
         raise InputError(f"no model given and no shipped model at {SHIPPED_MODEL}: give a model file first (results/model/model.pt after snakemake)")
-    return SHIPPED_MODEL, [Path(p) for p in inputs], True
+    return SHIPPED_MODEL, images, True
 
 
 def describe(path: Path, meta: dict) -> str:
@@ -340,15 +348,15 @@ def particles_command(args: argparse.Namespace) -> int:
     from blurflow.optics import MotionScales
     from blurflow.particles import BeadFitter
 
-    first = Path(args.inputs[0])
-    if first.suffix == ".pt" or first.is_dir():
+    model, image_paths = split_model(args.inputs)
+    if model is not None:
         from blurflow.model import load_model
 
         try:
-            _, meta = load_model(first)
+            _, meta = load_model(model)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        optics_cfg, scales_cfg, image_paths = meta["optics"], meta["scales"], [Path(p) for p in args.inputs[1:]]
+        optics_cfg, scales_cfg = meta["optics"], meta["scales"]
     elif args.config:
         import yaml
 
@@ -356,9 +364,9 @@ def particles_command(args: argparse.Namespace) -> int:
             config = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise UsageError(f"--config: cannot read {args.config}: {exc}") from None
-        optics_cfg, scales_cfg, image_paths = config.get("optics", {}), config.get("motion", {}), [Path(p) for p in args.inputs]
+        optics_cfg, scales_cfg = config.get("optics", {}), config.get("motion", {})
     else:
-        optics_cfg, scales_cfg, image_paths = {}, {}, [Path(p) for p in args.inputs]
+        optics_cfg, scales_cfg = {}, {}
     flags = {k: getattr(args, k) for k in ("na", "n", "wavelength_um", "magnification", "camera_pixel_um") if getattr(args, k) is not None}
     scale_flags = {k: getattr(args, k) for k in ("lateral_scale_px", "axial_scale_um") if getattr(args, k) is not None}
     try:
@@ -366,8 +374,6 @@ def particles_command(args: argparse.Namespace) -> int:
         scales = MotionScales.from_config({"lateral_scale_px": 24.0, "axial_scale_um": 10.0, **scales_cfg, **scale_flags})
     except (TypeError, ValueError) as exc:
         raise UsageError(f"optics: {exc}") from None
-    if not image_paths:
-        raise UsageError("IMAGE: no image given")
     plan = plan_images(image_paths, args, "particles")
     fitter = BeadFitter(optics, scales, args.window)
     return run_images(plan, lambda path, stem: particles_file(fitter, path, stem, args), args, "particles")

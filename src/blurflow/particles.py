@@ -384,8 +384,9 @@ def bead_scores(truth: np.ndarray, estimate: np.ndarray, scales: MotionScales, p
     """Scores of per-bead estimates (M, 4) of (v1, v2, v3, z0) against the truth (M, 4): R^2
     (squared Pearson; of |v1|, |v2| as in the paper), MAE in um (per exposure; z0 in um), the
     median orientation error (deg, beads moving > 0.1), and for a fit with ``std`` and
-    ``resolved``: the share of resolved directions and of those right, and the coverage (share of
-    errors within 1 and 2 predicted std; an unresolved direction's sign is not an error)."""
+    ``resolved``: the share of resolved directions and of those right, the median |error| / std and
+    the coverage (share of errors within 1 and 2 predicted std; an unresolved direction's sign is
+    not an error)."""
     est = estimate.copy()
     same = (est[:, 0] * truth[:, 0] + est[:, 1] * truth[:, 1]) >= 0
     if resolved is not None:
@@ -405,6 +406,7 @@ def bead_scores(truth: np.ndarray, estimate: np.ndarray, scales: MotionScales, p
         z = np.abs(est - truth) / std
         out["directions_resolved"] = float(resolved.mean())
         out["resolved_directions_right"] = float(same[resolved].mean()) if resolved.any() else math.nan
+        out["median_error_over_std"] = {c: float(v) for c, v in zip(COMPONENTS, np.median(z, 0))}
         out["within_1_std"] = {c: float(v) for c, v in zip(COMPONENTS, (z < 1).mean(0))}
         out["within_2_std"] = {c: float(v) for c, v in zip(COMPONENTS, (z < 2).mean(0))}
     return out
