@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from blurflow.optics import MotionScales, Optics
-from blurflow.particles import BeadFitter, bead_scores, canonical
+from blurflow.particles import BeadFitter, bead_scores, canonical, paper_sign
 
 
 def random_beads(n: int, seed: int) -> torch.Tensor:
@@ -74,9 +74,7 @@ def main() -> None:
             beads = truth.clone()
             beads[:, 2:6] = torch.tensor(motion)
             fit = fitter.fit(fitter.simulate(beads, torch.Generator().manual_seed(2)))
-            est = fit.params[:, 2:6].copy()  # an unresolved direction is an orientation: the paper's sign, v2 >= 0
-            est[:, :2] *= np.where(~fit.direction_resolved & (est[:, 1] < 0), -1, 1)[:, None]
-            mean = est.mean(0)
+            mean = paper_sign(fit.params[:, 2:6], fit.direction_resolved).mean(0)
             print(json.dumps({"case": case, "truth": motion, "fit_mean": [round(float(v), 3) for v in mean],
                               "error": [round(float(v), 3) for v in mean - np.array(motion)], "resolved": round(float(fit.direction_resolved.mean()), 2)}))  # fmt: skip
 

@@ -175,3 +175,28 @@ def test_beads_of_the_training_synthesis_are_fitted_where_and_as_they_were_made(
         assert np.abs(fit.params[:, :2]).max() < 0.2 and np.allclose(fit.params[:, 6], photons[i], rtol=0.05)
         assert np.abs(fit.params[:, 2:4] - truth[i, :, :2]).max() < 0.03
         assert np.abs(fit.params[:, 4:6] - truth[i, :, 2:4]).max() < 0.15
+
+
+def test_table1_bead_cases_are_fitted_to_their_motion(tmp_path):
+    """Table 1's bead cases a-d (isolated beads, one motion per image) through the particle fit and
+    table1_rows: the fit's columns within 0.05 (v1, v2) and 0.1 (v3, z0) of the truth, none for the
+    texture case e."""
+    import h5py
+    import pandas as pd
+
+    from blurflow import evaluate, particles, sources, testsets
+    from blurflow.synthesis import SynthesisConfig
+
+    torch.set_num_threads(2)
+    sources.write_sources(sources.phantom_images(1, 256, seed=0), tmp_path / "src.h5", 256, "phantom")
+    cfg = SynthesisConfig(photons=(15000, 20000), background_sigma=(0, 2))
+    testsets.write_table1(tmp_path / "t1.h5", tmp_path / "src.h5", Optics(), SCALES, 64, cfg, 128, repeats=1, seed=0, per_side=2, progress=False)
+    fits = particles.fit_testset(tmp_path / "t1.h5")
+    assert sorted(set(fits["image"])) == [0, 1, 2, 3] and len(fits) == 16  # case e (image 4) is no bead image
+    fits.to_csv(tmp_path / "fits.csv", index=False)
+    with h5py.File(tmp_path / "pred.h5", "w") as f:
+        f["pred"] = np.zeros((5, 5, 128, 128), np.float32)
+    rows = evaluate.table1_rows(tmp_path / "t1.h5", tmp_path / "pred.h5", tmp_path / "fits.csv").set_index("case")
+    truth, fit = rows[["v1", "v2", "v3", "z0"]].to_numpy(), rows[["fit_v1", "fit_v2", "fit_v3", "fit_z0"]].to_numpy()
+    assert (np.abs(fit - truth)[:4] < [0.05, 0.05, 0.1, 0.1]).all(), pd.DataFrame(fit, index=rows.index)
+    assert np.isnan(fit[4]).all() and rows["beads_fitted"].tolist() == [4, 4, 4, 4, 0]

@@ -1,6 +1,6 @@
 """Inference (batched, tiled with overlap) and metrics of predicted against true flow maps.
 
-Metrics (DESIGN.md, Evaluation), over all valid pixels of all images of a test set:
+Metrics (docs/design.md, Evaluation), over all valid pixels of all images of a test set:
 
 - R^2, the paper's number: squared Pearson correlation per component (|v1|, |v2|, v3, z0),
   averaged over the components that vary in the test set;
@@ -27,10 +27,9 @@ from blurflow import logs
 from blurflow.data import ShardDataset
 from blurflow.files import atomic_path
 from blurflow.model import FlowNet, decode, smooth_outputs
-from blurflow.optics import Optics
+from blurflow.optics import COMPONENTS, Optics
 
 log = logging.getLogger(__name__)
-COMPONENTS = ("v1", "v2", "v3", "z0")
 ORIENTATION_MIN_SPEED = 0.1
 
 
@@ -120,7 +119,7 @@ def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overl
     n, _, h, w = counts.shape
     out = torch.empty(n, 5, h, w)
     for i in range(n):
-        for y0, maps in predict_bands(model, lambda a, b: counts[i, :, a:b], h, w, tile, overlap, batch, smooth_px):
+        for y0, maps in predict_bands(model, lambda a, b, i=i: counts[i, :, a:b], h, w, tile, overlap, batch, smooth_px):
             out[i, :, y0 : y0 + maps.shape[1]] = maps
     return out
 
@@ -161,7 +160,7 @@ class FlowMetrics:
 
     def compute(self, scales: Mapping, pixel_um: float) -> dict:
         """All metrics; ``scales`` has lateral_scale_px and axial_scale_um (for physical units)."""
-        n, sx, sy, sxx, syy, sxy, sad = self.sums
+        n, _, sy, sxx, syy, sxy, sad = self.sums
         ss_tot = syy - sy * sy / n
         ss_res = sxx - 2 * sxy + syy
         det = torch.where(ss_tot > 1e-12 * n, 1 - ss_res / ss_tot, torch.nan)
@@ -235,15 +234,20 @@ def write_metrics(metrics: dict, json_path: str | Path, csv_path: str | Path) ->
     pd.DataFrame(rows).to_csv(csv_path, index=False)
 
 
-def table1_rows(testset: str | Path, predictions: str | Path) -> pd.DataFrame:
-    """Table 1: per case, the true motion, the prediction averaged over the valid pixels of its
-    images (all pixels when none is valid), and the paper's prediction."""
+def table1_rows(testset: str | Path, predictions: str | Path, fits: str | Path | None = None) -> pd.DataFrame:
+    """Table 1: per case, the true motion, the network's prediction averaged over the valid pixels
+    of its images (all pixels when none is valid), the paper's prediction and, with ``fits`` (the
+    CSV of blurflow.particles.fit_testset on the same test set), the particle fit averaged over the
+    case's beads (``fit_*``, lateral sign as in the paper where the direction is not resolved;
+    NaN for the texture case)."""
+    from blurflow.particles import paper_sign
     from blurflow.testsets import TABLE1, TABLE1_PAPER
 
     ds = ShardDataset([testset])
     cases = ds.attrs["cases"]
     with h5py.File(predictions) as f:
         pred = f["pred"][()].astype(np.float64)
+    fitted = pd.read_csv(fits) if fits is not None else None
     rows = []
     for case in dict.fromkeys(cases):
         idx = [i for i, c in enumerate(cases) if c == case and i < len(pred)]
@@ -253,16 +257,19 @@ def table1_rows(testset: str | Path, predictions: str | Path) -> pd.DataFrame:
             values.append(pred[i, :4][:, m] if m.any() else pred[i, :4].reshape(4, -1))
         mean = np.concatenate(values, 1).mean(1) if values else np.full(4, np.nan)
         truth = TABLE1[case][0]
-        rows.append(
-            {
-                "case": case,
-                "source": TABLE1[case][1],
-                **dict(zip(COMPONENTS, truth)),
-                **{f"pred_{c}": float(v) for c, v in zip(COMPONENTS, mean)},
-                **{f"paper_{c}": v for c, v in zip(COMPONENTS, TABLE1_PAPER[case])},
-                "images": len(idx),
-            }
-        )
+        row = {
+            "case": case,
+            "source": TABLE1[case][1],
+            **dict(zip(COMPONENTS, truth)),
+            **{f"pred_{c}": float(v) for c, v in zip(COMPONENTS, mean)},
+            **{f"paper_{c}": v for c, v in zip(COMPONENTS, TABLE1_PAPER[case])},
+            "images": len(idx),
+        }
+        if fitted is not None:
+            beads = fitted[fitted["image"].isin([i for i, c in enumerate(cases) if c == case])]
+            fit = paper_sign(beads[list(COMPONENTS)].to_numpy(), beads["direction_resolved"].to_numpy(bool)).mean(0) if len(beads) else np.full(4, np.nan)
+            row |= {f"fit_{c}": float(v) for c, v in zip(COMPONENTS, fit)} | {"beads_fitted": len(beads)}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
 
-from blurflow.optics import MotionPSF, MotionScales, Optics  # noqa: E402
+from blurflow.optics import COMPONENTS, MotionPSF, MotionScales, Optics
 
 GALLERY = {  # title: (v1, v2, v3, z0)
     "in focus": (0.0, 0.0, 0.0, 0.0),
@@ -228,22 +228,23 @@ def scatter(dataset, pred: np.ndarray, r2: dict, max_points: int = 50_000, seed:
 
 
 def table1_image(rows: pd.DataFrame, thumbnails: list[np.ndarray]) -> plt.Figure:
-    """Paper Table 1: ground truth, blurred thumbnail and predicted values of each case."""
-    fig, axes = plt.subplots(len(rows), 3, figsize=(8, 2.1 * len(rows)), constrained_layout=True, gridspec_kw={"width_ratios": [1.2, 1, 1.6]})
+    """Paper Table 1: ground truth, blurred thumbnail and predicted values of each case: the
+    network's, the particle fit's (columns ``fit_*``, where present) and the paper's."""
+    fit = "fit_v1" in rows
+    fig, axes = plt.subplots(len(rows), 3, figsize=(8.8 if fit else 8, 2.1 * len(rows)), constrained_layout=True, gridspec_kw={"width_ratios": [1.2, 1, 2.1 if fit else 1.6]})
     for (_, r), thumb, (a, b, c) in zip(rows.iterrows(), thumbnails, axes):
         for ax in (a, c):
             ax.set_axis_off()
         a.text(0, 0.5, f"{r['case']}\nv1 = {r['v1']:.2f}\nv2 = {r['v2']:.2f}\nv3 = {r['v3']:.2f}\nz0 = {r['z0']:.2f}", va="center", family="monospace", fontsize=9)
         _counts_panel(b, thumb, "")
-        c.text(
-            0, 0.5,
-            f"predicted (ours)   paper\nv1 = {r['pred_v1']:+.2f}     {r['paper_v1']:+.2f}\nv2 = {r['pred_v2']:+.2f}     {r['paper_v2']:+.2f}\n"
-            f"v3 = {r['pred_v3']:+.2f}     {r['paper_v3']:+.2f}\nz0 = {r['pred_z0']:+.2f}     {r['paper_z0']:+.2f}",
-            va="center", family="monospace", fontsize=9,
-        )  # fmt: skip
+        lines = [f"{'':3}{'network':>8}" + (f"{'fit':>7}" if fit else "") + f"{'paper':>7}"]
+        for name in COMPONENTS:
+            fitted = (f"{r['fit_' + name]:+7.2f}" if np.isfinite(r["fit_" + name]) else f"{'-':>7}") if fit else ""
+            lines.append(f"{name:<3}{r['pred_' + name]:+8.2f}" + fitted + f"{r['paper_' + name]:+7.2f}")
+        c.text(0, 0.5, "\n".join(lines), va="center", family="monospace", fontsize=9)
     axes[0, 0].set_title("ground truth v(s)", fontsize=9)
     axes[0, 1].set_title("blurred image i(s)", fontsize=9)
-    axes[0, 2].set_title("prediction (mean over valid pixels)", fontsize=9)
+    axes[0, 2].set_title("predicted: network (valid pixels),\nparticle fit (beads), paper" if fit else "prediction (mean over valid pixels)", fontsize=9, loc="left")
     return fig
 
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = [
-    "Optics",
-    "MotionScales",
     "MotionPSF",
-    "psf3d",
-    "zernike",
-    "noll_to_nm",
+    "MotionScales",
+    "Optics",
     "canonical_sign",
+    "noll_to_nm",
+    "psf3d",
     "required_kernel_px",
+    "zernike",
 ]
 
 
@@ -106,6 +106,8 @@ class Optics:
     def min_oversample(self) -> int:
         """Smallest grid refinement of the camera pixel that holds the whole OTF unaliased."""
         return max(1, math.floor(4 * self.na * self.pixel_um / self.wavelength_um) + 1)
+
+COMPONENTS = ("v1", "v2", "v3", "z0")  # the motion parameters, in this order everywhere
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,7 @@ def psf3d(
 
 
 def canonical_sign(params: torch.Tensor) -> torch.Tensor:
-    """Flip (v1, v2) -> (-v1, -v2) so that v2 > 0, or v2 == 0 and v1 >= 0 (DESIGN.md)."""
+    """Flip (v1, v2) -> (-v1, -v2) so that v2 > 0, or v2 == 0 and v1 >= 0 (docs/design.md)."""
     v1, v2 = params[..., 0], params[..., 1]
     flip = (v2 < 0) | ((v2 == 0) & (v1 < 0))
     sign = torch.where(flip, -1.0, 1.0).to(params.dtype)

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from blurflow.optics import MotionPSF, MotionScales, Optics
+from blurflow.optics import COMPONENTS, MotionPSF, MotionScales, Optics
 
 PARAMS = ("x_px", "y_px", "v1", "v2", "v3", "z0", "photons", "background")
 MOTION = slice(2, 6)
@@ -292,7 +292,7 @@ def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold
     rejected = {"border": 0, "overlap": 0}
     keep, centres = [], []
     for region in regions:
-        cy, cx = (int(round(c)) for c in region.centroid_weighted)
+        cy, cx = (round(c) for c in region.centroid_weighted)
         if cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
             rejected["border"] += 1
             continue
@@ -349,26 +349,27 @@ def cramer_rao_map(
     return rows
 
 
-COMPONENTS = ("v1", "v2", "v3", "z0")
 
 
 def fit_testset(testset: str | Path, device: torch.device | str = "cpu") -> pd.DataFrame:
-    """Fit every bead of a bead test set (blurflow.testsets.write_beads) in its grid cell: one row
-    per bead with its image, index, true motion and photons, the fit (PARAMS), their standard
-    deviations (``std_*``) and the flags."""
+    """Fit every bead of a test set with beads on a grid (blurflow.testsets.write_beads, and the
+    bead images of write_table1) in its grid cell: one row per bead with its image, index, true
+    motion and photons, the fit (PARAMS), their standard deviations (``std_*``) and the flags."""
     from blurflow.data import ShardDataset
 
     ds = ShardDataset([testset])
     centres = np.stack([ds.attrs["bead_rows"], ds.attrs["bead_cols"]], 1)
+    images = np.array(ds.attrs.get("bead_images", range(len(ds))), int)
     image_px = ds[0]["image"].shape[-1]
     per_side = round(math.sqrt(len(centres)))
     fitter = BeadFitter(Optics.from_config(ds.attrs["optics"]), MotionScales.from_config(ds.attrs["scales"]), image_px // per_side, device)
-    with h5py.File(testset) as f:
-        truth, photons = f["params"][()], f["quantum_efficiency"][()] * f["photons"][()]
-    cut = torch.cat([windows(ds[i]["image"][0].numpy(), centres, fitter.window) for i in range(len(ds))])
-    fit = fitter.fit(cut)
     n = len(centres)
-    table = pd.DataFrame({"image": np.repeat(np.arange(len(ds)), n), "bead": np.tile(np.arange(n), len(ds))})
+    with h5py.File(testset) as f:  # one motion per bead, or one per image (Table 1)
+        truth = np.broadcast_to(f["params"][()][images], (len(images), n, 4))
+        photons = (f["quantum_efficiency"][()] * f["photons"][()])[images]
+    cut = torch.cat([windows(ds[i]["image"][0].numpy(), centres, fitter.window) for i in images])
+    fit = fitter.fit(cut)
+    table = pd.DataFrame({"image": np.repeat(images, n), "bead": np.tile(np.arange(n), len(images))})
     for j, name in enumerate(COMPONENTS):
         table[f"true_{name}"] = truth[:, :, j].reshape(-1)
     table["true_photons"] = np.repeat(photons, n)
@@ -378,6 +379,14 @@ def fit_testset(testset: str | Path, device: torch.device | str = "cpu") -> pd.D
         table[flag] = getattr(fit, flag)
     table["deviance"] = fit.deviance
     return table
+
+
+def paper_sign(estimate: np.ndarray, resolved: np.ndarray) -> np.ndarray:
+    """(M, 4) (v1, v2, v3, z0) with the lateral motion of each bead whose direction is not
+    resolved turned to v2 >= 0 (an orientation, signed as in the paper's tables)."""
+    out = estimate.copy()
+    out[:, :2] *= np.where(~resolved & (out[:, 1] < 0), -1, 1)[:, None]
+    return out
 
 
 def bead_scores(truth: np.ndarray, estimate: np.ndarray, scales: MotionScales, pixel_um: float, std: np.ndarray | None = None, resolved: np.ndarray | None = None) -> dict:

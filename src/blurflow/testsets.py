@@ -6,7 +6,7 @@
   with phi going smoothly from 0 at the bottom row (lateral motion) to pi/2 at the top row (axial
   motion); every row is its own region with its own PSF, so the profile has no bands
   (paper Fig. 3-4, R^2 = 0.91);
-- Table 1: five fixed motions, a-d on simulated beads, e on a textured held-out image;
+- Table 1: five fixed motions, a-d on isolated simulated beads, e on a textured held-out image;
 - beads: isolated point sources on a grid, each its own region with its own random motion, for
   the particle fit (blurflow.particles) beside the network.
 
@@ -65,14 +65,6 @@ def row_regions(canvas: int, image: int, bands: int) -> np.ndarray:
     return np.repeat((rows * bands // image).astype(np.uint8)[:, None], canvas, axis=1)
 
 
-def beads(size: int, rng: np.random.Generator, density: float = 0.004) -> np.ndarray:
-    """Sub-resolution fluorescent beads on a dark background, float32 in [0, 1]."""
-    img = np.zeros((size, size), np.float32)
-    n = max(1, rng.poisson(density * size * size))
-    np.add.at(img, (rng.integers(0, size, n), rng.integers(0, size, n)), rng.uniform(0.5, 1.0, n).astype(np.float32))
-    return img / img.max()
-
-
 def _synthesizer(sources, optics, scales, kernel_px, cfg: SynthesisConfig, image_px: int, v3_max: float = 1.0) -> Synthesizer:
     cfg = replace(cfg, image_px=image_px, v3=(min(cfg.v3[0], 0.0), max(cfg.v3[1], v3_max)))
     return Synthesizer(sources, optics, scales, kernel_px, cfg)
@@ -107,20 +99,29 @@ def write_cylinder(
     write_samples(path, syn, draw, keys, bands, attrs, batch=1, progress=progress, desc="cylinder")
 
 
-def write_table1(path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, repeats: int, seed: int, progress: bool = True) -> None:
-    """Table 1: ``repeats`` images of each case a-e (in order a, a, ..., e), one region each."""
+def write_table1(
+    path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, repeats: int, seed: int,
+    per_side: int = 2, progress: bool = True,
+) -> None:  # fmt: skip
+    """Table 1: ``repeats`` images of each case a-e (in order a, a, ..., e), one region each. The
+    bead cases a-d show ``per_side`` x ``per_side`` isolated beads (:func:`grid_beads`, all with
+    the case's motion), so both the network and the particle fit (blurflow.particles) read them;
+    case e a held-out texture."""
     v3_max = max(p[2] for p, _ in TABLE1.values())
     syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px, v3_max=v3_max)
     cases = [c for c in TABLE1 for _ in range(repeats)]
+    sharp_beads, centres = grid_beads(image_px, per_side)
+    regions = np.zeros((syn.canvas_px, syn.canvas_px), np.uint8)
 
     def draw(i, rng):
         params, source = TABLE1[cases[i]]
-        sharp = beads(image_px, rng) if source == "beads" else syn.crop(rng)
-        regions = np.zeros((syn.canvas_px, syn.canvas_px), np.uint8)
+        sharp = sharp_beads if source == "beads" else syn.crop(rng)
         return {"sharp": sharp, "regions": regions, "params": np.array([params], np.float32), **syn.camera_draws(rng)}
 
     keys = [(seed, TESTSET_KEYS["table1"], i) for i in range(len(cases))]
-    write_samples(path, syn, draw, keys, 1, {"seed": seed, "testset": "table1", "cases": "".join(cases)}, progress=progress, desc="table 1")
+    bead_images = [i for i, c in enumerate(cases) if TABLE1[c][1] == "beads"]
+    attrs = {"seed": seed, "testset": "table1", "cases": "".join(cases), **_bead_attrs(centres), "bead_images": json.dumps(bead_images)}
+    write_samples(path, syn, draw, keys, 1, attrs, progress=progress, desc="table 1")
 
 
 def bead_grid(image_px: int, per_side: int) -> np.ndarray:
@@ -128,6 +129,20 @@ def bead_grid(image_px: int, per_side: int) -> np.ndarray:
     cell = image_px // per_side
     centres = cell // 2 + cell * np.arange(per_side)
     return np.stack(np.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2)
+
+
+def grid_beads(image_px: int, per_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sharp image (image_px, image_px) float32 of one-pixel beads at :func:`bead_grid`, and their
+    (per_side**2, 2) (row, col)."""
+    centres = bead_grid(image_px, per_side)
+    sharp = np.zeros((image_px, image_px), np.float32)
+    sharp[centres[:, 0], centres[:, 1]] = 1.0
+    return sharp, centres
+
+
+def _bead_attrs(centres: np.ndarray) -> dict:
+    """Test-set attributes naming the bead positions (read by blurflow.particles.fit_testset)."""
+    return {"bead_rows": json.dumps(centres[:, 0].tolist()), "bead_cols": json.dumps(centres[:, 1].tolist())}
 
 
 def write_beads(
@@ -142,12 +157,10 @@ def write_beads(
     moves away from focus is known, and is what the fit must find (a 180 degree rotation of the
     plane loses nothing)."""
     syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px)  # the sources are not used: beads are the sources
-    centres = bead_grid(image_px, per_side)
+    sharp, centres = grid_beads(image_px, per_side)
     cell, offset = image_px // per_side, (syn.canvas_px - image_px) // 2
     index = np.clip((np.arange(syn.canvas_px) - offset) // cell, 0, per_side - 1)
     regions = (index[:, None] * per_side + index[None, :]).astype(np.uint8)
-    sharp = np.zeros((image_px, image_px), np.float32)
-    sharp[centres[:, 0], centres[:, 1]] = 1.0
 
     def draw(i, rng):
         motions = syn.motions(per_side**2, rng)
@@ -155,5 +168,5 @@ def write_beads(
         return {"sharp": sharp, "regions": regions, "params": motions, **syn.camera_draws(rng)}
 
     keys = [(seed, TESTSET_KEYS["beads"], i) for i in range(count)]
-    attrs = {"seed": seed, "testset": "beads", "bead_rows": json.dumps(centres[:, 0].tolist()), "bead_cols": json.dumps(centres[:, 1].tolist())}
+    attrs = {"seed": seed, "testset": "beads", **_bead_attrs(centres)}
     write_samples(path, syn, draw, keys, per_side**2, attrs, progress=progress, desc="beads")

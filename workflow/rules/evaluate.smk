@@ -71,13 +71,15 @@ rule metrics:
 
 rule particles_fit:
     input:
-        testset="results/testsets/beads.h5",
+        testset="results/testsets/{testset}.h5",
     output:
-        csv="results/particles/beads.csv",
+        csv="results/particles/{testset}.csv",
     log:
-        "logs/particles/beads.log",
+        "logs/particles/{testset}.log",
     benchmark:
-        "results/benchmarks/particles/beads.tsv"
+        "results/benchmarks/particles/{testset}.tsv"
+    wildcard_constraints:
+        testset="table1|beads",
     conda:
         CONDA_ENV
     threads: 2
@@ -93,7 +95,7 @@ rule bead_metrics:
     input:
         testset="results/testsets/beads.h5",
         predictions="results/predictions/beads.h5",
-        fits=rules.particles_fit.output.csv,
+        fits="results/particles/beads.csv",
     output:
         json="results/metrics/beads.json",
         csv=report(

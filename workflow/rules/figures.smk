@@ -152,6 +152,7 @@ rule table1:
     input:
         testset="results/testsets/table1.h5",
         predictions="results/predictions/table1.h5",
+        fits="results/particles/table1.csv",
     output:
         csv=report(
             "results/tables/table1.csv",

@@ -1,4 +1,4 @@
-"""Generate one test set: two_zone, cylinder or table1 (rule testset)."""
+"""Generate one test set: two_zone, cylinder, table1 or beads (rule testset)."""
 
 from blurflow import logs, testsets
 from blurflow.config import unflatten
@@ -26,4 +26,4 @@ elif name == "cylinder":
 elif name == "beads":
     testsets.write_beads(*common, count=t["beads"]["count"], seed=c["seed"], per_side=t["beads"]["per_side"])
 else:
-    testsets.write_table1(*common, repeats=t["table1"]["repeats"], seed=c["seed"])
+    testsets.write_table1(*common, repeats=t["table1"]["repeats"], seed=c["seed"], per_side=t["table1"]["per_side"])
