@@ -16,7 +16,7 @@ def serve():
         ranges: list[str | None] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 rng = self.headers.get("Range")
                 ranges.append(rng)
                 body, status = payload, 200

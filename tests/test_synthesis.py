@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
 from blurflow import data, sources, synthesis
 from blurflow.data import ShardDataset
 from blurflow.optics import MotionScales, Optics

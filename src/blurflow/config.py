@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from pathlib import Path
 
 import jsonschema
 import yaml
@@ -114,7 +114,7 @@ def for_training(config: Mapping) -> dict:
 
 
 def for_testset(config: Mapping, name: str) -> dict:
-    """What test set ``name`` (two_zone, cylinder, table1) depends on."""
+    """What test set ``name`` (two_zone, cylinder, table1, beads) depends on."""
     tests = config["testsets"]
     return {**for_synthesis(config), "testsets": {"image_px": tests["image_px"], name: tests[name]}}
 
@@ -169,6 +169,20 @@ def evaluated(config: Mapping, testset: str) -> dict:
     """``{two_zone: {evaluated: N}}`` for the two-zone test set (how many of its images are
     predicted and scored), ``{}`` for the others."""
     return {"two_zone": {"evaluated": config["testsets"]["two_zone"]["evaluated"]}} if testset == "two_zone" else {}
+
+
+def gpu_request(config: Mapping) -> int:
+    """GPUs a GPU rule (train, predict, study_train) asks the scheduler for: 1, or 0 with
+    ``train.device: cpu`` (workflow/presets/cpu_nodes.yaml), for clusters without GPUs."""
+    return 0 if config["train"]["device"] == "cpu" else 1
+
+
+def train_mem_mb(config: Mapping) -> int:
+    """Memory (MB) a training job asks for, from the config: 2,000 for PyTorch and the model, 1,000
+    per DataLoader worker, and 2 KB per pixel of a batch for activations and gradients (the default
+    config asks for 3,500 and peaked at 1,600 resident)."""
+    train, px = config["train"], config["synthesis"]["image_px"]
+    return 2000 + 1000 * train["workers"] + math.ceil(train["batch_size"] * px * px * 2048 / 2**20)
 
 
 def model_log(model_file: str | Path) -> str:

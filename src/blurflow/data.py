@@ -1,6 +1,6 @@
 """Training and validation batches: from HDF5 shards, or synthesised on the fly on the training device.
 
-Shards (format: DESIGN.md, writer: blurflow.synthesis) are opened lazily in the process that reads
+Shards (format: docs/design.md, writer: blurflow.synthesis) are opened lazily in the process that reads
 them (each DataLoader worker opens its own handles after fork); dense label maps are built from
 ``region`` + ``params`` when a sample is read.
 

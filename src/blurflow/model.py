@@ -127,7 +127,7 @@ def loss_fn(
 
     ``ours``: gamma * BCE(validity logit, w) + mean over pixels with w = 1 of the squared error of
     the 4 regression channels in ``encoding``, averaged with ``weights`` (one per channel).
-    ``paper`` (Eq. 6, with w = 1 marking legitimate pixels as DESIGN.md says): per pixel
+    ``paper`` (Eq. 6, with w = 1 marking legitimate pixels as docs/design.md says): per pixel
     gamma (w - sigmoid(logit))^2 + w / (U + 1) [sum_u (|v_u| - |v~_u|)^2 + (z0 - z0~)^2] with
     U = 3, averaged over all pixels; the velocity channels are the network's (v1, v2, v3).
     """

@@ -268,7 +268,7 @@ def write_samples(
     progress: bool = True,
     desc: str = "",
 ) -> None:
-    """Render one sample per seed key with ``draw`` into an HDF5 file (DESIGN.md format), atomically.
+    """Render one sample per seed key with ``draw`` into an HDF5 file (docs/design.md format), atomically.
 
     Sample i uses :func:`sample_rng` of ``keys[i]``; ``draw(i, rng)`` returns a dict with
     ``sharp`` (H, W), ``regions`` (canvas, canvas) labels < n_max, raw ``params`` (n, 4) and the

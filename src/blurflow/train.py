@@ -26,7 +26,18 @@ import torch
 from blurflow import logs
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
-from blurflow.model import ENCODERS, ENCODINGS, LOSSES, FlowNet, check_architecture, check_stem_stride, decode, loss_fn, save_model, smooth_outputs
+from blurflow.model import (
+    ENCODERS,
+    ENCODINGS,
+    LOSSES,
+    FlowNet,
+    check_architecture,
+    check_stem_stride,
+    decode,
+    loss_fn,
+    save_model,
+    smooth_outputs,
+)
 from blurflow.synthesis import config_hash, dataclass_values
 
 log = logging.getLogger(__name__)

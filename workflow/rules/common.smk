@@ -21,6 +21,7 @@ if workflow.is_main_process:  # once, before any job; jobs re-read the Snakefile
 MODEL = "results/model/model.pt"
 TRAINING_LOG = "results/model/training_log.csv"
 CONDA_ENV = "../../envs/blurflow.yaml"
+GPU_REQUEST = blurflow_config.gpu_request(config)
 GPU_CONDA_ENV = (
     "../../envs/blurflow-cuda.yaml"
     if config["conda"]["gpu_env"] == "cuda"

@@ -16,7 +16,7 @@ rule predict:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=1,
+        gpu=GPU_REQUEST,
     params:
         **blurflow_config.rule_params(
             lambda wc: {

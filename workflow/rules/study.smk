@@ -23,7 +23,7 @@ rule study_train:
     resources:
         mem_mb=8000,
         runtime=12 * 60,
-        gpu=1,
+        gpu=GPU_REQUEST,
     params:
         **blurflow_config.rule_params(
             lambda wc: blurflow_config.for_training(

@@ -47,9 +47,9 @@ else:
             GPU_CONDA_ENV
         threads: config["train"]["threads"]
         resources:
-            mem_mb=8000,
+            mem_mb=blurflow_config.train_mem_mb(config),
             runtime=24 * 60,
-            gpu=1,
+            gpu=GPU_REQUEST,
         params:
             **blurflow_config.rule_params(
                 lambda wc: blurflow_config.for_training(config)
