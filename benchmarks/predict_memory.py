@@ -27,7 +27,7 @@ from blurflow.train import TrainConfig
 
 def model_file(folder: Path) -> Path:
     """A model file of the default (config.yaml) architecture with random weights."""
-    from blurflow.model import save_model
+    from blurflow.modelfile import save_model
 
     cfg = TrainConfig()
     path = folder / "model.pt"

@@ -1,5 +1,8 @@
 """Synthesis throughput: images/s for 224 x 224 images with 2 regions, one shard job per core.
 
+The schema's default optics, blur scales and kernel (L 24 px, A 10 um, 64 px kernels: what the
+default run synthesises); numbers recorded before 2026-11-30 were measured at L 8 px, 48 px kernels.
+
 Runs ``--jobs`` shard writers in parallel processes (one thread each, as `snakemake --cores N`
 schedules synthesize_shard jobs) and reports the aggregate rate, plus where the time goes in one
 writer (cProfile, cumulative seconds per stage).
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from blurflow import sources, synthesis
-from blurflow.optics import MotionScales, Optics
+from blurflow.config import Setup
 
 STAGES = {  # function name in blurflow.synthesis / optics -> stage
     "region_map": "region masks",
@@ -36,9 +39,9 @@ STAGES = {  # function name in blurflow.synthesis / optics -> stage
 def writer(args: tuple) -> float:
     src, out, image_px, images, shard = args
     torch.set_num_threads(1)
-    cfg = synthesis.SynthesisConfig(image_px=image_px, regions=(2, 2))
+    setup = Setup.from_config({}).with_synthesis(image_px=image_px, regions=(2, 2))  # the schema's defaults otherwise
     t0 = time.perf_counter()
-    synthesis.write_shard(out, src, Optics(), MotionScales(), 48, cfg, 0, "train", shard, images, progress=False)
+    synthesis.write_shard(out, src, setup, "train", shard, images, progress=False)
     return time.perf_counter() - t0
 
 

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from blurflow import cli
-from blurflow.model import FlowNet, encode, save_model
+from blurflow.model import FlowNet, encode
+from blurflow.modelfile import save_model
 from blurflow.optics import Optics
 
 KNOWN = torch.tensor([0.3, 0.4, 0.6, 0.25])  # canonical (v1, v2, v3, z0)
@@ -330,7 +331,7 @@ def test_a_folder_given_as_model_is_named_a_folder(tmp_path, capsys):
 def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_file, tmp_path):
     """Band by band (bounded memory) gives the maps of the whole image at once, smoothing included."""
     from blurflow.evaluate import predict, predict_bands
-    from blurflow.model import load_model
+    from blurflow.modelfile import load_model
 
     model, _ = load_model(model_file)
     with torch.no_grad():  # a model whose output varies with the input, so that blending and smoothing show
@@ -352,17 +353,17 @@ def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_f
 
 
 def test_without_a_model_the_shipped_one_is_used_and_named(model_file, tmp_path, capsys, monkeypatch):
-    import blurflow.model
+    import blurflow.modelfile
 
     tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
-    monkeypatch.setattr(blurflow.model, "SHIPPED_MODEL", model_file)
+    monkeypatch.setattr(blurflow.modelfile, "SHIPPED_MODEL", model_file)
     assert cli.main(["predict", str(tmp_path / "a.tif")]) == 0
     assert f"blurflow: using the shipped model {model_file}" in capsys.readouterr().err
     assert (tmp_path / "a_flow.tif").exists()
     assert cli.main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["shipped"] is True and info["model_file"] == str(model_file) and info["scales"] == SCALES
-    monkeypatch.setattr(blurflow.model, "SHIPPED_MODEL", tmp_path / "none.pt")
+    monkeypatch.setattr(blurflow.modelfile, "SHIPPED_MODEL", tmp_path / "none.pt")
     assert cli.main(["predict", str(tmp_path / "a.tif")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no model given and no shipped model" in err[0]

@@ -8,8 +8,10 @@ import torch
 import torchvision
 
 from blurflow import data, sources, synthesis, train
+from blurflow.config import Setup
 from blurflow.evaluate import FlowMetrics
-from blurflow.model import FlowNet, decode, encode, load_model, loss_fn, normalise, save_model
+from blurflow.model import FlowNet, decode, encode, loss_fn, normalise
+from blurflow.modelfile import load_model, save_model
 from blurflow.optics import MotionScales, Optics, canonical_sign
 
 
@@ -175,7 +177,7 @@ def tiny_shards(tmp_path_factory):
     paths = []
     for split, shard in (("train", 0), ("val", 0)):
         p = d / f"{split}.h5"
-        synthesis.write_shard(p, src, Optics(), MotionScales(), 16, cfg, seed=0, split=split, shard=shard, samples=16, progress=False)
+        synthesis.write_shard(p, src, Setup(Optics(), MotionScales(8, 10), 16, cfg, seed=0), split=split, shard=shard, samples=16, progress=False)
         paths.append(p)
     return paths
 
@@ -238,7 +240,7 @@ def test_online_training_resumes_to_the_same_model(tmp_path):
     cfg = train.TrainConfig(epochs=2, batch_size=4, lr=3e-3, data="online")
 
     def fit(folder, stop=None):
-        batches = data.OnlineData(src, src, Optics(), MotionScales(), 16, synthesis.SynthesisConfig(image_px=32), 0, 4, 8, val_samples=(1, 4))
+        batches = data.OnlineData(src, src, Setup(Optics(), MotionScales(8, 10), 16, synthesis.SynthesisConfig(image_px=32), seed=0), 4, 8, val_samples=(1, 4))
         return train.train(batches, folder / "m.pt", folder / "log.csv", folder / "ck.pt", cfg, {}, stop_after_epochs=stop, progress=False)
 
     for name in ("a", "b"):
@@ -318,24 +320,24 @@ def weights_server(serve, tmp_path):
 def test_imagenet_weights_download_is_verified_and_loads(weights_server, tmp_path, monkeypatch):
     import hashlib
 
-    from blurflow import model as model_module
+    from blurflow import modelfile
 
     url, payload = weights_server
     good = hashlib.sha256(payload).hexdigest()[:8]
-    monkeypatch.setitem(model_module.IMAGENET_WEIGHTS, "resnet18", f"resnet18-{good}.pth")
+    monkeypatch.setitem(modelfile.IMAGENET_WEIGHTS, "resnet18", f"resnet18-{good}.pth")
     dest = tmp_path / "resources/weights/resnet18-imagenet.pth"
-    assert model_module.fetch_encoder_weights("resnet18", dest, url) == dest
+    assert modelfile.fetch_encoder_weights("resnet18", dest, url) == dest
     assert dest.read_bytes() == payload and [p.name for p in dest.parent.iterdir()] == [dest.name]
     FlowNet("resnet18").load_encoder_weights(dest)  # a torchvision state dict the encoder takes
     bad = tmp_path / "bad/resnet18-imagenet.pth"
-    monkeypatch.setitem(model_module.IMAGENET_WEIGHTS, "resnet18", "resnet18-00000000.pth")
+    monkeypatch.setitem(modelfile.IMAGENET_WEIGHTS, "resnet18", "resnet18-00000000.pth")
     with pytest.raises(ValueError, match="does not start with 00000000"):
-        model_module.fetch_encoder_weights("resnet18", bad, url)
+        modelfile.fetch_encoder_weights("resnet18", bad, url)
     assert list(bad.parent.iterdir()) == []  # nothing half-written, no temporary folder
 
 
 def test_imagenet_weight_urls_are_torchvisions():
-    from blurflow.model import IMAGENET_WEIGHTS, TORCHVISION_URL
+    from blurflow.modelfile import IMAGENET_WEIGHTS, TORCHVISION_URL
 
     models = torchvision.models
     for encoder, weights in (("resnet18", models.ResNet18_Weights), ("resnet34", models.ResNet34_Weights), ("resnet50", models.ResNet50_Weights)):

@@ -67,8 +67,13 @@ def test_bad_optics_raise_a_clear_error(kwargs, field):
 
 
 def test_from_config_rejects_unknown_fields_and_reads_string_noll_keys():
-    with pytest.raises(ValueError, match="unknown optics field.*numerical_aperture"):
+    """One policy for every section: the schema's defaults for missing keys, an error naming an
+    unknown key, keys that another class of the section holds (motion.kernel_px) skipped."""
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) optics.numerical_aperture"):
         Optics.from_config({"numerical_aperture": 0.3})
+    with pytest.raises(ValueError, match=r"motion.lateral_scale\b"):
+        MotionScales.from_config({"lateral_scale": 3})
+    assert MotionScales.from_config({"kernel_px": 40}) == MotionScales() == MotionScales(24, 10)  # config.yaml's and the schema's
     assert Optics.from_config({"zernike": {"6": 0.1}}).zernike == {6: 0.1}
     assert Optics.from_config(OPTICS.to_dict()) == OPTICS
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from blurflow.config import Setup
 from blurflow.optics import MotionPSF, MotionScales, Optics
 from blurflow.particles import BeadFitter, canonical, detect, windows
 
@@ -163,7 +164,7 @@ def test_beads_of_the_training_synthesis_are_fitted_where_and_as_they_were_made(
 
     sources.write_sources(sources.phantom_images(1, 256, seed=0), tmp_path / "src.h5", 256, "phantom")
     cfg = SynthesisConfig(photons=(15000, 20000), background_sigma=(0, 2))
-    testsets.write_beads(tmp_path / "beads.h5", tmp_path / "src.h5", Optics(), SCALES, 64, cfg, 128, 2, seed=0, progress=False)
+    testsets.write_beads(tmp_path / "beads.h5", tmp_path / "src.h5", Setup(Optics(), SCALES, 64, cfg, seed=0), 128, 2, progress=False)
     ds = ShardDataset([tmp_path / "beads.h5"])
     centres = np.stack([ds.attrs["bead_rows"], ds.attrs["bead_cols"]], 1)
     assert centres.tolist() == [[32, 32], [32, 96], [96, 32], [96, 96]]
@@ -190,7 +191,7 @@ def test_table1_bead_cases_are_fitted_to_their_motion(tmp_path):
     torch.set_num_threads(2)
     sources.write_sources(sources.phantom_images(1, 256, seed=0), tmp_path / "src.h5", 256, "phantom")
     cfg = SynthesisConfig(photons=(15000, 20000), background_sigma=(0, 2))
-    testsets.write_table1(tmp_path / "t1.h5", tmp_path / "src.h5", Optics(), SCALES, 64, cfg, 128, repeats=1, seed=0, per_side=2, progress=False)
+    testsets.write_table1(tmp_path / "t1.h5", tmp_path / "src.h5", Setup(Optics(), SCALES, 64, cfg, seed=0), 128, repeats=1, per_side=2, progress=False)
     fits = particles.fit_testset(tmp_path / "t1.h5")
     assert sorted(set(fits["image"])) == [0, 1, 2, 3] and len(fits) == 16  # case e (image 4) is no bead image
     fits.to_csv(tmp_path / "fits.csv", index=False)

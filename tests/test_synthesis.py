@@ -1,6 +1,7 @@
 """Synthesis of blurred noisy images with labels: shard format, determinism, physics, statistics."""
 
 import json
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -8,11 +9,13 @@ import pytest
 import torch
 
 from blurflow import data, sources, synthesis
+from blurflow.config import Setup
 from blurflow.data import ShardDataset
 from blurflow.optics import MotionScales, Optics
 
-OPTICS, SCALES = Optics(), MotionScales()
+OPTICS, SCALES = Optics(), MotionScales(8, 10)
 CFG = synthesis.SynthesisConfig(image_px=64, regions=(1, 3))
+SETUP = Setup(OPTICS, SCALES, 32, CFG, seed=3)  # 32 px kernels
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def source_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shard(source_file, tmp_path_factory):
     path = tmp_path_factory.mktemp("shards") / "shard-0000.h5"
-    synthesis.write_shard(path, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=0, samples=12, progress=False)
+    synthesis.write_shard(path, source_file, SETUP, split="train", shard=0, samples=12, progress=False)
     return path
 
 
@@ -66,10 +69,10 @@ def test_labels_are_consistent_with_regions_and_canonical(shard):
 
 def test_same_seed_gives_the_same_bytes(source_file, shard, tmp_path):
     again = tmp_path / "again.h5"
-    synthesis.write_shard(again, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=0, samples=12, progress=False)
+    synthesis.write_shard(again, source_file, SETUP, split="train", shard=0, samples=12, progress=False)
     assert again.read_bytes() == shard.read_bytes()
     other = tmp_path / "other.h5"
-    synthesis.write_shard(other, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=1, samples=12, progress=False)
+    synthesis.write_shard(other, source_file, SETUP, split="train", shard=1, samples=12, progress=False)
     with h5py.File(other) as a, h5py.File(shard) as b:
         assert not np.array_equal(a["image"][()], b["image"][()])
 
@@ -100,14 +103,13 @@ def test_blur_conserves_total_flux():
 
 
 def test_one_region_keeps_a_flat_source_flat(tmp_path):
-    cfg = synthesis.SynthesisConfig(image_px=64, regions=(1, 1))
-    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, cfg)
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP.with_synthesis(regions=(1, 1)))
     blurred = syn.render([syn.draw(np.random.default_rng(i)) for i in range(4)])
     assert torch.allclose(blurred, torch.full_like(blurred, 0.5), atol=1e-4)
 
 
 def test_poisson_statistics_match_quantum_efficiency_and_photons(tmp_path):
-    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP)
     draw = {"photons": 400.0, "quantum_efficiency": 0.6, "background_sigma": 0.0, "noise_seed": 0}
     counts = syn.camera(torch.full((1, 256, 256), 0.5), [draw])[0].double().numpy()
     expected = 0.6 * 400 * 0.5
@@ -116,7 +118,7 @@ def test_poisson_statistics_match_quantum_efficiency_and_photons(tmp_path):
 
 
 def test_background_is_half_normal(tmp_path):
-    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP)
     draw = {"photons": 1.0, "quantum_efficiency": 1.0, "background_sigma": 20.0, "noise_seed": 1}
     counts = syn.camera(torch.zeros(1, 256, 256), [draw])[0].double().numpy()
     assert counts.min() >= 0
@@ -125,7 +127,7 @@ def test_background_is_half_normal(tmp_path):
 
 
 def test_noise_depends_only_on_the_sample_seed(tmp_path):
-    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), OPTICS, SCALES, 32, CFG)
+    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP)
     draw = {"photons": 100.0, "quantum_efficiency": 1.0, "background_sigma": 3.0}
     a, b = ({**draw, "noise_seed": s} for s in (7, 8))
     blurred = torch.full((2, 32, 32), 0.5)
@@ -169,7 +171,7 @@ def test_bad_synthesis_config_is_rejected(cfg, match):
 
 def test_tiles_smaller_than_the_image_are_rejected(source_file):
     with pytest.raises(ValueError, match="smaller than synthesis.image_px"):
-        synthesis.Synthesizer(source_file, OPTICS, SCALES, 32, synthesis.SynthesisConfig(image_px=256))
+        synthesis.Synthesizer(source_file, SETUP.with_synthesis(image_px=256))
 
 
 # --- dataset -----------------------------------------------------------------------------------
@@ -201,12 +203,12 @@ def test_dataset_works_with_worker_processes(shard):
 
 
 def online(source_file, seed=3, batch_size=4, **kw):
-    return data.OnlineData(source_file, source_file, OPTICS, SCALES, 32, CFG, seed=seed, batch_size=batch_size, samples_per_epoch=8, **kw)
+    return data.OnlineData(source_file, source_file, replace(SETUP, seed=seed), batch_size=batch_size, samples_per_epoch=8, **kw)
 
 
 def test_an_online_batch_is_the_shard_sample_of_the_same_draw(source_file, tmp_path):
     path = tmp_path / "shard-0005.h5"
-    synthesis.write_shard(path, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="train", shard=5, samples=16, progress=False)
+    synthesis.write_shard(path, source_file, SETUP, split="train", shard=5, samples=16, progress=False)
     shard = ShardDataset([path])
     batch = next(online(source_file, batch_size=16).steps([5]))  # rendered in the same batch as the shard writer's
     assert batch["image"].shape == (16, 1, 64, 64) and batch["target"].shape == (16, 4, 64, 64)
@@ -222,7 +224,7 @@ def test_an_online_batch_is_the_shard_sample_of_the_same_draw(source_file, tmp_p
 
 def test_online_validation_is_the_validation_shard(source_file, tmp_path):
     path = tmp_path / "val.h5"
-    synthesis.write_shard(path, source_file, OPTICS, SCALES, 32, CFG, seed=3, split="val", shard=0, samples=6, progress=False)
+    synthesis.write_shard(path, source_file, SETUP, split="val", shard=0, samples=6, progress=False)
     shard = ShardDataset([path])
     batches = online(source_file, val_samples=(1, 6)).validation()
     assert [len(b["image"]) for b in batches] == [6]  # the writer's batches (16), not the training batch (4)

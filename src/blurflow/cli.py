@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blurflow import __version__, logs
+from blurflow import __version__, config, logs
 from blurflow.files import atomic_path
 from blurflow.optics import Optics
 
@@ -201,7 +201,7 @@ def split_model(inputs: list[str]) -> tuple[Path | None, list[Path]]:
 
 def model_and_images(inputs: list[str]) -> tuple[Path, list[Path], bool]:
     """(model file, images, whether the model is the shipped one) of ``[MODEL] IMAGE...``."""
-    from blurflow.model import SHIPPED_MODEL
+    from blurflow.modelfile import SHIPPED_MODEL
 
     model, images = split_model(inputs)
     if model is not None:
@@ -219,13 +219,12 @@ def describe(path: Path, meta: dict) -> str:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from blurflow.model import load_model
-    from blurflow.train import pick_device
+    from blurflow.modelfile import load_model
 
     model_path, image_paths, shipped = model_and_images(args.inputs)
     plan = plan_images(image_paths, args, "predict")
     try:
-        device = pick_device(args.device)
+        device = config.pick_device(args.device)
     except ValueError as exc:
         raise UsageError(f"--device: {exc}") from None
     try:
@@ -350,7 +349,7 @@ def particles_command(args: argparse.Namespace) -> int:
 
     model, image_paths = split_model(args.inputs)
     if model is not None:
-        from blurflow.model import load_model
+        from blurflow.modelfile import load_model
 
         try:
             _, meta = load_model(model)
@@ -361,17 +360,17 @@ def particles_command(args: argparse.Namespace) -> int:
         import yaml
 
         try:
-            config = yaml.safe_load(Path(args.config).read_text()) or {}
+            user_config = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise UsageError(f"--config: cannot read {args.config}: {exc}") from None
-        optics_cfg, scales_cfg = config.get("optics", {}), config.get("motion", {})
+        optics_cfg, scales_cfg = user_config.get("optics", {}), user_config.get("motion", {})
     else:
         optics_cfg, scales_cfg = {}, {}
     flags = {k: getattr(args, k) for k in ("na", "n", "wavelength_um", "magnification", "camera_pixel_um") if getattr(args, k) is not None}
     scale_flags = {k: getattr(args, k) for k in ("lateral_scale_px", "axial_scale_um") if getattr(args, k) is not None}
     try:
-        optics = Optics.from_config({k: v for k, v in {**optics_cfg, **flags}.items()})
-        scales = MotionScales.from_config({"lateral_scale_px": 24.0, "axial_scale_um": 10.0, **scales_cfg, **scale_flags})
+        optics = Optics.from_config({**optics_cfg, **flags})  # the schema's defaults for what none of them sets
+        scales = MotionScales.from_config({**scales_cfg, **scale_flags})
     except (TypeError, ValueError) as exc:
         raise UsageError(f"optics: {exc}") from None
     plan = plan_images(image_paths, args, "particles")
@@ -385,7 +384,7 @@ def note(message: str, file=None) -> None:
 
 
 def info_command(args: argparse.Namespace) -> int:
-    from blurflow.model import SHIPPED_MODEL, load_model
+    from blurflow.modelfile import SHIPPED_MODEL, load_model
 
     path = Path(args.model) if args.model else SHIPPED_MODEL
     if args.model is None and not path.is_file():
@@ -451,10 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", metavar="[MODEL] IMAGE", nargs="+", help="MODEL: a model file (.pt) whose optics and blur scales to use; IMAGE: TIFF, PNG or JPEG in camera counts")
     p.add_argument("--config", metavar="YAML", help="a blurflow config file: its optics and motion sections")
-    for name, what in (("na", "numerical aperture (0.3)"), ("n", "immersion refractive index (1.0)"), ("wavelength-um", "emission wavelength in um (0.65)"),
-                       ("magnification", "magnification (10)"), ("camera-pixel-um", "camera pixel in um (6.5)"),
-                       ("lateral-scale-px", "L: px of lateral motion per unit v (24)"), ("axial-scale-um", "A: um of axial motion per unit v3 (10)")):  # fmt: skip
-        p.add_argument(f"--{name}", type=float, help=what)
+    default = {**config.defaults("optics"), **config.defaults("motion")}
+    for name, what in (("na", "numerical aperture"), ("n", "immersion refractive index"), ("wavelength_um", "emission wavelength in um"),
+                       ("magnification", "magnification"), ("camera_pixel_um", "camera pixel in um"),
+                       ("lateral_scale_px", "L: px of lateral motion per unit v"), ("axial_scale_um", "A: um of axial motion per unit v3")):  # fmt: skip
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{what} ({default[name]:g})")
     p.add_argument("--out", metavar="DIR", help="output folder (default: beside each image)")
     p.add_argument("--exposure-ms", type=float, metavar="T", help="exposure time in ms: velocities in um/s")
     p.add_argument("--offset", type=float, default=0.0, help="camera offset subtracted from the pixel values (default 0)")

@@ -1,27 +1,166 @@
-"""The workflow configuration, checked before any job runs: one line naming the key for a schema
-violation or for any constraint the library checks (optics, motion, synthesis ranges, sizes,
-architecture, sources)."""
+"""The configuration, from config.yaml to the objects the library runs on, in one path:
+
+1. ``config.schema.yaml`` (in this package) documents every key
+   and holds every default (:func:`defaults`); Snakemake validates config.yaml against it and
+   fills the defaults, and :func:`schema_error` words a violation in one line;
+2. :func:`check` tests the constraints the schema cannot express (optics, ranges, sizes, sources),
+   once, before any job runs;
+3. :class:`Setup` is built once from the validated config: the microscope (``Optics``), the blur
+   scales (``MotionScales``), the motion-PSF kernel, the synthesis ranges and the seed; synthesis,
+   test sets, online training data and the study take it whole. The training settings are
+   ``blurflow.train.TrainConfig``. Each of those classes reads its section with
+   :func:`dataclass_values`: the schema's defaults for missing keys, ``ValueError`` for a key the
+   schema's section does not have, keys of the section that other classes hold are skipped;
+4. :func:`rule_params` gives each workflow rule the config values it reads, so that a rule runs
+   again exactly when one of them changes.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
 
-from blurflow.optics import MotionScales, Optics, required_kernel_px
-from blurflow.synthesis import SynthesisConfig
+if TYPE_CHECKING:
+    import torch
 
-SCHEMA = "workflow/schemas/config.schema.yaml"
+    from blurflow.optics import MotionScales, Optics
+    from blurflow.synthesis import SynthesisConfig
+
+SCHEMA = "src/blurflow/config.schema.yaml"  # SCHEMA_FILE as the repository names it
+SCHEMA_FILE = Path(__file__).with_name("config.schema.yaml")
 
 
-def schema_error(config: Mapping, schema: str | Path) -> str:
-    """One line for the most relevant violation of ``schema`` by ``config`` ('' if none)."""
-    with open(schema) as f:
+@functools.cache
+def schema() -> dict:
+    """The config schema (JSON Schema as YAML)."""
+    with open(SCHEMA_FILE) as f:
+        return yaml.safe_load(f)
+
+
+def _fill(node: Mapping) -> dict:
+    out = {}
+    for key, sub in node.get("properties", {}).items():
+        if "properties" in sub:
+            out[key] = _fill(sub)
+        elif "default" in sub:
+            out[key] = sub["default"]
+    return out
+
+
+def defaults(section: str | None = None) -> dict:
+    """The schema's defaults: the whole config, or one top-level ``section`` (a fresh copy)."""
+    filled = _fill(schema())
+    return filled if section is None else filled[section]
+
+
+def dataclass_values(cls: type, section: str, cfg: Mapping | None) -> dict:
+    """The fields of dataclass ``cls`` from config section ``section``: ``cfg``'s values over the
+    schema's defaults, YAML lists as tuples. ``ValueError`` for a key the schema's section does
+    not have; keys of the section that ``cls`` does not hold are skipped (other classes hold them)."""
+    cfg = dict(cfg or {})
+    known = schema()["properties"][section]["properties"]
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(f'{section}.{k}' for k in unknown)} (the keys are documented in {SCHEMA})")
+    merged = {**defaults(section), **cfg}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items() if k in cls.__dataclass_fields__}
+
+
+def config_hash(*sections: Any) -> str:
+    """Short stable hash of config sections (JSON, sorted keys)."""
+    text = json.dumps(sections, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_device(name: str) -> torch.device:
+    """The device a name means (``cpu``, ``cuda`` or ``cuda:N``); ``ValueError`` for other names."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
+    return device
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one) or a name for :func:`parse_device`; ``ValueError`` for a
+    CUDA device this machine does not have."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = parse_device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            have = "has no CUDA GPU" if count == 0 else f"has {count} CUDA GPU(s)"
+            raise ValueError(f"device {name!r} asked for, but this machine {have}; use auto or cpu")
+    return device
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every stage that makes images shares, built once from the validated config: the
+    microscope, the blur scales (L px per unit lateral speed, A um per unit v3 and z0), the size of
+    the motion-PSF kernels (px), the synthesis ranges and the master seed."""
+
+    optics: Optics
+    scales: MotionScales
+    kernel_px: int
+    synthesis: SynthesisConfig
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Setup:
+        """From a config (its ``seed``, ``optics``, ``motion`` and ``synthesis`` sections; missing
+        keys take the schema's defaults)."""
+        from blurflow.optics import MotionScales, Optics
+        from blurflow.synthesis import SynthesisConfig
+
+        motion = {**defaults("motion"), **config.get("motion", {})}
+        return cls(
+            Optics.from_config(config.get("optics")), MotionScales.from_config(motion), int(motion["kernel_px"]),
+            SynthesisConfig.from_config(config.get("synthesis")), int(config.get("seed", defaults()["seed"])),
+        )  # fmt: skip
+
+    def with_synthesis(self, **changes: Any) -> Setup:
+        """The same setup with some synthesis settings changed (a test set's image size, ranges)."""
+        return replace(self, synthesis=replace(self.synthesis, **changes))
+
+    @property
+    def speed_max(self) -> float:
+        """The largest lateral speed |(v1, v2)| of the synthesis ranges (normalised)."""
+        return math.hypot(*(max(abs(v) for v in self.synthesis.v_lateral),) * 2)
+
+    @property
+    def depth_max(self) -> float:
+        """The largest depth |z0| + |v3| a path of the synthesis ranges reaches (normalised)."""
+        syn = self.synthesis
+        return max(abs(syn.z0[0]), abs(syn.z0[1])) + max(abs(syn.v3[0]), abs(syn.v3[1]))
+
+    def required_kernel_px(self) -> int:
+        """The kernel size (px) that holds the longest streak and the widest defocus of the ranges."""
+        from blurflow.optics import required_kernel_px
+
+        return required_kernel_px(self.optics, self.scales, self.speed_max, self.depth_max)
+
+
+def schema_error(config: Mapping, schema_path: str | Path = SCHEMA_FILE) -> str:
+    """One line for the most relevant violation of the schema by ``config`` ('' if none)."""
+    with open(schema_path) as f:
         validator = jsonschema.Draft202012Validator(yaml.safe_load(f))
     best = jsonschema.exceptions.best_match(validator.iter_errors(dict(config)))
     if best is None:
@@ -37,11 +176,10 @@ def schema_error(config: Mapping, schema: str | Path) -> str:
 def check(config: Mapping) -> list[str]:
     """Check a config whose defaults are filled in; ``ValueError`` naming the key of the first
     violated constraint. Returns warnings (settings that work but are probably not meant)."""
-    from blurflow.train import TrainConfig, parse_device
+    from blurflow.train import TrainConfig
 
-    optics = Optics.from_config(config["optics"])
-    scales = MotionScales.from_config(config["motion"])
-    syn = SynthesisConfig.from_config(config["synthesis"])
+    setup = Setup.from_config(config)
+    syn = setup.synthesis
     TrainConfig.from_config(config["train"], seed=config["seed"])
     if config["train"]["device"] != "auto":  # only the name: whether the GPU exists is the job's node's business
         try:
@@ -68,10 +206,8 @@ def check(config: Mapping) -> list[str]:
     if tests["two_zone"]["evaluated"] > tests["two_zone"]["count"]:
         raise ValueError(f"testsets.two_zone.evaluated ({tests['two_zone']['evaluated']}) exceeds testsets.two_zone.count ({tests['two_zone']['count']})")
     warnings = []
-    v_max = math.hypot(*(max(abs(v) for v in syn.v_lateral),) * 2)
-    depth_max = max(abs(syn.z0[0]), abs(syn.z0[1])) + max(abs(syn.v3[0]), abs(syn.v3[1]))
-    need = required_kernel_px(optics, scales, v_max, depth_max)
-    if config["motion"]["kernel_px"] < need:
+    need = setup.required_kernel_px()
+    if setup.kernel_px < need:
         warnings.append(
             f"motion.kernel_px ({config['motion']['kernel_px']}) is smaller than the {need} px that hold the longest "
             f"streak and the widest defocus of the synthesis ranges: the blur of the fastest or deepest motions wraps around"
@@ -193,7 +329,8 @@ def model_log(model_file: str | Path) -> str:
 def check_model_file(config: Mapping, path: str | Path) -> None:
     """``ValueError`` unless ``path`` is a model file with its training log beside it, trained for
     the config's optics and blur scales (the test sets are synthesised with those)."""
-    from blurflow.model import load_model
+    from blurflow.modelfile import load_model
+    from blurflow.optics import Optics
 
     try:
         _, meta = load_model(path)

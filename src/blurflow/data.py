@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 import torch
 
-from blurflow.optics import MotionScales, Optics
-from blurflow.synthesis import RENDER_BATCH, SynthesisConfig, Synthesizer, sample_rng, shard_keys
+from blurflow.config import Setup
+from blurflow.synthesis import RENDER_BATCH, Synthesizer, sample_rng, shard_keys
 
 
 def label_maps(region: torch.Tensor, params: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,22 +131,17 @@ class OnlineData:
         self,
         train_sources: str | Path,
         val_sources: str | Path,
-        optics: Optics,
-        scales: MotionScales,
-        kernel_px: int,
-        cfg: SynthesisConfig,
-        seed: int,
+        setup: Setup,
         batch_size: int,
         samples_per_epoch: int,
         val_samples: tuple[int, int] = (1, 1250),
         device: torch.device | str = "cpu",
         workers: int = 0,
     ):
-        args = (optics, scales, kernel_px, cfg)
-        self.renderer = Synthesizer(train_sources, *args, device=device)
-        self.drawer = Synthesizer(train_sources, *args)  # CPU copy for the worker processes
-        self.val_renderer = Synthesizer(val_sources, *args, device=device)
-        self.seed, self.batch_size, self.workers, self.n_max = seed, batch_size, workers, cfg.regions[1]
+        self.renderer = Synthesizer(train_sources, setup, device=device)
+        self.drawer = Synthesizer(train_sources, setup)  # CPU copy for the worker processes
+        self.val_renderer = Synthesizer(val_sources, setup, device=device)
+        self.seed, self.batch_size, self.workers, self.n_max = setup.seed, batch_size, workers, setup.synthesis.regions[1]
         self.steps_per_epoch = max(1, samples_per_epoch // batch_size)
         self.val_samples = val_samples
         self._val: list[dict] | None = None
@@ -181,8 +176,7 @@ def from_config(config: Mapping, train: Sequence[str | Path], val: Sequence[str 
     t, s = config["train"], config["synthesis"]
     if t["data"] == "online":
         return OnlineData(
-            train[0], val[0], Optics.from_config(config["optics"]), MotionScales.from_config(config["motion"]), config["motion"]["kernel_px"],
-            SynthesisConfig.from_config(s), seed=config["seed"], batch_size=t["batch_size"],
+            train[0], val[0], Setup.from_config(config), batch_size=t["batch_size"],
             samples_per_epoch=s["samples_per_shard"] * s["shards"]["train"], val_samples=(s["shards"]["val"], s["samples_per_shard"]),
             device=device, workers=t["workers"],
         )  # fmt: skip

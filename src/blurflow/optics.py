@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blurflow.config import dataclass_values, defaults
+
+_OPTICS, _MOTION = defaults("optics"), defaults("motion")  # the schema holds the defaults
+
 __all__ = [
     "MotionPSF",
     "MotionScales",
@@ -32,12 +36,12 @@ __all__ = [
 class Optics:
     """Widefield microscope. Lengths in um; aberrations as {Noll index: waves RMS}."""
 
-    na: float = 0.3
-    n: float = 1.0
-    wavelength_um: float = 0.65
-    magnification: float = 10.0
-    camera_pixel_um: float = 6.5
-    zernike: Mapping[int, float] = field(default_factory=dict)
+    na: float = _OPTICS["na"]
+    n: float = _OPTICS["n"]
+    wavelength_um: float = _OPTICS["wavelength_um"]
+    magnification: float = _OPTICS["magnification"]
+    camera_pixel_um: float = _OPTICS["camera_pixel_um"]
+    zernike: Mapping[int, float] = field(default_factory=lambda: dict(_OPTICS["zernike"]))
 
     def __post_init__(self) -> None:
         for name in ("na", "n", "wavelength_um", "magnification", "camera_pixel_um"):
@@ -63,13 +67,8 @@ class Optics:
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> Optics:
-        """Build from the ``optics`` config section; unknown keys are an error."""
-        cfg = dict(cfg or {})
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown optics field(s): {', '.join(unknown)}")
-        return cls(**cfg)
+        """Build from the ``optics`` config section (blurflow.config.dataclass_values)."""
+        return cls(**dataclass_values(cls, "optics", cfg))
 
     def to_dict(self) -> dict:
         """Plain dict (JSON/HDF5-attribute friendly; Noll keys as strings)."""
@@ -114,8 +113,8 @@ COMPONENTS = ("v1", "v2", "v3", "z0")  # the motion parameters, in this order ev
 class MotionScales:
     """Label scales: lateral motion (v1, v2) * L px, axial motion v3 * A um, start depth z0 * A um."""
 
-    lateral_scale_px: float = 8.0
-    axial_scale_um: float = 10.0
+    lateral_scale_px: float = _MOTION["lateral_scale_px"]
+    axial_scale_um: float = _MOTION["axial_scale_um"]
 
     def __post_init__(self) -> None:
         for name in ("lateral_scale_px", "axial_scale_um"):
@@ -125,9 +124,8 @@ class MotionScales:
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> MotionScales:
-        """Build from the ``motion`` config section (other keys of that section are ignored)."""
-        cfg = dict(cfg or {})
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+        """Build from the ``motion`` config section (blurflow.config.dataclass_values)."""
+        return cls(**dataclass_values(cls, "motion", cfg))
 
     def to_dict(self) -> dict:
         return {"lateral_scale_px": self.lateral_scale_px, "axial_scale_um": self.axial_scale_um}

@@ -13,12 +13,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
+from blurflow.config import Setup
 from blurflow.evaluate import COMPONENTS
-from blurflow.optics import MotionScales, Optics, required_kernel_px
+from blurflow.optics import MotionScales
 
 
 def setting_name(lateral_px: float, axial_um: float) -> str:
@@ -30,9 +32,7 @@ def setting_config(config: Mapping, lateral_px: float, axial_um: float) -> dict:
     c = copy.deepcopy(dict(config))
     s, syn = c["study"], c["synthesis"]
     scales = MotionScales(lateral_px, axial_um)
-    speed = math.hypot(*(max(abs(v) for v in syn["v_lateral"]),) * 2)
-    depth = max(map(abs, syn["z0"])) + max(map(abs, syn["v3"]))
-    kernel = required_kernel_px(Optics.from_config(c["optics"]), scales, speed, depth)
+    kernel = replace(Setup.from_config(c), scales=scales).required_kernel_px()
     c["motion"] = {**c["motion"], **scales.to_dict(), "kernel_px": kernel}
     per_epoch = math.ceil(s["samples"] / s["epochs"] / s["val_samples"])
     c["synthesis"] = {**syn, "image_px": s["image_px"], "samples_per_shard": s["val_samples"], "shards": {"train": per_epoch, "val": 1}}

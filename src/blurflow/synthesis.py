@@ -10,7 +10,6 @@ half-normal background, rounded to uint16. Sample ``i`` of shard ``s`` draws eve
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -25,11 +24,13 @@ import torch
 from scipy import fft as sfft
 
 from blurflow import __version__, logs
+from blurflow.config import Setup, config_hash, dataclass_values, defaults
 from blurflow.files import atomic_path
-from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign
+from blurflow.optics import MotionPSF, canonical_sign
 
 log = logging.getLogger(__name__)
 SPLITS = {"train": 0, "val": 1, "test": 2}
+_SYN = defaults("synthesis")  # the schema holds the defaults
 RENDER_BATCH = 16  # images rendered together when writing files (the same batches give the same bytes)
 
 
@@ -37,21 +38,22 @@ RENDER_BATCH = 16  # images rendered together when writing files (the same batch
 class SynthesisConfig:
     """Per-image random draws; ranges are (low, high), uniform."""
 
-    image_px: int = 64
-    regions: tuple[int, int] = (1, 2)
-    v_lateral: tuple[float, float] = (-1.0, 1.0)
-    v3: tuple[float, float] = (0.0, 1.0)
-    z0: tuple[float, float] = (0.0, 1.0)
-    photons: tuple[float, float] = (2000.0, 20000.0)  # expected photons per pixel at source intensity 1
-    quantum_efficiency: tuple[float, float] = (0.5, 1.0)
-    background_sigma: tuple[float, float] = (0.0, 10.0)  # half-normal scale, counts
-    validity_window_px: int = 7
-    validity_threshold: float = 0.02  # local standard deviation of the sharp source (0..1 scale)
-    stretch_crops: bool = True  # scale each crop to its 1st..99th percentiles (fill the camera range)
+    image_px: int = _SYN["image_px"]
+    regions: tuple[int, int] = tuple(_SYN["regions"])
+    v_lateral: tuple[float, float] = tuple(_SYN["v_lateral"])
+    v3: tuple[float, float] = tuple(_SYN["v3"])
+    z0: tuple[float, float] = tuple(_SYN["z0"])
+    photons: tuple[float, float] = tuple(_SYN["photons"])  # expected photons per pixel at source intensity 1
+    quantum_efficiency: tuple[float, float] = tuple(_SYN["quantum_efficiency"])
+    background_sigma: tuple[float, float] = tuple(_SYN["background_sigma"])  # half-normal scale, counts
+    validity_window_px: int = _SYN["validity_window_px"]
+    validity_threshold: float = _SYN["validity_threshold"]  # local standard deviation of the sharp source (0..1 scale)
+    stretch_crops: bool = _SYN["stretch_crops"]  # scale each crop to its 1st..99th percentiles (fill the camera range)
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> SynthesisConfig:
-        out = cls(**dataclass_values(cls, cfg))
+    def from_config(cls, cfg: Mapping | None) -> SynthesisConfig:
+        """Build from the ``synthesis`` config section (blurflow.config.dataclass_values); checks the ranges."""
+        out = cls(**dataclass_values(cls, "synthesis", cfg))
         for name in ("regions", "v_lateral", "v3", "z0", "photons", "quantum_efficiency", "background_sigma"):
             lo, hi = getattr(out, name)
             if lo > hi:
@@ -61,17 +63,6 @@ class SynthesisConfig:
         if not (0 < out.quantum_efficiency[0] and out.quantum_efficiency[1] <= 1):
             raise ValueError(f"synthesis.quantum_efficiency must lie in (0, 1], got {list(out.quantum_efficiency)}")
         return out
-
-
-def dataclass_values(cls: type, cfg: Mapping) -> dict:
-    """The keys of a config section that are fields of dataclass ``cls``, YAML lists as tuples."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in cls.__dataclass_fields__}
-
-
-def config_hash(*sections: Mapping) -> str:
-    """Short stable hash of config sections (JSON, sorted keys)."""
-    text = json.dumps(sections, sort_keys=True, default=list)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def smooth_field(size: int, rng: np.random.Generator, rank: int = 3, modes: int = 3) -> np.ndarray:
@@ -142,16 +133,10 @@ class Synthesizer:
     torch on ``device``, so training images can be made on the training device itself.
     """
 
-    def __init__(
-        self,
-        sources: str | Path,
-        optics: Optics,
-        scales: MotionScales,
-        kernel_px: int,
-        cfg: SynthesisConfig,
-        device: torch.device | str = "cpu",
-    ):
-        self.cfg, self.optics, self.scales, self.kernel_px = cfg, optics, scales, kernel_px
+    def __init__(self, sources: str | Path, setup: Setup, device: torch.device | str = "cpu"):
+        self.setup = setup
+        self.cfg, self.optics, self.scales, self.kernel_px = setup.synthesis, setup.optics, setup.scales, setup.kernel_px
+        cfg, kernel_px = self.cfg, self.kernel_px
         self.device = torch.device(device)
         with h5py.File(sources, "r") as f:
             self.tiles = f["images"][()]  # (T, S, S) uint16; sources files are small enough to hold
@@ -310,27 +295,16 @@ def shard_keys(seed: int, split: str, shard: int, samples: int) -> list[tuple[in
     return [(seed, SPLITS[split], shard, i) for i in range(samples)]
 
 
-def write_shard(
-    path: str | Path,
-    sources: str | Path,
-    optics: Optics,
-    scales: MotionScales,
-    kernel_px: int,
-    cfg: SynthesisConfig,
-    seed: int,
-    split: str,
-    shard: int,
-    samples: int,
-    progress: bool = True,
-) -> None:
+def write_shard(path: str | Path, sources: str | Path, setup: Setup, split: str, shard: int, samples: int, progress: bool = True) -> None:
     """Synthesise ``samples`` training images into an HDF5 shard; sample i is keyed by
-    (seed, split, shard, i)."""
-    syn = Synthesizer(sources, optics, scales, kernel_px, cfg)
+    (setup.seed, split, shard, i)."""
+    syn = Synthesizer(sources, setup)
+    seed = setup.seed
     keys = shard_keys(seed, split, shard, samples)
     attrs = {
         "seed": seed,
         "split": split,
         "shard": shard,
-        "config_hash": config_hash(optics.to_dict(), scales.to_dict(), asdict(cfg), {"kernel_px": kernel_px}),
+        "config_hash": config_hash(setup.optics.to_dict(), setup.scales.to_dict(), asdict(setup.synthesis), {"kernel_px": setup.kernel_px}),
     }
-    write_samples(path, syn, lambda i, rng: syn.draw(rng), keys, cfg.regions[1], attrs, progress=progress, desc=f"{split} shard {shard}")
+    write_samples(path, syn, lambda i, rng: syn.draw(rng), keys, setup.synthesis.regions[1], attrs, progress=progress, desc=f"{split} shard {shard}")

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import numpy as np
 
-from blurflow.optics import MotionScales, Optics
-from blurflow.synthesis import SynthesisConfig, Synthesizer, write_samples
+from blurflow.config import Setup
+from blurflow.synthesis import Synthesizer, write_samples
 
 TABLE1 = {  # case: ((v1, v2, v3, z0), source) as in the paper's Table 1
     "a": ((0.30, 0.30, 0.00, 0.00), "beads"),
@@ -65,28 +64,29 @@ def row_regions(canvas: int, image: int, bands: int) -> np.ndarray:
     return np.repeat((rows * bands // image).astype(np.uint8)[:, None], canvas, axis=1)
 
 
-def _synthesizer(sources, optics, scales, kernel_px, cfg: SynthesisConfig, image_px: int, v3_max: float = 1.0) -> Synthesizer:
-    cfg = replace(cfg, image_px=image_px, v3=(min(cfg.v3[0], 0.0), max(cfg.v3[1], v3_max)))
-    return Synthesizer(sources, optics, scales, kernel_px, cfg)
+def _synthesizer(sources, setup: Setup, image_px: int, v3_max: float = 1.0) -> Synthesizer:
+    """The setup's synthesizer for test images of ``image_px`` whose v3 range reaches ``v3_max``."""
+    v3 = setup.synthesis.v3
+    return Synthesizer(sources, setup.with_synthesis(image_px=image_px, v3=(min(v3[0], 0.0), max(v3[1], v3_max))))
 
 
-def write_two_zone(path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, count: int, seed: int, progress: bool = True) -> None:
+def write_two_zone(path, sources, setup: Setup, image_px: int, count: int, progress: bool = True) -> None:
     """Two-zone test set: ``count`` images of ``image_px``."""
-    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px)
+    syn = _synthesizer(sources, setup, image_px)
 
     def draw(i, rng):
         return {"sharp": syn.crop(rng), "regions": straight_split(syn.canvas_px, rng), "params": syn.motions(2, rng), **syn.camera_draws(rng)}
 
-    keys = [(seed, TESTSET_KEYS["two_zone"], i) for i in range(count)]
-    write_samples(path, syn, draw, keys, 2, {"seed": seed, "testset": "two_zone"}, progress=progress, desc="two-zone")
+    keys = [(setup.seed, TESTSET_KEYS["two_zone"], i) for i in range(count)]
+    write_samples(path, syn, draw, keys, 2, {"seed": setup.seed, "testset": "two_zone"}, progress=progress, desc="two-zone")
 
 
 def write_cylinder(
-    path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, count: int, seed: int,
+    path, sources, setup: Setup, image_px: int, count: int,
     speed: float, z0: float, direction_deg: float, progress: bool = True,
 ) -> None:  # fmt: skip
     """Cylinder-flow test set: ``count`` held-out sources under the same row-wise flow profile."""
-    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px, v3_max=speed)
+    syn = _synthesizer(sources, setup, image_px, v3_max=speed)
     bands = min(image_px, 255)
     params = cylinder_params(bands, speed, z0, direction_deg)
     regions = row_regions(syn.canvas_px, image_px, bands)
@@ -94,13 +94,13 @@ def write_cylinder(
     def draw(i, rng):
         return {"sharp": syn.crop(rng), "regions": regions, "params": params, **syn.camera_draws(rng)}
 
-    keys = [(seed, TESTSET_KEYS["cylinder"], i) for i in range(count)]
-    attrs = {"seed": seed, "testset": "cylinder", "speed": speed, "z0": z0, "direction_deg": direction_deg}
+    keys = [(setup.seed, TESTSET_KEYS["cylinder"], i) for i in range(count)]
+    attrs = {"seed": setup.seed, "testset": "cylinder", "speed": speed, "z0": z0, "direction_deg": direction_deg}
     write_samples(path, syn, draw, keys, bands, attrs, batch=1, progress=progress, desc="cylinder")
 
 
 def write_table1(
-    path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, repeats: int, seed: int,
+    path, sources, setup: Setup, image_px: int, repeats: int,
     per_side: int = 2, progress: bool = True,
 ) -> None:  # fmt: skip
     """Table 1: ``repeats`` images of each case a-e (in order a, a, ..., e), one region each. The
@@ -108,7 +108,7 @@ def write_table1(
     the case's motion), so both the network and the particle fit (blurflow.particles) read them;
     case e a held-out texture."""
     v3_max = max(p[2] for p, _ in TABLE1.values())
-    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px, v3_max=v3_max)
+    syn = _synthesizer(sources, setup, image_px, v3_max=v3_max)
     cases = [c for c in TABLE1 for _ in range(repeats)]
     sharp_beads, centres = grid_beads(image_px, per_side)
     regions = np.zeros((syn.canvas_px, syn.canvas_px), np.uint8)
@@ -118,9 +118,9 @@ def write_table1(
         sharp = sharp_beads if source == "beads" else syn.crop(rng)
         return {"sharp": sharp, "regions": regions, "params": np.array([params], np.float32), **syn.camera_draws(rng)}
 
-    keys = [(seed, TESTSET_KEYS["table1"], i) for i in range(len(cases))]
+    keys = [(setup.seed, TESTSET_KEYS["table1"], i) for i in range(len(cases))]
     bead_images = [i for i, c in enumerate(cases) if TABLE1[c][1] == "beads"]
-    attrs = {"seed": seed, "testset": "table1", "cases": "".join(cases), **_bead_attrs(centres), "bead_images": json.dumps(bead_images)}
+    attrs = {"seed": setup.seed, "testset": "table1", "cases": "".join(cases), **_bead_attrs(centres), "bead_images": json.dumps(bead_images)}
     write_samples(path, syn, draw, keys, 1, attrs, progress=progress, desc="table 1")
 
 
@@ -146,7 +146,7 @@ def _bead_attrs(centres: np.ndarray) -> dict:
 
 
 def write_beads(
-    path, sources, optics: Optics, scales: MotionScales, kernel_px: int, cfg: SynthesisConfig, image_px: int, count: int, seed: int,
+    path, sources, setup: Setup, image_px: int, count: int,
     per_side: int = 2, progress: bool = True,
 ) -> None:  # fmt: skip
     """Bead test set: ``count`` images of ``image_px``, each with ``per_side`` x ``per_side``
@@ -156,7 +156,7 @@ def write_beads(
     v2 >= 0, so the stored (canonical) labels are the signed motions: the direction of a bead that
     moves away from focus is known, and is what the fit must find (a 180 degree rotation of the
     plane loses nothing)."""
-    syn = _synthesizer(sources, optics, scales, kernel_px, cfg, image_px)  # the sources are not used: beads are the sources
+    syn = _synthesizer(sources, setup, image_px)  # the sources are not used: beads are the sources
     sharp, centres = grid_beads(image_px, per_side)
     cell, offset = image_px // per_side, (syn.canvas_px - image_px) // 2
     index = np.clip((np.arange(syn.canvas_px) - offset) // cell, 0, per_side - 1)
@@ -167,6 +167,6 @@ def write_beads(
         motions[motions[:, 1] < 0, :2] *= -1
         return {"sharp": sharp, "regions": regions, "params": motions, **syn.camera_draws(rng)}
 
-    keys = [(seed, TESTSET_KEYS["beads"], i) for i in range(count)]
-    attrs = {"seed": seed, "testset": "beads", **_bead_attrs(centres)}
+    keys = [(setup.seed, TESTSET_KEYS["beads"], i) for i in range(count)]
+    attrs = {"seed": setup.seed, "testset": "beads", **_bead_attrs(centres)}
     write_samples(path, syn, draw, keys, per_side**2, attrs, progress=progress, desc="beads")

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from blurflow import logs
+from blurflow.config import config_hash, dataclass_values, defaults, pick_device
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
 from blurflow.model import (
@@ -35,47 +36,49 @@ from blurflow.model import (
     check_stem_stride,
     decode,
     loss_fn,
-    save_model,
     smooth_outputs,
 )
-from blurflow.synthesis import config_hash, dataclass_values
+from blurflow.modelfile import save_model
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
 SCHEDULES = ("onecycle", "cosine", "constant")
 DATA = ("shards", "online")
 TIMING_COLUMNS = ("images_per_s", "minutes")  # log columns that vary from run to run
+_TRAIN = defaults("train")  # the schema holds the defaults
 SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # output smoothing widths tried on the validation set after training
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    encoder: str = "resnet18"
-    encoder_depth: int = 3
-    decoder_channels: tuple[int, ...] = (64, 32, 16)
-    stem_stride: int = 2
-    unshuffle: int = 2
-    encoding: str = "doubled_angle"
-    loss: str = "ours"
-    gamma: float = 0.5
-    component_weights: tuple[float, ...] = (1.0, 1.0, 4.0, 4.0)
-    data: str = "shards"
-    epochs: int = 3
-    max_minutes: float | None = None
-    batch_size: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    schedule: str = "onecycle"
-    warmup_fraction: float = 0.1
-    workers: int = 0
-    pretrained_weights: str | None = None
-    device: str = "auto"
-    amp: bool = True
+    """The ``train`` section (defaults: the schema's) and the master seed."""
+
+    encoder: str = _TRAIN["encoder"]
+    encoder_depth: int = _TRAIN["encoder_depth"]
+    decoder_channels: tuple[int, ...] = tuple(_TRAIN["decoder_channels"])
+    stem_stride: int = _TRAIN["stem_stride"]
+    unshuffle: int = _TRAIN["unshuffle"]
+    encoding: str = _TRAIN["encoding"]
+    loss: str = _TRAIN["loss"]
+    gamma: float = _TRAIN["gamma"]
+    component_weights: tuple[float, ...] = tuple(_TRAIN["component_weights"])
+    data: str = _TRAIN["data"]
+    epochs: int = _TRAIN["epochs"]
+    max_minutes: float | None = _TRAIN["max_minutes"]
+    batch_size: int = _TRAIN["batch_size"]
+    lr: float = _TRAIN["lr"]
+    weight_decay: float = _TRAIN["weight_decay"]
+    schedule: str = _TRAIN["schedule"]
+    warmup_fraction: float = _TRAIN["warmup_fraction"]
+    workers: int = _TRAIN["workers"]
+    pretrained_weights: str | None = _TRAIN["pretrained_weights"]
+    device: str = _TRAIN["device"]
+    amp: bool = _TRAIN["amp"]
     seed: int = 0
 
     @classmethod
     def from_config(cls, cfg: Mapping, seed: int = 0) -> TrainConfig:
-        out = cls(**dataclass_values(cls, cfg), seed=seed)
+        out = cls(**dataclass_values(cls, "train", cfg), seed=seed)
         choices = (("encoder", ENCODERS), ("encoding", ENCODINGS), ("loss", LOSSES), ("schedule", SCHEDULES), ("data", DATA), ("stem_stride", (1, 2)), ("unshuffle", (1, 2)))
         for name, allowed in choices:
             if getattr(out, name) not in allowed:
@@ -106,31 +109,6 @@ class TrainData(Protocol):
     def epoch(self, epoch: int) -> Iterable[dict]: ...
 
     def validation(self) -> Iterable[dict]: ...
-
-
-def parse_device(name: str) -> torch.device:
-    """The device a name means (``cpu``, ``cuda`` or ``cuda:N``); ``ValueError`` for other names."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or cuda:N")
-    return device
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA when there is one) or a name for :func:`parse_device`; ``ValueError`` for a
-    CUDA device this machine does not have."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = parse_device(name)
-    if device.type == "cuda":
-        count = torch.cuda.device_count()
-        if (device.index or 0) >= count:
-            have = "has no CUDA GPU" if count == 0 else f"has {count} CUDA GPU(s)"
-            raise ValueError(f"device {name!r} asked for, but this machine {have}; use auto or cpu")
-    return device
 
 
 def lr_factor(progress: float, cfg: TrainConfig) -> float:
@@ -253,46 +231,64 @@ def train(
     """
     model_path, log_path, checkpoint_path = Path(model_path), Path(log_path), Path(checkpoint_path)
     device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = cfg.build_model()
-    if cfg.pretrained_weights:
-        model.load_encoder_weights(cfg.pretrained_weights)
-    model = model.to(device, memory_format=torch.channels_last)
-    opt = torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay)
-    per_epoch = data.steps_per_epoch
+    model, opt = _build(cfg, device)
     key = config_hash(cfg.resume_key(), meta.get("data_key"))
     rows, start, stopped = _resume(checkpoint_path, key, model, opt, device)
-    minutes, final_scores = (rows[-1]["minutes"] if rows else 0.0), None
-    log.info("training %s on %s: %d epochs of %d steps of %d images (%s data)", cfg.encoder, device, cfg.epochs, per_epoch, cfg.batch_size, cfg.data)
+    log.info("training %s on %s: %d epochs of %d steps of %d images (%s data)", cfg.encoder, device, cfg.epochs, data.steps_per_epoch, cfg.batch_size, cfg.data)
+    final_scores = None
     for run_epochs, epoch in enumerate(range(start, cfg.epochs)):
         if stopped or (stop_after_epochs is not None and run_epochs >= stop_after_epochs):
             break
-        t0 = time.perf_counter()
-        train_loss, seen, stopped = _train_epoch(model, opt, data.epoch(epoch), epoch, cfg, device, minutes, per_epoch, progress)
-        elapsed = time.perf_counter() - t0
-        last = epoch + 1 == cfg.epochs or stopped  # the last epoch also scores every output smoothing width
-        val_loss, scores = evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX if last else (0.0,))
-        final_scores, r2 = scores if last else None, scores[0.0]
-        minutes += (time.perf_counter() - t0) / 60
-        row = {
-            "epoch": epoch + 1, "samples": (rows[-1]["samples"] if rows else 0) + seen, "train_loss": train_loss, "val_loss": val_loss,
-            **{f"val_r2_{c}": r2[c] for c in COMPONENTS}, "val_r2_mean": r2["mean"], "images_per_s": seen / elapsed,
-            "lr": opt.param_groups[0]["lr"], "minutes": minutes,
-        }  # fmt: skip
+        row, stopped, final_scores = _run_epoch(model, opt, data, epoch, cfg, device, rows, progress)
         rows.append(row)
-        log.info(
-            "epoch %d/%d: %d images, train loss %.4f, val loss %.4f, val R2 %.3f (%s), %.0f images/s, %.1f min",
-            epoch + 1, cfg.epochs, row["samples"], row["train_loss"], val_loss, r2["mean"],
-            " ".join(f"{c} {r2[c]:.2f}" for c in COMPONENTS), row["images_per_s"], minutes,
-        )  # fmt: skip
-        if stopped:
-            log.warning("training stopped early: %s", stopped)
         _write_log(rows, log_path)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": key}
-        with atomic_path(checkpoint_path) as tmp:
-            torch.save(state, tmp)
+        _save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": key})
     if len(rows) == cfg.epochs or stopped:
         scores = final_scores or evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX)[1]  # resumed after the last epoch
         _write_log(rows, log_path)
         _save_final(model, rows, scores, cfg, stopped, model_path, meta)
     return rows
+
+
+def _build(cfg: TrainConfig, device: torch.device) -> tuple[FlowNet, torch.optim.Optimizer]:
+    """The network (seeded; ImageNet encoder weights where configured) on ``device``, and its optimiser."""
+    torch.manual_seed(cfg.seed)
+    model = cfg.build_model()
+    if cfg.pretrained_weights:
+        model.load_encoder_weights(cfg.pretrained_weights)
+    model = model.to(device, memory_format=torch.channels_last)
+    return model, torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay)
+
+
+def _run_epoch(
+    model: FlowNet, opt: torch.optim.Optimizer, data: TrainData, epoch: int, cfg: TrainConfig, device: torch.device, rows: list[dict], progress: bool,
+) -> tuple[dict, str | None, dict | None]:  # fmt: skip
+    """Train one epoch and validate: its log row, why training stopped (or None) and, after the
+    last epoch, the validation scores of every output smoothing width."""
+    minutes = rows[-1]["minutes"] if rows else 0.0
+    t0 = time.perf_counter()
+    train_loss, seen, stopped = _train_epoch(model, opt, data.epoch(epoch), epoch, cfg, device, minutes, data.steps_per_epoch, progress)
+    elapsed = time.perf_counter() - t0
+    last = epoch + 1 == cfg.epochs or stopped  # the last epoch also scores every output smoothing width
+    val_loss, scores = evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX if last else (0.0,))
+    r2 = scores[0.0]
+    minutes += (time.perf_counter() - t0) / 60
+    row = {
+        "epoch": epoch + 1, "samples": (rows[-1]["samples"] if rows else 0) + seen, "train_loss": train_loss, "val_loss": val_loss,
+        **{f"val_r2_{c}": r2[c] for c in COMPONENTS}, "val_r2_mean": r2["mean"], "images_per_s": seen / elapsed,
+        "lr": opt.param_groups[0]["lr"], "minutes": minutes,
+    }  # fmt: skip
+    log.info(
+        "epoch %d/%d: %d images, train loss %.4f, val loss %.4f, val R2 %.3f (%s), %.0f images/s, %.1f min",
+        epoch + 1, cfg.epochs, row["samples"], row["train_loss"], val_loss, r2["mean"],
+        " ".join(f"{c} {r2[c]:.2f}" for c in COMPONENTS), row["images_per_s"], minutes,
+    )  # fmt: skip
+    if stopped:
+        log.warning("training stopped early: %s", stopped)
+    return row, stopped, scores if last else None
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """The resumable state after an epoch (model, optimiser, log rows, resume key), atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

@@ -1,16 +1,14 @@
 import sys
-from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from blurflow import config as blurflow_config
 
-try:
-    validate(config, "../schemas/config.schema.yaml")
+try:  # the schema beside the library, which reads its defaults there too
+    validate(config, str(blurflow_config.SCHEMA_FILE))
 except WorkflowError:
-    schema = Path(workflow.basedir) / blurflow_config.SCHEMA
-    sys.exit(f"blurflow: {blurflow_config.schema_error(config, schema)}")
+    sys.exit(f"blurflow: {blurflow_config.schema_error(config)}")
 if workflow.is_main_process:  # once, before any job; jobs re-read the Snakefile
     try:
         for warning in blurflow_config.check(config):

@@ -1,7 +1,7 @@
 """Download ImageNet weights for the ResNet encoder, checksum-verified (rule encoder_weights)."""
 
 from blurflow import logs
-from blurflow.model import fetch_encoder_weights
+from blurflow.modelfile import fetch_encoder_weights
 
 log = logs.job(snakemake)
 path = fetch_encoder_weights(snakemake.wildcards.encoder, snakemake.output.weights, snakemake.params.base_url)

@@ -3,9 +3,8 @@
 import torch
 
 from blurflow import evaluate, logs
-from blurflow.config import unflatten
-from blurflow.model import load_model
-from blurflow.train import pick_device
+from blurflow.config import pick_device, unflatten
+from blurflow.modelfile import load_model
 
 logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)

@@ -3,8 +3,7 @@
 import torch
 
 from blurflow import logs, synthesis
-from blurflow.config import unflatten
-from blurflow.optics import MotionScales, Optics
+from blurflow.config import Setup, unflatten
 
 logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)
@@ -12,11 +11,7 @@ c = unflatten(snakemake.params.items())
 synthesis.write_shard(
     snakemake.output.shard,
     snakemake.input.sources,
-    Optics.from_config(c["optics"]),
-    MotionScales.from_config(c["motion"]),
-    c["motion"]["kernel_px"],
-    synthesis.SynthesisConfig.from_config(c["synthesis"]),
-    seed=c["seed"],
+    Setup.from_config(c),
     split=snakemake.wildcards.split,
     shard=int(snakemake.wildcards.shard),
     samples=c["synthesis"]["samples_per_shard"],

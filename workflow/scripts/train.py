@@ -3,15 +3,14 @@
 import torch
 
 from blurflow import data, logs, train
-from blurflow.config import RUNTIME_KEYS, unflatten
-from blurflow.synthesis import config_hash
+from blurflow.config import RUNTIME_KEYS, config_hash, pick_device, unflatten
 
 log = logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)
 depends = unflatten(snakemake.params.items())  # what the model depends on (blurflow.config.for_training)
 c = {**depends, "train": {**depends["train"], **{k: snakemake.config["train"][k] for k in RUNTIME_KEYS}}}  # + speed-only keys
 cfg = train.TrainConfig.from_config(c["train"], seed=c["seed"])
-device = train.pick_device(cfg.device)
+device = pick_device(cfg.device)
 data_key = config_hash(c["optics"], c["motion"], c["synthesis"], c["sources"], c["seed"])
 meta = {
     "optics": c["optics"],
