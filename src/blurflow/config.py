@@ -158,10 +158,9 @@ class Setup:
         return required_kernel_px(self.optics, self.scales, self.speed_max, self.depth_max)
 
 
-def schema_error(config: Mapping, schema_path: str | Path = SCHEMA_FILE) -> str:
+def schema_error(config: Mapping) -> str:
     """One line for the most relevant violation of the schema by ``config`` ('' if none)."""
-    with open(schema_path) as f:
-        validator = jsonschema.Draft202012Validator(yaml.safe_load(f))
+    validator = jsonschema.Draft202012Validator(schema())
     best = jsonschema.exceptions.best_match(validator.iter_errors(dict(config)))
     if best is None:
         return ""
