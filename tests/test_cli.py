@@ -368,3 +368,24 @@ def test_without_a_model_the_shipped_one_is_used_and_named(model_file, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no model given and no shipped model" in err[0]
     assert cli.main(["predict", str(model_file)]) == 2 and "no image given after the model" in capsys.readouterr().err
+
+
+def test_the_dihedral_mean_follows_the_model_file_unless_an_option_says(tmp_path):
+    """A model whose validation chose the mean over 8 rotations and reflections is read that way
+    by default; --no-dihedral gives the single pass, --dihedral forces the mean."""
+    from blurflow.evaluate import predict
+    from blurflow.modelfile import load_model
+
+    model = FlowNet("resnet18", depth=3, decoder_channels=(32, 16, 8)).eval()
+    path = tmp_path / "model.pt"
+    save_model(model, path, {"optics": Optics().to_dict(), "scales": SCALES, "image_px": 64, "dihedral_mean": True})
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 80)))
+    runs = {}
+    for name, option in (("default", []), ("on", ["--dihedral"]), ("off", ["--no-dihedral"])):
+        assert cli.main(["predict", str(path), str(tmp_path / "a.tif"), "--out", str(tmp_path / name), "--quiet", *option]) == 0
+        runs[name] = tifffile.imread(tmp_path / name / "a_flow.tif")
+    assert np.array_equal(runs["default"], runs["on"]) and not np.allclose(runs["on"], runs["off"], atol=1e-3)
+    counts = torch.from_numpy(image((64, 80))).float()[None, None]
+    loaded, _ = load_model(path)
+    w = {d: predict(loaded, counts, tile=64, dihedral=d)[0, 4].numpy() for d in (False, True)}
+    assert np.allclose(runs["on"][4], w[True], atol=1e-5) and np.allclose(runs["off"][4], w[False], atol=1e-5)

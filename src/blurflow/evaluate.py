@@ -26,7 +26,7 @@ import torch
 from blurflow import logs
 from blurflow.data import ShardDataset
 from blurflow.files import atomic_path
-from blurflow.model import FlowNet, decode, smooth_outputs
+from blurflow.model import FlowNet, decode, raw_outputs, smooth_outputs
 from blurflow.optics import COMPONENTS, Optics
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def tile_count(h: int, w: int, tile: int, overlap: int = 32) -> int:
 @torch.no_grad()
 def predict_bands(
     model: FlowNet, read: Callable[[int, int], torch.Tensor], h: int, w: int, tile: int | None = None, overlap: int = 32,
-    batch: int = 8, smooth_px: float = 0.0, bar=None,
+    batch: int = 8, smooth_px: float = 0.0, dihedral: bool = False, bar=None,
 ) -> Iterator[tuple[int, torch.Tensor]]:  # fmt: skip
     """Canonical (v1, v2, v3, z0, w) maps of one image of ``h`` x ``w`` px, in bands of rows.
 
@@ -69,7 +69,9 @@ def predict_bands(
     into overlapping tiles whose raw outputs (doubled-angle channels and logits, which blend
     linearly) are averaged with ramp weights, smoothed over ``smooth_px``
     (blurflow.model.smooth_outputs; a model file holds the width chosen on its validation set),
-    then decoded: the same maps as on the whole image. ``bar.update(n)`` is called per batch of
+    then decoded: the same maps as on the whole image. ``dihedral``: each tile's outputs are the
+    mean over its 8 rotations and reflections (blurflow.model.dihedral_outputs; 8x the time; a
+    model file says whether its validation set chose it). ``bar.update(n)`` is called per batch of
     ``n`` tiles. Runs on the model's device.
     """
     device = next(model.parameters()).device
@@ -95,7 +97,7 @@ def predict_bands(
         for b in range(0, len(boxes), batch):
             chunk = boxes[b : b + batch]
             tiles = torch.stack([strip[:, y - band[0] : y - band[0] + th, x : x + tw] for y, x in chunk]).to(device)
-            raw = model(tiles).float()
+            raw = raw_outputs(model, tiles, dihedral)
             for (y, x), r in zip(chunk, raw):
                 acc[:, y - a0 : y - a0 + th, x : x + tw] += r * weight
                 norm[:, y - a0 : y - a0 + th, x : x + tw] += weight
@@ -113,13 +115,15 @@ def predict_bands(
             done, d0, emitted = done[:, keep - d0 :], keep, end
 
 
-def predict(model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8, smooth_px: float = 0.0) -> torch.Tensor:
+def predict(
+    model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8, smooth_px: float = 0.0, dihedral: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """Canonical (v1, v2, v3, z0, w) maps (N, 5, H, W) float32 on the CPU for camera counts
     (N, 1, H, W), image by image with :func:`predict_bands`."""
     n, _, h, w = counts.shape
     out = torch.empty(n, 5, h, w)
     for i in range(n):
-        for y0, maps in predict_bands(model, lambda a, b, i=i: counts[i, :, a:b], h, w, tile, overlap, batch, smooth_px):
+        for y0, maps in predict_bands(model, lambda a, b, i=i: counts[i, :, a:b], h, w, tile, overlap, batch, smooth_px, dihedral):
             out[i, :, y0 : y0 + maps.shape[1]] = maps
     return out
 
@@ -184,7 +188,7 @@ class FlowMetrics:
 
 def predict_testset(
     model: FlowNet, testset: str | Path, out: str | Path, evaluated: int | None = None, tile: int | None = None, batch: int = 8,
-    smooth_px: float = 0.0, progress: bool = True,
+    smooth_px: float = 0.0, dihedral: bool = False, progress: bool = True,
 ) -> None:  # fmt: skip
     """Predictions (N, 5, H, W) float16 for the first ``evaluated`` images of a test set (HDF5)."""
     ds = ShardDataset([testset])
@@ -198,8 +202,11 @@ def predict_testset(
         for start in logs.progress(range(0, n, batch), enabled=progress, desc=f"predict {Path(testset).stem}", unit="batch"):
             idx = range(start, min(start + batch, n))
             counts = torch.stack([ds[i]["image"] for i in idx])
-            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch, smooth_px=smooth_px).numpy().astype(np.float16)
-    log.info("predicted %d images of %d x %d px (tiles of %s px, smoothing %g px) in %.1f s", n, h, w, tile or "whole", smooth_px, time.perf_counter() - t0)
+            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch, smooth_px=smooth_px, dihedral=dihedral).numpy().astype(np.float16)
+    log.info(
+        "predicted %d images of %d x %d px (tiles of %s px, smoothing %g px%s) in %.1f s",
+        n, h, w, tile or "whole", smooth_px, ", mean over 8 rotations and reflections" if dihedral else "", time.perf_counter() - t0,
+    )  # fmt: skip
 
 
 def evaluate_testset(testset: str | Path, predictions: str | Path, name: str, paper_r2: float | None = None) -> dict:

@@ -106,6 +106,35 @@ def smooth_outputs(output: torch.Tensor, sigma_px: float) -> torch.Tensor:
     return torch.cat([(blur(values * w) + eps * values) / (blur(w) + eps), output[:, 4:5]], dim=1)
 
 
+def dihedral_outputs(model: torch.nn.Module, counts: torch.Tensor) -> torch.Tensor:
+    """Raw outputs (B, 5, H, W) of ``model`` averaged over the 8 rotations and reflections of the
+    image (test-time augmentation): the outputs of each transformed image are mapped back, pixels
+    and channels ((v1, v2) as a vector: a reflection of x negates v1, a transpose swaps v1 and v2;
+    in the doubled-angle encoding these negate sin 2theta and cos 2theta), then averaged. The
+    training data do not change under these transforms (circular PSF, directions drawn
+    uniformly), so the mean is over 8 estimates of the same maps; it costs 8 forward passes."""
+    encoding = getattr(model, "encoding", "doubled_angle")
+    total = torch.zeros((), device=counts.device)
+    for transpose in (False, True):
+        image = counts.transpose(-1, -2) if transpose else counts
+        for flips in ((), (-1,), (-2,), (-1, -2)):
+            out = model(image.flip(flips) if flips else image).float()
+            out = out.flip(flips) if flips else out
+            if encoding == "paper":  # (v1, v2) of the transformed frame: reflect, then swap back
+                sign = (-1.0 if -1 in flips else 1.0, -1.0 if -2 in flips else 1.0, 1.0, 1.0, 1.0)
+                channels = [1, 0, 2, 3, 4] if transpose else [0, 1, 2, 3, 4]
+            else:  # (rho cos 2theta, rho sin 2theta)
+                sign, channels = (-1.0 if transpose else 1.0, (-1.0) ** len(flips), 1.0, 1.0, 1.0), [0, 1, 2, 3, 4]
+            out = (out * torch.tensor(sign, device=out.device)[:, None, None])[:, channels]
+            total = total + (out.transpose(-1, -2) if transpose else out)
+    return total / 8
+
+
+def raw_outputs(model: torch.nn.Module, counts: torch.Tensor, dihedral: bool = False) -> torch.Tensor:
+    """Raw outputs (B, 5, H, W) float32: one forward pass, or :func:`dihedral_outputs`."""
+    return dihedral_outputs(model, counts) if dihedral else model(counts).float()
+
+
 def loss_fn(
     output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, loss: str, encoding: str, gamma: float = 1.0,
     weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),

@@ -35,6 +35,7 @@ from blurflow.model import (
     check_architecture,
     check_stem_stride,
     decode,
+    dihedral_outputs,
     loss_fn,
     smooth_outputs,
 )
@@ -47,6 +48,8 @@ DATA = ("shards", "online")
 TIMING_COLUMNS = ("images_per_s", "minutes")  # log columns that vary from run to run
 _TRAIN = defaults("train")  # the schema holds the defaults
 SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # output smoothing widths tried on the validation set after training
+READOUTS = tuple((dihedral, s) for dihedral in (False, True) for s in SMOOTHING_PX)  # (dihedral mean, smoothing px) tried after training
+PLAIN = ((False, 0.0),)  # the readout scored after every epoch
 
 
 @dataclass(frozen=True)
@@ -133,19 +136,24 @@ def _write_log(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def evaluate_loss(model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, device: torch.device, smoothing: Sequence[float] = (0.0,)) -> tuple[float, dict[float, dict]]:
-    """Mean loss of the model over batches, and its R^2 with each output smoothing width (px)."""
+def evaluate_loss(
+    model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, device: torch.device, readouts: Sequence[tuple[bool, float]] = PLAIN,
+) -> tuple[float, dict[tuple[bool, float], dict]]:  # fmt: skip
+    """Mean loss of the model over batches, and its R^2 with each readout (whether the outputs
+    are the mean over the 8 rotations and reflections of the image, output smoothing width in px)."""
     model.eval()
-    metrics, total, count = {s: FlowMetrics() for s in smoothing}, 0.0, 0
+    metrics, total, count = {r: FlowMetrics() for r in readouts}, 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
         for batch in batches:
             image, target, valid = (batch[k].to(device) for k in ("image", "target", "valid"))
-            out = model(image).float()
-            total += float(loss_fn(out, target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)) * len(image)
+            out = {False: model(image).float()}
+            total += float(loss_fn(out[False], target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)) * len(image)
             count += len(image)
-            for sigma, m in metrics.items():
-                m.update(decode(smooth_outputs(out, sigma), cfg.encoding), target, valid)
-    return total / max(count, 1), {s: m.r2() for s, m in metrics.items()}
+            if any(dihedral for dihedral, _ in readouts):
+                out[True] = dihedral_outputs(model, image)
+            for (dihedral, sigma), m in metrics.items():
+                m.update(decode(smooth_outputs(out[dihedral], sigma), cfg.encoding), target, valid)
+    return total / max(count, 1), {r: m.r2() for r, m in metrics.items()}
 
 
 def _resume(checkpoint_path: Path, key: str, model: FlowNet, opt: torch.optim.Optimizer, device: torch.device) -> tuple[list[dict], int, str | None]:
@@ -198,15 +206,20 @@ def _train_epoch(model: FlowNet, opt: torch.optim.Optimizer, batches: Iterable[d
     return total / max(seen, 1), seen, stopped
 
 
-def _save_final(model: FlowNet, rows: list[dict], scores: dict[float, dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping) -> None:
-    """The model file, with the output smoothing width chosen on the validation ``scores``. It holds
-    no timings (those are in the training log), so the same configuration gives the same bytes."""
-    best = max(SMOOTHING_PX, key=lambda s: scores[s]["mean"])
-    log.info("output smoothing on the validation set: %s; chosen %g px", ", ".join(f"{s:g} px R2 {scores[s]['mean']:.3f}" for s in SMOOTHING_PX), best)
+def _save_final(model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float], dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping) -> None:
+    """The model file, with the readout (dihedral mean or not, output smoothing width) chosen on the
+    validation ``scores``. It holds no timings (those are in the training log), so the same
+    configuration gives the same bytes."""
+    dihedral, best = max(READOUTS, key=lambda r: scores[r]["mean"])
+    for d in (False, True):
+        log.info("validation R2%s: %s", " (mean over 8 rotations and reflections)" if d else "", ", ".join(f"{s:g} px {scores[d, s]['mean']:.3f}" for s in SMOOTHING_PX))
+    log.info("chosen: output smoothing %g px, %s", best, "mean over 8 rotations and reflections" if dihedral else "one pass")
     info = {
         "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"], "stopped_early": stopped,
         "final": {k: v for k, v in rows[-1].items() if k not in TIMING_COLUMNS},
-        "output_smoothing_px": best, "val_r2_by_smoothing_px": {f"{s:g}": scores[s] for s in SMOOTHING_PX},
+        "output_smoothing_px": best, "dihedral_mean": dihedral,
+        "val_r2_by_smoothing_px": {f"{s:g}": scores[False, s] for s in SMOOTHING_PX},
+        "val_r2_by_smoothing_px_dihedral": {f"{s:g}": scores[True, s] for s in SMOOTHING_PX},
     }  # fmt: skip
     save_model(model.cpu(), model_path, {**meta, **info})
 
@@ -244,7 +257,7 @@ def train(
         _write_log(rows, log_path)
         _save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": key})
     if len(rows) == cfg.epochs or stopped:
-        scores = final_scores or evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX)[1]  # resumed after the last epoch
+        scores = final_scores or evaluate_loss(model, data.validation(), cfg, device, READOUTS)[1]  # resumed after the last epoch
         _write_log(rows, log_path)
         _save_final(model, rows, scores, cfg, stopped, model_path, meta)
     return rows
@@ -264,14 +277,14 @@ def _run_epoch(
     model: FlowNet, opt: torch.optim.Optimizer, data: TrainData, epoch: int, cfg: TrainConfig, device: torch.device, rows: list[dict], progress: bool,
 ) -> tuple[dict, str | None, dict | None]:  # fmt: skip
     """Train one epoch and validate: its log row, why training stopped (or None) and, after the
-    last epoch, the validation scores of every output smoothing width."""
+    last epoch, the validation scores of every readout (READOUTS)."""
     minutes = rows[-1]["minutes"] if rows else 0.0
     t0 = time.perf_counter()
     train_loss, seen, stopped = _train_epoch(model, opt, data.epoch(epoch), epoch, cfg, device, minutes, data.steps_per_epoch, progress)
     elapsed = time.perf_counter() - t0
-    last = epoch + 1 == cfg.epochs or stopped  # the last epoch also scores every output smoothing width
-    val_loss, scores = evaluate_loss(model, data.validation(), cfg, device, SMOOTHING_PX if last else (0.0,))
-    r2 = scores[0.0]
+    last = epoch + 1 == cfg.epochs or stopped  # the last epoch also scores every readout
+    val_loss, scores = evaluate_loss(model, data.validation(), cfg, device, READOUTS if last else PLAIN)
+    r2 = scores[PLAIN[0]]
     minutes += (time.perf_counter() - t0) / 60
     row = {
         "epoch": epoch + 1, "samples": (rows[-1]["samples"] if rows else 0) + seen, "train_loss": train_loss, "val_loss": val_loss,

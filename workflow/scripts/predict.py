@@ -18,4 +18,5 @@ evaluate.predict_testset(
     tile=meta["image_px"],
     batch=tests["batch"],
     smooth_px=meta.get("output_smoothing_px", 0.0),
+    dihedral=meta.get("dihedral_mean", False),
 )
