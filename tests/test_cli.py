@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import tifffile
@@ -51,6 +52,7 @@ def test_round_trip_in_physical_units(model_file, tmp_path, capsys):
     with Image.open(tmp_path / "out/cells_flow.png") as png:
         assert png.size[0] > 500
     assert "cells_flow.tif" in capsys.readouterr().out
+    assert not plt.get_fignums()  # the preview figure is closed: many images do not pile figures up
 
 
 def test_without_exposure_velocities_are_per_exposure_and_stacks_keep_planes(model_file, tmp_path):
@@ -293,7 +295,7 @@ def test_ctrl_c_gives_one_line_status_130_and_no_leftovers(model_file, tmp_path)
         assert proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    err = proc.communicate(timeout=300)[1]  # generous: a loaded 2-core machine was seen to need more than 60 s
     assert proc.returncode == 130 and err.strip() == "blurflow: interrupted", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif"]
 

@@ -120,6 +120,9 @@ def test_blurflow_particles_writes_a_table_in_physical_units_and_an_overlay(fitt
     assert row.direction_resolved and row.converged and row.v1_std > 0
     with Image.open(tmp_path / "beads_particles.png") as im:
         assert im.size[0] > 500
+    import matplotlib.pyplot as plt
+
+    assert not plt.get_fignums()  # the overlay is closed once written
     # a rerun on everything skips its own outputs; a user's file of an output's name is never overwritten
     assert cli.main(["particles", *map(str, sorted(tmp_path.glob("beads*"))), "--quiet"]) == 0
     (tmp_path / "beads_particles.csv").write_text("my,own\n1,2\n")

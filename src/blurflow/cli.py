@@ -185,7 +185,7 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
                         first = -y0 % step
                         preview[:, (y0 + first) // step : (y0 + phys.shape[1] - 1) // step + 1] = phys[:, first::step, ::step]
         image = block_reduce(planes[0], step, np.mean) if step > 1 else planes[0]
-        figures.flow_overlay(image, preview, units).savefig(tmp_png, dpi=110, format="png", metadata={"Software": SOFTWARE})
+        figures.save_png(figures.flow_overlay(image, preview, units), tmp_png, SOFTWARE)
     return [tif, png]
 
 
@@ -335,9 +335,7 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     csv, png = output_paths(stem, "particles")
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         table.to_csv(tmp_csv, index=False)
-        figures.particles_overlay(planes[0], first[0].labels, pd.DataFrame(first[1], columns=list(PARTICLE_COLUMNS))).savefig(
-            tmp_png, dpi=110, format="png", metadata={"Software": SOFTWARE}
-        )
+        figures.save_png(figures.particles_overlay(planes[0], first[0].labels, pd.DataFrame(first[1], columns=list(PARTICLE_COLUMNS))), tmp_png, SOFTWARE)
     if not args.quiet:
         rejected = ", ".join(f"{n} at the {k}" if k == "border" else f"{n} overlapping" for k, n in first[0].rejected.items() if n)
         note(f"blurflow: {path}: {len(table)} particles fitted" + (f" (left out in the first plane: {rejected})" if rejected else ""))

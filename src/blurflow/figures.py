@@ -21,6 +21,15 @@ GALLERY = {  # title: (v1, v2, v3, z0)
 }
 
 
+def save_png(fig: plt.Figure, path, software: str) -> None:
+    """Write ``fig`` as a PNG (110 dpi, ``software`` in its metadata) and close it, so that a
+    process writing many figures does not keep them all."""
+    try:
+        fig.savefig(path, dpi=110, format="png", metadata={"Software": software})
+    finally:
+        plt.close(fig)
+
+
 def psf_gallery(optics: Optics, scales: MotionScales, size: int = 48) -> plt.Figure:
     """Motion PSFs of :data:`GALLERY`, linear (top) and log10 (bottom), axes in um."""
     params = torch.tensor(list(GALLERY.values()))
