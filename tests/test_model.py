@@ -295,6 +295,39 @@ def test_a_checkpoint_of_other_data_is_not_resumed(tiny_shards, tmp_path, caplog
     assert "is from another configuration; starting over" in caplog.text
 
 
+def test_training_starts_from_a_model_file_of_the_same_architecture(tiny_shards, tmp_path):
+    for name in ("start", "scratch", "tuned"):
+        (tmp_path / name).mkdir()
+    run(tmp_path / "start", tiny_shards, epochs=8)
+    start = tmp_path / "start/model.pt"
+    first, _ = train._build(train.TrainConfig(init_model=str(start)), torch.device("cpu"))
+    trained, _ = load_model(start)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), trained.state_dict().values()))
+    scratch = run(tmp_path / "scratch", tiny_shards, epochs=1)
+    tuned = run(tmp_path / "tuned", tiny_shards, epochs=1, init_model=str(start))
+    assert tuned[0]["train_loss"] < 0.9 * scratch[0]["train_loss"]  # it goes on from where the 8 epochs ended
+    _, meta = load_model(tmp_path / "tuned/model.pt")
+    assert meta["train"]["init_model"] == str(start) and meta["samples_trained"] == 16
+
+    with pytest.raises(ValueError, match=r"train.init_model: .* has another architecture than the config: encoding 'doubled_angle' \(config: 'paper'\)"):
+        train._build(train.TrainConfig(init_model=str(start), encoding="paper"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="not found"):
+        train._build(train.TrainConfig(init_model=str(tmp_path / "none.pt")), torch.device("cpu"))
+    with pytest.raises(ValueError, match="pretrained_weights and train.init_model both set"):
+        train.TrainConfig.from_config({"init_model": str(start), "pretrained_weights": "w.pth"})
+
+
+def test_a_checkpoint_is_resumed_only_from_the_same_starting_weights(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights a")
+    b.write_bytes(b"weights a")
+    key = train.TrainConfig(init_model=str(a)).resume_key()
+    assert train.TrainConfig(init_model=str(b)).resume_key() == key  # the contents count, not the path
+    b.write_bytes(b"weights b")
+    assert train.TrainConfig(init_model=str(b)).resume_key() != key
+    assert train.TrainConfig().resume_key() != key
+
+
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
 def test_learning_rate_schedules(schedule):
     cfg = train.TrainConfig(schedule=schedule, warmup_fraction=0.2)

@@ -83,6 +83,7 @@ def write_config(workdir: Path, **sections) -> None:
         ({"train": {"encoder_depth": 4}}, "blurflow: config error: encoder depth (train.encoder_depth) must be 3..5 with one decoder"),
         ({"sources": {"tile_px": 32}}, "blurflow: config error: sources.tile_px (32) must be at least synthesis.image_px (64)"),
         ({"train": {"device": "gpu0"}}, "blurflow: config error: train.device: unknown device 'gpu0'"),
+        ({"train": {"init_model": "none.pt"}}, "blurflow: config error: train.init_model: model file none.pt not found"),
     ],
 )
 def test_bad_config_is_one_line_before_any_job(workdir, sections, message):

@@ -175,11 +175,11 @@ def schema_error(config: Mapping) -> str:
 def check(config: Mapping) -> list[str]:
     """Check a config whose defaults are filled in; ``ValueError`` naming the key of the first
     violated constraint. Returns warnings (settings that work but are probably not meant)."""
-    from blurflow.train import TrainConfig
+    from blurflow.train import TrainConfig, init_weights
 
     setup = Setup.from_config(config)
     syn = setup.synthesis
-    TrainConfig.from_config(config["train"], seed=config["seed"])
+    train_cfg = TrainConfig.from_config(config["train"], seed=config["seed"])
     if config["train"]["device"] != "auto":  # only the name: whether the GPU exists is the job's node's business
         try:
             parse_device(config["train"]["device"])
@@ -202,6 +202,10 @@ def check(config: Mapping) -> list[str]:
         raise ValueError(f"train.pretrained_weights: {weights} not found (resources/weights/{encoder}-imagenet.pth is downloaded)")
     if config["train"]["model_file"]:
         check_model_file(config, config["train"]["model_file"])
+        if train_cfg.init_model:
+            raise ValueError("train.init_model and train.model_file both set: a model file is used as it is, nothing is trained")
+    elif train_cfg.init_model:
+        init_weights(train_cfg)
     if tests["two_zone"]["evaluated"] > tests["two_zone"]["count"]:
         raise ValueError(f"testsets.two_zone.evaluated ({tests['two_zone']['evaluated']}) exceeds testsets.two_zone.count ({tests['two_zone']['count']})")
     warnings = []

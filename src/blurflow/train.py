@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+import pooch
 import torch
 
 from blurflow import logs
@@ -39,7 +40,7 @@ from blurflow.model import (
     loss_fn,
     smooth_outputs,
 )
-from blurflow.modelfile import save_model
+from blurflow.modelfile import load_model, save_model
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
@@ -50,6 +51,7 @@ _TRAIN = defaults("train")  # the schema holds the defaults
 SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # output smoothing widths tried on the validation set after training
 READOUTS = tuple((dihedral, s) for dihedral in (False, True) for s in SMOOTHING_PX)  # (dihedral mean, smoothing px) tried after training
 PLAIN = ((False, 0.0),)  # the readout scored after every epoch
+ARCHITECTURE = ("encoder", "encoding", "encoder_depth", "decoder_channels", "stem_stride", "unshuffle")  # what a model file and the config must share to start training from it
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class TrainConfig:
     warmup_fraction: float = _TRAIN["warmup_fraction"]
     workers: int = _TRAIN["workers"]
     pretrained_weights: str | None = _TRAIN["pretrained_weights"]
+    init_model: str | None = _TRAIN["init_model"]
     device: str = _TRAIN["device"]
     amp: bool = _TRAIN["amp"]
     seed: int = 0
@@ -92,13 +95,19 @@ class TrainConfig:
             raise ValueError("train.loss 'paper' (Eq. 6) needs train.encoding 'paper'")
         if len(out.component_weights) != 4 or min(out.component_weights) < 0 or not sum(out.component_weights) > 0:
             raise ValueError(f"train.component_weights must be 4 non-negative weights, not all 0, got {list(out.component_weights)}")
+        if out.pretrained_weights and out.init_model:
+            raise ValueError("train.pretrained_weights and train.init_model both set: give one (init_model's weights would replace the encoder weights)")
         if out.max_minutes is not None and not out.max_minutes > 0:
             raise ValueError(f"train.max_minutes must be a positive number of minutes or null, got {out.max_minutes!r}")
         return out
 
     def resume_key(self) -> str:
-        """Hash of what must not change for a checkpoint to be resumed."""
-        return config_hash({k: v for k, v in asdict(self).items() if k not in ("workers", "device", "max_minutes")})
+        """Hash of what must not change for a checkpoint to be resumed: the settings and the starting
+        weights' file contents. (init_model unset keeps the key that runs had before the key existed.)"""
+        key = {k: v for k, v in asdict(self).items() if k not in ("workers", "device", "max_minutes", "init_model")}
+        if self.init_model:
+            key["init_model"] = pooch.file_hash(self.init_model, alg="sha256")
+        return config_hash(key)
 
     def build_model(self) -> FlowNet:
         return FlowNet(self.encoder, self.encoding, self.encoder_depth, self.decoder_channels, self.stem_stride, self.unshuffle)
@@ -269,8 +278,24 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[FlowNet, torch.optim
     model = cfg.build_model()
     if cfg.pretrained_weights:
         model.load_encoder_weights(cfg.pretrained_weights)
+    if cfg.init_model:
+        model.load_state_dict(init_weights(cfg))
     model = model.to(device, memory_format=torch.channels_last)
     return model, torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay)
+
+
+def init_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights of the model file ``cfg.init_model``, refused unless its architecture is the config's."""
+    try:
+        start, meta = load_model(cfg.init_model)
+    except ValueError as exc:
+        raise ValueError(f"train.init_model: {exc}") from None
+    want = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k in ARCHITECTURE}
+    differ = [f"{k} {meta.get(k)!r} (config: {v!r})" for k, v in want.items() if meta.get(k) != v]
+    if differ:
+        raise ValueError(f"train.init_model: {cfg.init_model} has another architecture than the config: {', '.join(differ)}")
+    log.info("starting from the weights of %s (%d images trained)", cfg.init_model, meta.get("samples_trained", 0))
+    return start.state_dict()
 
 
 def _run_epoch(

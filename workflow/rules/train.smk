@@ -32,6 +32,7 @@ else:
             train=train_inputs("train"),
             val=train_inputs("val"),
             weights=config["train"]["pretrained_weights"] or [],
+            init=config["train"]["init_model"] or [],
         output:
             model=MODEL,
             log=report(
