@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from blurflow.measurability import ideal_r2, texture_cramer_rao
 from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign, noll_to_nm, psf3d, zernike
 
 OPTICS = Optics()
@@ -264,3 +265,26 @@ def test_cuda_matches_cpu(motion):
     params = random_params(64, seed=6)
     gpu = MotionPSF(OPTICS, SCALES, size=32, device="cuda")
     assert rel_err(gpu(params.cuda()).cpu(), motion(params)) < 1e-4
+
+
+def test_texture_bound_follows_the_physics():
+    optics, scales = Optics(), MotionScales(24, 10)
+    m = torch.tensor([[0.5, 0.2, 0.4, 0.3], [0.2, 0.5, 0.4, 0.3], [0.5, 0.2, 0.01, 0.0], [0.5, 0.2, 0.01, 0.5]])
+    std = texture_cramer_rao(optics, scales, m)
+    assert torch.isfinite(std).all() and (std > 0).all()
+    assert torch.allclose(std[0, [1, 0, 2, 3]], std[1], rtol=0.02)  # a transposed motion swaps the bounds of v1 and v2
+    mirrored = texture_cramer_rao(optics, scales, m[:1] * torch.tensor([1.0, 1.0, -1.0, -1.0]))
+    assert torch.allclose(mirrored, std[:1], rtol=0.02)  # defocus is even in z: the path mirrored in the focal plane looks the same
+    assert std[2, 2] > 5 * std[3, 2]  # so in focus a small axial motion leaves almost no trace
+    ratio = texture_cramer_rao(optics, scales, m[:1], window_px=32)[0, :2] / std[0, :2]
+    assert 1.5 < ratio.min() and ratio.max() < 3  # a quarter of the area (and of the frequencies): about twice the error
+    assert (texture_cramer_rao(optics, scales, m[:1], photons=60000.0)[0] < std[0]).all()
+    with pytest.raises(ValueError, match="multiple of window_px"):
+        texture_cramer_rao(optics, scales, m[:1], window_px=48)
+
+
+def test_ideal_r2_of_known_errors():
+    truth = torch.tensor([[0.0] * 4, [1.0] * 4])
+    truth[:, 3] = 0.5  # z0 does not vary
+    r2 = ideal_r2(truth, torch.tensor([[0.0, 0.25, 9.0, 0.1]] * 2))
+    assert torch.allclose(r2[:3], torch.tensor([1.0, 0.75, 0.0])) and torch.isnan(r2[3])
