@@ -11,8 +11,9 @@ sum_f grad log mu(f) grad log mu(f)^T over the window's independent frequencies.
 phases of a random texture carry no information, so the bound holds for any estimator that treats the
 sample as such a texture; an estimator that knows more of the sample (beads) can do better.
 
-``python -m blurflow.measurability [config.yaml]`` prints the ideal R^2 for the synthesis ranges
-(the two-zone test's motions) and for the cylinder test's flow profile.
+``python -m blurflow.measurability [CONFIG ...]`` (default config.yaml; later files overlay earlier
+ones, as snakemake's --configfile) prints the ideal R^2 for the synthesis ranges (the two-zone
+test's motions) and for the cylinder test's flow profile.
 """
 
 from __future__ import annotations
@@ -97,15 +98,19 @@ def report(setup: Setup, cylinder: Mapping, motions: int = 64, seed: int = 0) ->
     out = {}
     for window in (64, 32):
         for name, params in (("synthesis ranges", drawn), ("cylinder", profile)):
-            std = texture_cramer_rao(setup.optics, setup.scales, params, window, max(window, setup.kernel_px))
+            kernel = -(-setup.kernel_px // window) * window  # the smallest multiple of the window that holds the PSF
+            std = texture_cramer_rao(setup.optics, setup.scales, params, window, kernel)
             r2 = ideal_r2(params.abs(), std)
             out[f"{name}, {window} px window"] = dict(zip(("|v1|", "|v2|", "v3", "z0"), r2.tolist()))
     return out
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1] if len(sys.argv) > 1 else "config.yaml") as f:
-        config = yaml.safe_load(f)
+    config: dict = {}
+    for path in sys.argv[1:] or ["config.yaml"]:
+        with open(path) as f:
+            for section, values in (yaml.safe_load(f) or {}).items():
+                config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     cylinder = {**defaults("testsets")["cylinder"], **config.get("testsets", {}).get("cylinder", {})}
     for case, r2 in report(Setup.from_config(config), cylinder).items():
         scored = [v for v in r2.values() if not np.isnan(v)]
