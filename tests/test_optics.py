@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from blurflow.measurability import ideal_r2, texture_cramer_rao
+from blurflow.config import Setup, defaults
+from blurflow.measurability import ideal_r2, report, texture_cramer_rao
 from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign, noll_to_nm, psf3d, zernike
 
 OPTICS = Optics()
@@ -288,3 +289,12 @@ def test_ideal_r2_of_known_errors():
     truth[:, 3] = 0.5  # z0 does not vary
     r2 = ideal_r2(truth, torch.tensor([[0.0, 0.25, 9.0, 0.1]] * 2))
     assert torch.allclose(r2[:3], torch.tensor([1.0, 0.75, 0.0])) and torch.isnan(r2[3])
+
+
+def test_measurability_report_covers_both_test_sets_and_windows():
+    out = report(Setup.from_config({}), defaults("testsets")["cylinder"], motions=6)
+    assert list(out) == ["synthesis ranges, 64 px window", "cylinder, 64 px window", "synthesis ranges, 32 px window", "cylinder, 32 px window"]
+    assert math.isnan(out["cylinder, 64 px window"]["z0"])  # z0 is constant along the cylinder
+    for r2 in out.values():
+        assert all(0 <= v <= 1 for k, v in r2.items() if not math.isnan(v))
+    assert out["synthesis ranges, 64 px window"]["v3"] >= out["synthesis ranges, 32 px window"]["v3"]  # a larger window knows more
