@@ -88,17 +88,17 @@ def report(setup: Setup, cylinder: Mapping, motions: int = 64, seed: int = 0) ->
     """Ideal R^2 per scored component (|v1|, |v2|, v3, z0) for 64 px and 32 px windows: for
     ``motions`` motions drawn in the synthesis ranges (two-zone-like) and for the cylinder profile
     (the ``testsets.cylinder`` section: speed, z0, direction_deg)."""
-    syn, cyl = setup.synthesis, cylinder
+    syn = setup.synthesis
     g = torch.Generator().manual_seed(seed)
     lo = torch.tensor([syn.v_lateral[0], syn.v_lateral[0], max(syn.v3[0], 0.01), syn.z0[0]])
     hi = torch.tensor([syn.v_lateral[1], syn.v_lateral[1], syn.v3[1], syn.z0[1]])
     drawn = lo + (hi - lo) * torch.rand(motions, 4, generator=g)
-    profile = torch.as_tensor(cylinder_params(24, cyl["speed"], cyl["z0"], cyl["direction_deg"]))
+    profile = torch.as_tensor(cylinder_params(24, cylinder["speed"], cylinder["z0"], cylinder["direction_deg"]))
     profile[:, 2] = profile[:, 2].clamp(min=0.01)
     out = {}
     for window in (64, 32):
+        kernel = -(-setup.kernel_px // window) * window  # the smallest multiple of the window that holds the PSF
         for name, params in (("synthesis ranges", drawn), ("cylinder", profile)):
-            kernel = -(-setup.kernel_px // window) * window  # the smallest multiple of the window that holds the PSF
             std = texture_cramer_rao(setup.optics, setup.scales, params, window, kernel)
             r2 = ideal_r2(params.abs(), std)
             out[f"{name}, {window} px window"] = dict(zip(("|v1|", "|v2|", "v3", "z0"), r2.tolist()))
