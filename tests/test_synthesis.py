@@ -162,11 +162,39 @@ def test_region_map_labels():
         ({"v3": [1, 0]}, "synthesis.v3"),
         ({"regions": [0, 2]}, "synthesis.regions"),
         ({"quantum_efficiency": [0.5, 1.5]}, "quantum_efficiency"),
+        ({"source_zoom": [0.5, 2]}, "source_zoom must be >= 1"),
+        ({"source_zoom": [3, 2]}, "synthesis.source_zoom"),
     ],
 )
 def test_bad_synthesis_config_is_rejected(cfg, match):
     with pytest.raises(ValueError, match=match):
         synthesis.SynthesisConfig.from_config(cfg)
+
+
+def test_source_zoom_magnifies_the_texture_by_its_factor(tmp_path):
+    """A grid of period 4 px seen at zoom 2 has period 8 px: 8 cycles across a 64 px crop, not 16."""
+    y, x = np.mgrid[0:128, 0:128]
+    grid = 0.5 + 0.25 * (np.cos(2 * np.pi * x / 4) + np.cos(2 * np.pi * y / 4))
+    path = tmp_path / "grid.h5"
+    with h5py.File(path, "w") as f:
+        f["images"] = np.round(grid * 65535).astype(np.uint16)[None]
+        f["source"] = np.zeros(1, np.int32)
+    for zoom, cycles in ((1, 16), (2, 8)):
+        syn = synthesis.Synthesizer(path, SETUP.with_synthesis(source_zoom=(zoom, zoom)))
+        crop = syn.crop(np.random.default_rng(0))
+        spectrum = np.abs(np.fft.rfft(crop - crop.mean(1, keepdims=True), axis=1)).mean(0)
+        assert crop.shape == (64, 64) and int(np.argmax(spectrum)) == cycles
+
+
+def test_test_sets_ignore_the_training_source_zoom(source_file, tmp_path):
+    """Every model meets the same test images: a training config's source_zoom does not reach them."""
+    from blurflow import testsets
+
+    paths = [tmp_path / f"two_zone_{z}.h5" for z in (1, 3)]
+    for z, path in zip((1, 3), paths):
+        testsets.write_two_zone(path, source_file, SETUP.with_synthesis(source_zoom=(z, z)), 64, 2, progress=False)
+    with h5py.File(paths[0]) as a, h5py.File(paths[1]) as b:
+        assert np.array_equal(a["image"][()], b["image"][()])
 
 
 def test_tiles_smaller_than_the_image_are_rejected(source_file):

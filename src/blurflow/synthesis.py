@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ import h5py
 import numpy as np
 import torch
 from scipy import fft as sfft
+from scipy import ndimage
 
 from blurflow import __version__, logs
 from blurflow.config import Setup, config_hash, dataclass_values, defaults
@@ -49,12 +51,13 @@ class SynthesisConfig:
     validity_window_px: int = _SYN["validity_window_px"]
     validity_threshold: float = _SYN["validity_threshold"]  # local standard deviation of the sharp source (0..1 scale)
     stretch_crops: bool = _SYN["stretch_crops"]  # scale each crop to its 1st..99th percentiles (fill the camera range)
+    source_zoom: tuple[float, float] = tuple(_SYN["source_zoom"])  # magnification of the source crops, log-uniform
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> SynthesisConfig:
         """Build from the ``synthesis`` config section (blurflow.config.dataclass_values); checks the ranges."""
         out = cls(**dataclass_values(cls, "synthesis", cfg))
-        for name in ("regions", "v_lateral", "v3", "z0", "photons", "quantum_efficiency", "background_sigma"):
+        for name in ("regions", "v_lateral", "v3", "z0", "photons", "quantum_efficiency", "background_sigma", "source_zoom"):
             lo, hi = getattr(out, name)
             if lo > hi:
                 raise ValueError(f"synthesis.{name} must be [low, high] with low <= high, got {[lo, hi]}")
@@ -62,6 +65,8 @@ class SynthesisConfig:
             raise ValueError(f"synthesis.regions must satisfy 1 <= min <= max <= 255, got {list(out.regions)}")
         if not (0 < out.quantum_efficiency[0] and out.quantum_efficiency[1] <= 1):
             raise ValueError(f"synthesis.quantum_efficiency must lie in (0, 1], got {list(out.quantum_efficiency)}")
+        if out.source_zoom[0] < 1:
+            raise ValueError(f"synthesis.source_zoom must be >= 1 (a source is magnified, never shrunk), got {list(out.source_zoom)}")
         return out
 
 
@@ -155,15 +160,20 @@ class Synthesizer:
         return MotionPSF(self.optics, self.scales, size=self.kernel_px, z_range_um=(min(z_lo, 0.0) - 1, z_hi + 1), device=self.device)
 
     def crop(self, rng: np.random.Generator) -> np.ndarray:
-        """Random ``image_px`` crop of a random tile, rotated by k * 90 degrees, maybe mirrored,
-        contrast-stretched to its 1st..99th percentiles when ``stretch_crops``."""
-        h = self.cfg.image_px
+        """Random ``image_px`` crop of a random tile, magnified by a factor drawn from
+        ``source_zoom`` (cubic interpolation of a crop of ``image_px / zoom`` source pixels),
+        rotated by k * 90 degrees, maybe mirrored, contrast-stretched to its 1st..99th percentiles
+        when ``stretch_crops``."""
+        h, (z_lo, z_hi) = self.cfg.image_px, self.cfg.source_zoom
         tile = self.tiles[rng.integers(len(self.tiles))]
-        y0, x0 = rng.integers(0, tile.shape[0] - h + 1), rng.integers(0, tile.shape[1] - h + 1)
-        crop = np.rot90(tile[y0 : y0 + h, x0 : x0 + h], rng.integers(4))
+        c = h if z_hi == 1 else round(h / (z_lo if z_lo == z_hi else math.exp(rng.uniform(math.log(z_lo), math.log(z_hi)))))
+        y0, x0 = rng.integers(0, tile.shape[0] - c + 1), rng.integers(0, tile.shape[1] - c + 1)
+        crop = np.rot90(tile[y0 : y0 + c, x0 : x0 + c], rng.integers(4))
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         crop = crop.astype(np.float32) / 65535
+        if c != h:
+            crop = np.clip(ndimage.zoom(crop, h / c, order=3, mode="mirror"), 0, 1)
         if self.cfg.stretch_crops:
             lo, hi = np.percentile(crop, [1, 99])
             if hi - lo > 1e-3:  # a flat crop stays flat instead of amplifying nothing

@@ -65,9 +65,10 @@ def row_regions(canvas: int, image: int, bands: int) -> np.ndarray:
 
 
 def _synthesizer(sources, setup: Setup, image_px: int, v3_max: float = 1.0) -> Synthesizer:
-    """The setup's synthesizer for test images of ``image_px`` whose v3 range reaches ``v3_max``."""
+    """The setup's synthesizer for test images of ``image_px`` whose v3 range reaches ``v3_max``; the
+    sources at their own pixels (no ``source_zoom``), so every model meets the same test images."""
     v3 = setup.synthesis.v3
-    return Synthesizer(sources, setup.with_synthesis(image_px=image_px, v3=(min(v3[0], 0.0), max(v3[1], v3_max))))
+    return Synthesizer(sources, setup.with_synthesis(image_px=image_px, v3=(min(v3[0], 0.0), max(v3[1], v3_max)), source_zoom=(1.0, 1.0)))
 
 
 def write_two_zone(path, sources, setup: Setup, image_px: int, count: int, progress: bool = True) -> None:
