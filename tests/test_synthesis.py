@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from blurflow import data, sources, synthesis
+from blurflow import data, sources, synthesis, testsets
 from blurflow.config import Setup
 from blurflow.data import ShardDataset
 from blurflow.optics import MotionScales, Optics
@@ -188,8 +188,6 @@ def test_source_zoom_magnifies_the_texture_by_its_factor(tmp_path):
 
 def test_test_sets_ignore_the_training_source_zoom(source_file, tmp_path):
     """Every model meets the same test images: a training config's source_zoom does not reach them."""
-    from blurflow import testsets
-
     paths = [tmp_path / f"two_zone_{z}.h5" for z in (1, 3)]
     for z, path in zip((1, 3), paths):
         testsets.write_two_zone(path, source_file, SETUP.with_synthesis(source_zoom=(z, z)), 64, 2, progress=False)

@@ -166,7 +166,8 @@ class Synthesizer:
         when ``stretch_crops``."""
         h, (z_lo, z_hi) = self.cfg.image_px, self.cfg.source_zoom
         tile = self.tiles[rng.integers(len(self.tiles))]
-        c = h if z_hi == 1 else round(h / (z_lo if z_lo == z_hi else math.exp(rng.uniform(math.log(z_lo), math.log(z_hi)))))
+        zoom = z_lo if z_lo == z_hi else math.exp(rng.uniform(math.log(z_lo), math.log(z_hi)))
+        c = round(h / zoom)
         y0, x0 = rng.integers(0, tile.shape[0] - c + 1), rng.integers(0, tile.shape[1] - c + 1)
         crop = np.rot90(tile[y0 : y0 + c, x0 : x0 + c], rng.integers(4))
         if rng.random() < 0.5:
