@@ -307,7 +307,10 @@ def test_training_starts_from_a_model_file_of_the_same_architecture(tiny_shards,
     tuned = run(tmp_path / "tuned", tiny_shards, epochs=1, init_model=str(start))
     assert tuned[0]["train_loss"] < 0.9 * scratch[0]["train_loss"]  # it goes on from where the 8 epochs ended
     _, meta = load_model(tmp_path / "tuned/model.pt")
+    before = load_model(start)[1]
     assert meta["train"]["init_model"] == str(start) and meta["samples_trained"] == 16
+    assert before["samples_trained_total"] == before["samples_trained"] == 8 * 16
+    assert meta["samples_trained_total"] == 9 * 16  # the starting model's images count too
 
     with pytest.raises(ValueError, match=r"train.init_model: .* has another architecture than the config: encoding 'doubled_angle' \(config: 'paper'\)"):
         train._build(train.TrainConfig(init_model=str(start), encoding="paper"), torch.device("cpu"))

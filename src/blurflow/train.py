@@ -224,7 +224,8 @@ def _save_final(model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float
         log.info("validation R2%s: %s", " (mean over 8 rotations and reflections)" if d else "", ", ".join(f"{s:g} px {scores[d, s]['mean']:.3f}" for s in SMOOTHING_PX))
     log.info("chosen: output smoothing %g px, %s", best, "mean over 8 rotations and reflections" if dihedral else "one pass")
     info = {
-        "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"], "stopped_early": stopped,
+        "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"],
+        "samples_trained_total": images_before(cfg) + rows[-1]["samples"], "stopped_early": stopped,
         "final": {k: v for k, v in rows[-1].items() if k not in TIMING_COLUMNS},
         "output_smoothing_px": best, "dihedral_mean": dihedral,
         "val_r2_by_smoothing_px": {f"{s:g}": scores[False, s] for s in SMOOTHING_PX},
@@ -296,6 +297,14 @@ def init_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         raise ValueError(f"train.init_model: {cfg.init_model} has another architecture than the config: {', '.join(differ)}")
     log.info("starting from the weights of %s (%d images trained)", cfg.init_model, meta.get("samples_trained", 0))
     return start.state_dict()
+
+
+def images_before(cfg: TrainConfig) -> int:
+    """Images ``cfg.init_model`` was trained on, its own starting model's included (0 without one)."""
+    if not cfg.init_model:
+        return 0
+    meta = load_model(cfg.init_model)[1]
+    return meta.get("samples_trained_total", meta.get("samples_trained", 0))
 
 
 def _run_epoch(
