@@ -300,7 +300,8 @@ def test_training_starts_from_a_model_file_of_the_same_architecture(tiny_shards,
         (tmp_path / name).mkdir()
     run(tmp_path / "start", tiny_shards, epochs=8)
     start = tmp_path / "start/model.pt"
-    first, _ = train._build(train.TrainConfig(init_model=str(start)), torch.device("cpu"))
+    first, _, before = train._build(train.TrainConfig(init_model=str(start)), torch.device("cpu"))
+    assert before == 8 * 16
     trained, _ = load_model(start)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), trained.state_dict().values()))
     scratch = run(tmp_path / "scratch", tiny_shards, epochs=1)

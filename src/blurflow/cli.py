@@ -213,9 +213,11 @@ def model_and_images(inputs: list[str]) -> tuple[Path, list[Path], bool]:
 
 def describe(path: Path, meta: dict) -> str:
     """One line on a model: file, images trained on (a starting model's included), validation R^2."""
+    from blurflow.modelfile import images_trained
+
     if "samples_trained" not in meta:
         return str(path)
-    return f"{path} ({meta.get('samples_trained_total', meta['samples_trained']):,} training images, validation R2 {meta['final']['val_r2_mean']:.3f})"
+    return f"{path} ({images_trained(meta):,} training images, validation R2 {meta['final']['val_r2_mean']:.3f})"
 
 
 def predict_command(args: argparse.Namespace) -> int:

@@ -67,6 +67,12 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
         torch.save({"state_dict": model.state_dict(), "meta": info}, tmp)
 
 
+def images_trained(meta: dict) -> int:
+    """Images a model file's network was trained on, its starting model's included (0 where the
+    file does not say)."""
+    return meta.get("samples_trained_total", meta.get("samples_trained", 0))
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowNet, dict]:
     """(model in eval mode, metadata) from a model file written by :func:`save_model`."""
     path = Path(path)

@@ -40,7 +40,7 @@ from blurflow.model import (
     loss_fn,
     smooth_outputs,
 )
-from blurflow.modelfile import load_model, save_model
+from blurflow.modelfile import images_trained, load_model, save_model
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
@@ -215,17 +215,19 @@ def _train_epoch(model: FlowNet, opt: torch.optim.Optimizer, batches: Iterable[d
     return total / max(seen, 1), seen, stopped
 
 
-def _save_final(model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float], dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping) -> None:
+def _save_final(
+    model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float], dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping, images_before: int,
+) -> None:  # fmt: skip
     """The model file, with the readout (dihedral mean or not, output smoothing width) chosen on the
-    validation ``scores``. It holds no timings (those are in the training log), so the same
-    configuration gives the same bytes."""
+    validation ``scores``; ``images_before``: images the starting model was trained on. It holds no
+    timings (those are in the training log), so the same configuration gives the same bytes."""
     dihedral, best = max(READOUTS, key=lambda r: scores[r]["mean"])
     for d in (False, True):
         log.info("validation R2%s: %s", " (mean over 8 rotations and reflections)" if d else "", ", ".join(f"{s:g} px {scores[d, s]['mean']:.3f}" for s in SMOOTHING_PX))
     log.info("chosen: output smoothing %g px, %s", best, "mean over 8 rotations and reflections" if dihedral else "one pass")
     info = {
         "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"],
-        "samples_trained_total": images_before(cfg) + rows[-1]["samples"], "stopped_early": stopped,
+        "samples_trained_total": images_before + rows[-1]["samples"], "stopped_early": stopped,
         "final": {k: v for k, v in rows[-1].items() if k not in TIMING_COLUMNS},
         "output_smoothing_px": best, "dihedral_mean": dihedral,
         "val_r2_by_smoothing_px": {f"{s:g}": scores[False, s] for s in SMOOTHING_PX},
@@ -254,7 +256,7 @@ def train(
     """
     model_path, log_path, checkpoint_path = Path(model_path), Path(log_path), Path(checkpoint_path)
     device = pick_device(cfg.device)
-    model, opt = _build(cfg, device)
+    model, opt, before = _build(cfg, device)
     key = config_hash(cfg.resume_key(), meta.get("data_key"))
     rows, start, stopped = _resume(checkpoint_path, key, model, opt, device)
     log.info("training %s on %s: %d epochs of %d steps of %d images (%s data)", cfg.encoder, device, cfg.epochs, data.steps_per_epoch, cfg.batch_size, cfg.data)
@@ -269,24 +271,28 @@ def train(
     if len(rows) == cfg.epochs or stopped:
         scores = final_scores or evaluate_loss(model, data.validation(), cfg, device, READOUTS)[1]  # resumed after the last epoch
         _write_log(rows, log_path)
-        _save_final(model, rows, scores, cfg, stopped, model_path, meta)
+        _save_final(model, rows, scores, cfg, stopped, model_path, meta, before)
     return rows
 
 
-def _build(cfg: TrainConfig, device: torch.device) -> tuple[FlowNet, torch.optim.Optimizer]:
-    """The network (seeded; ImageNet encoder weights where configured) on ``device``, and its optimiser."""
+def _build(cfg: TrainConfig, device: torch.device) -> tuple[FlowNet, torch.optim.Optimizer, int]:
+    """The network (seeded; ImageNet encoder weights or ``cfg.init_model``'s where configured) on
+    ``device``, its optimiser, and the images its starting weights were trained on."""
     torch.manual_seed(cfg.seed)
     model = cfg.build_model()
     if cfg.pretrained_weights:
         model.load_encoder_weights(cfg.pretrained_weights)
+    before = 0
     if cfg.init_model:
-        model.load_state_dict(init_weights(cfg))
+        weights, before = init_weights(cfg)
+        model.load_state_dict(weights)
     model = model.to(device, memory_format=torch.channels_last)
-    return model, torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay)
+    return model, torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay), before
 
 
-def init_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The weights of the model file ``cfg.init_model``, refused unless its architecture is the config's."""
+def init_weights(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights of the model file ``cfg.init_model`` and the images they were trained on (its
+    own starting model's included); refused unless its architecture is the config's."""
     try:
         start, meta = load_model(cfg.init_model)
     except ValueError as exc:
@@ -295,16 +301,9 @@ def init_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     differ = [f"{k} {meta.get(k)!r} (config: {v!r})" for k, v in want.items() if meta.get(k) != v]
     if differ:
         raise ValueError(f"train.init_model: {cfg.init_model} has another architecture than the config: {', '.join(differ)}")
-    log.info("starting from the weights of %s (%d images trained)", cfg.init_model, meta.get("samples_trained", 0))
-    return start.state_dict()
-
-
-def images_before(cfg: TrainConfig) -> int:
-    """Images ``cfg.init_model`` was trained on, its own starting model's included (0 without one)."""
-    if not cfg.init_model:
-        return 0
-    meta = load_model(cfg.init_model)[1]
-    return meta.get("samples_trained_total", meta.get("samples_trained", 0))
+    images = images_trained(meta)
+    log.info("starting from the weights of %s (%d images trained)", cfg.init_model, images)
+    return start.state_dict(), images
 
 
 def _run_epoch(
