@@ -280,6 +280,8 @@ def test_texture_bound_follows_the_physics():
     ratio = texture_cramer_rao(optics, scales, m[:1], window_px=32)[0, :2] / std[0, :2]
     assert 1.5 < ratio.min() and ratio.max() < 3  # a quarter of the area (and of the frequencies): about twice the error
     assert (texture_cramer_rao(optics, scales, m[:1], photons=60000.0)[0] < std[0]).all()
+    smooth = texture_cramer_rao(optics, scales, m[:1], slope=4.0)[0]  # less power at the high frequencies that defocus removes
+    assert (smooth[2:] > 1.5 * std[0, 2:]).all() and (smooth > std[0]).all()
     with pytest.raises(ValueError, match="multiple of window_px"):
         texture_cramer_rao(optics, scales, m[:1], window_px=48)
 
@@ -298,3 +300,5 @@ def test_measurability_report_covers_both_test_sets_and_windows():
     for r2 in out.values():
         assert all(0 <= v <= 1 for k, v in r2.items() if not math.isnan(v))
     assert out["synthesis ranges, 64 px window"]["v3"] >= out["synthesis ranges, 32 px window"]["v3"]  # a larger window knows more
+    smooth = report(Setup.from_config({}), defaults("testsets")["cylinder"], motions=6, slope=4.0)["synthesis ranges, 64 px window"]
+    assert smooth["z0"] < out["synthesis ranges, 64 px window"]["z0"]  # a smoother texture says less about depth

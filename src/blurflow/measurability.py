@@ -11,15 +11,17 @@ sum_f grad log mu(f) grad log mu(f)^T over the window's independent frequencies.
 phases of a random texture carry no information, so the bound holds for any estimator that treats the
 sample as such a texture; an estimator that knows more of the sample (beads) can do better.
 
-``python -m blurflow.measurability [CONFIG ...]`` (default config.yaml; later files overlay earlier
-ones, as snakemake's --configfile) prints the ideal R^2 for the synthesis ranges (the two-zone
-test's motions) and for the cylinder test's flow profile.
+``python -m blurflow.measurability [CONFIG ...] [--slope S] [--contrast C]`` (default config.yaml;
+later files overlay earlier ones, as snakemake's --configfile) prints the ideal R^2 for the
+synthesis ranges (the two-zone test's motions) and for the cylinder test's flow profile, for a
+texture of that spectral slope (default 2, natural images; smooth microscopy images 4-5) and
+contrast (default 0.2).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
-import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -84,10 +86,13 @@ def ideal_r2(truth: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return torch.where(var > 1e-12, 1 - err / var, torch.full_like(var, math.nan)).float()
 
 
-def report(setup: Setup, cylinder: Mapping, motions: int = 64, seed: int = 0) -> dict[str, dict[str, float]]:
+def report(
+    setup: Setup, cylinder: Mapping, motions: int = 64, seed: int = 0, slope: float = 2.0, contrast: float = 0.2,
+) -> dict[str, dict[str, float]]:  # fmt: skip
     """Ideal R^2 per scored component (|v1|, |v2|, v3, z0) for 64 px and 32 px windows: for
     ``motions`` motions drawn in the synthesis ranges (two-zone-like) and for the cylinder profile
-    (the ``testsets.cylinder`` section: speed, z0, direction_deg)."""
+    (the ``testsets.cylinder`` section: speed, z0, direction_deg), from a texture of spectral
+    ``slope`` and ``contrast`` (:func:`texture_cramer_rao`)."""
     syn = setup.synthesis
     g = torch.Generator().manual_seed(seed)
     lo = torch.tensor([syn.v_lateral[0], syn.v_lateral[0], max(syn.v3[0], 0.01), syn.z0[0]])
@@ -99,19 +104,24 @@ def report(setup: Setup, cylinder: Mapping, motions: int = 64, seed: int = 0) ->
     for window in (64, 32):
         kernel = -(-setup.kernel_px // window) * window  # the smallest multiple of the window that holds the PSF
         for name, params in (("synthesis ranges", drawn), ("cylinder", profile)):
-            std = texture_cramer_rao(setup.optics, setup.scales, params, window, kernel)
+            std = texture_cramer_rao(setup.optics, setup.scales, params, window, kernel, slope=slope, contrast=contrast)
             r2 = ideal_r2(params.abs(), std)
             out[f"{name}, {window} px window"] = dict(zip(("|v1|", "|v2|", "v3", "z0"), r2.tolist()))
     return out
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m blurflow.measurability", description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", default=["config.yaml"], metavar="CONFIG", help="config files, later ones overlay earlier ones")
+    parser.add_argument("--slope", type=float, default=2.0, help="spectral slope of the texture (default 2: natural images)")
+    parser.add_argument("--contrast", type=float, default=0.2, help="texture standard deviation / photons (default 0.2)")
+    args = parser.parse_args()
     config: dict = {}
-    for path in sys.argv[1:] or ["config.yaml"]:
+    for path in args.configs:
         with open(path) as f:
             for section, values in (yaml.safe_load(f) or {}).items():
                 config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     cylinder = {**defaults("testsets")["cylinder"], **config.get("testsets", {}).get("cylinder", {})}
-    for case, r2 in report(Setup.from_config(config), cylinder).items():
+    for case, r2 in report(Setup.from_config(config), cylinder, slope=args.slope, contrast=args.contrast).items():
         scored = [v for v in r2.values() if not np.isnan(v)]
         print(f"{case}: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()) + f"; mean {np.mean(scored):.2f}")
