@@ -33,12 +33,14 @@ from blurflow.optics import MotionPSF, MotionScales, Optics
 from blurflow.testsets import cylinder_params
 
 LATERAL_STEP = 2e-3  # central-difference step of v1 and v2, normalised units
+NATURAL_SLOPE = 2.0  # default spectral slope of the texture: natural images
+CONTRAST = 0.2  # default texture standard deviation / photons
 
 
 @torch.no_grad()
 def texture_cramer_rao(
     optics: Optics, scales: MotionScales, params: torch.Tensor, window_px: int = 64, kernel_px: int = 64,
-    photons: float = 6000.0, mean: float = 0.4, contrast: float = 0.2, slope: float = 2.0,
+    photons: float = 6000.0, mean: float = 0.4, contrast: float = CONTRAST, slope: float = NATURAL_SLOPE,
 ) -> torch.Tensor:  # fmt: skip
     """Cramér-Rao standard deviations (B, 4) of (v1, v2, v3, z0), normalised units, for the motions
     ``params`` (B, 4), from a ``window_px`` window of a texture (module docstring) whose amplitude
@@ -87,7 +89,7 @@ def ideal_r2(truth: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
 
 
 def report(
-    setup: Setup, cylinder: Mapping, motions: int = 64, seed: int = 0, slope: float = 2.0, contrast: float = 0.2,
+    setup: Setup, cylinder: Mapping, motions: int = 64, seed: int = 0, slope: float = NATURAL_SLOPE, contrast: float = CONTRAST,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Ideal R^2 per scored component (|v1|, |v2|, v3, z0) for 64 px and 32 px windows: for
     ``motions`` motions drawn in the synthesis ranges (two-zone-like) and for the cylinder profile
@@ -113,8 +115,8 @@ def report(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m blurflow.measurability", description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", default=["config.yaml"], metavar="CONFIG", help="config files, later ones overlay earlier ones")
-    parser.add_argument("--slope", type=float, default=2.0, help="spectral slope of the texture (default 2: natural images)")
-    parser.add_argument("--contrast", type=float, default=0.2, help="texture standard deviation / photons (default 0.2)")
+    parser.add_argument("--slope", type=float, default=NATURAL_SLOPE, help=f"spectral slope of the texture (default {NATURAL_SLOPE:g}: natural images)")
+    parser.add_argument("--contrast", type=float, default=CONTRAST, help=f"texture standard deviation / photons (default {CONTRAST:g})")
     args = parser.parse_args()
     config: dict = {}
     for path in args.configs:
