@@ -1,4 +1,4 @@
-"""Source images: offline skimage set, phantoms, a user's folder, the Places365 download code."""
+"""Source images: offline skimage set, phantoms, random textures, a user's folder, the Places365 download code."""
 
 import hashlib
 import io
@@ -21,6 +21,7 @@ CFG = {
     "folder": None,
     "test_folder": None,
     "phantom": {"count": 3, "test_count": 2, "size_px": 128},
+    "texture": {"count": 6, "size_px": 128, "slope": [2, 5], "skew": [0, 1]},
     "places365": {"archive": "val_256.tar", "base_url": "http://127.0.0.1:1/", "max_images": 0},
 }
 
@@ -48,6 +49,9 @@ def test_a_list_of_kinds_mixes_their_images():
     # validation phantoms: val_fraction of the count (at least one), from their own seed
     assert [n for n in val if n.startswith("phantom:")] == ["phantom:1:0"]
     assert "skimage:coins" in val
+    textures = {**CFG, "kind": ["texture"]}
+    assert names(sources.images_for("train", textures, 0, "unused")) == [f"texture:0:{i}" for i in range(6)]
+    assert names(sources.images_for("val", textures, 0, "unused")) == ["texture:1:0"]
 
 
 def test_write_sources_tiles_and_attributes(tmp_path):
@@ -81,6 +85,33 @@ def test_phantoms_are_seeded_textured_and_in_range():
         assert x.dtype == np.float32 and x.min() >= 0 and x.max() <= 1
         assert x.std() > 0.05  # textured, not flat
     assert a[0][0] == "phantom:5:0"
+
+
+def spectral_slope(image: np.ndarray) -> float:
+    """The log-log slope of the radial power spectrum between 0.02 and 0.3 cycles/px."""
+    power = np.abs(np.fft.fft2(image - image.mean())) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(image.shape[0]), np.fft.fftfreq(image.shape[1]), indexing="ij")
+    f = np.hypot(fy, fx)
+    band = (f > 0.02) & (f < 0.3)
+    return float(np.polyfit(np.log(f[band]), np.log(power[band]), 1)[0])
+
+
+@pytest.mark.parametrize("slope", [2.0, 4.0])
+def test_gaussian_texture_has_the_requested_spectral_slope(slope):
+    image = sources.texture(256, slope, 0.0, np.random.default_rng(0))
+    assert abs(spectral_slope(image) + slope) < 0.1
+    assert image.dtype == np.float32 and image.min() == 0 and image.max() == 1
+    assert abs(np.median(image) - image.mean()) < 0.03  # Gaussian: symmetric about its mean
+
+
+def test_texture_skew_makes_sparse_bright_structure_and_is_seeded():
+    a = list(sources.texture_images(3, 96, seed=5, slope=[2, 5], skew=[1, 1]))
+    b = list(sources.texture_images(3, 96, seed=5, slope=[2, 5], skew=[1, 1]))
+    assert [n for n, _ in a] == ["texture:5:0", "texture:5:1", "texture:5:2"]
+    for (_, x), (_, y) in zip(a, b):
+        assert np.array_equal(x, y)
+        assert np.median(x) < 0.7 * x.mean()  # log-normal: most pixels dark, a few bright (Gaussian: about 1)
+    assert not np.array_equal(a[0][1], a[1][1])
 
 
 def test_folder_skips_a_corrupt_file_with_a_warning(tmp_path):

@@ -1,4 +1,5 @@
-"""Sharp source images for synthesis: scikit-image samples, phantoms, Places365, a user's folder.
+"""Sharp source images for synthesis: scikit-image samples, phantoms, random textures, Places365, a
+user's folder.
 
 Every source is turned into greyscale tiles of ``tile_px`` x ``tile_px`` pixels scaled to [0, 1]
 (0.1 and 99.9 percentiles of each image) and stored as uint16 in one HDF5 file per split:
@@ -12,7 +13,7 @@ import logging
 import os
 import tarfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -116,6 +117,28 @@ def phantom(size: int, rng: np.random.Generator) -> np.ndarray:
     beads[rng.integers(0, size, n_beads), rng.integers(0, size, n_beads)] = rng.uniform(2, 8, n_beads)
     img += ndimage.gaussian_filter(beads, 1.0)
     return np.clip(img / max(float(np.percentile(img, 99.9)), 1e-6), 0, 1)
+
+
+def texture(size: int, slope: float, skew: float, rng: np.random.Generator) -> np.ndarray:
+    """Random texture (float32 in [0, 1]): a Gaussian random field of power spectrum
+    (f^2 + f_min^2)^(-slope/2) (f in cycles/px, f_min = 1/size; natural images: slope about 2,
+    smooth microscopy images 3.5-5), made log-normal by exp(skew x field / its std) (0: Gaussian; larger:
+    sparse bright structure as in fluorescence), stretched to its 0.1st..99.9th percentiles."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    amplitude = (fy**2 + fx**2 + size**-2.0) ** (-slope / 4)
+    field = np.fft.ifft2(amplitude * np.fft.fft2(rng.standard_normal((size, size)))).real
+    field = field / field.std()
+    img = np.expm1(skew * field) / skew if skew else field
+    lo, hi = np.percentile(img, [0.1, 99.9])
+    return np.clip((img - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+
+def texture_images(count: int, size: int, seed: int, slope: Sequence[float], skew: Sequence[float]) -> Iterator[tuple[str, np.ndarray]]:
+    """``count`` random textures (:func:`texture`), each from its own seed derived from ``seed``, with
+    spectral slope and skew drawn uniformly in the ranges ``slope`` and ``skew``."""
+    for i, child in enumerate(np.random.SeedSequence(seed).spawn(count)):
+        rng = np.random.default_rng(child)
+        yield f"texture:{seed}:{i}", texture(size, rng.uniform(*slope), rng.uniform(*skew), rng)
 
 
 def phantom_images(count: int, size: int, seed: int) -> Iterator[tuple[str, np.ndarray]]:
@@ -251,12 +274,22 @@ def split_kinds(split: str, cfg: dict) -> list[str]:
     return [kinds] if isinstance(kinds, str) else list(kinds)
 
 
+def _generated_count(section: dict, split: str, val_fraction: float) -> int:
+    """Images of a generated kind (phantom, texture) in a split: ``count`` to train, ``val_fraction``
+    of it (at least one) to validate, ``test_count`` to test."""
+    if split == "test":
+        return section["test_count"]
+    return section["count"] if split == "train" else max(1, round(section["count"] * val_fraction))
+
+
 def _kind_images(kind: str, split: str, cfg: dict, seed: int, resources: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    split_seed = seed * 1000 + {"train": 0, "val": 1, "test": 2}[split]
     if kind == "phantom":
         ph = cfg["phantom"]
-        count = ph["test_count"] if split == "test" else ph["count"] if split == "train" else max(1, round(ph["count"] * cfg["val_fraction"]))
-        split_seed = {"train": 0, "val": 1, "test": 2}[split]
-        return phantom_images(count, cfg["phantom"]["size_px"], seed * 1000 + split_seed)
+        return phantom_images(_generated_count(ph, split, cfg["val_fraction"]), ph["size_px"], split_seed)
+    if kind == "texture":
+        tx = cfg["texture"]
+        return texture_images(_generated_count(tx, split, cfg["val_fraction"]), tx["size_px"], split_seed, tx["slope"], tx["skew"])
     if kind == "skimage":
         if split == "test":
             return skimage_images(SKIMAGE_TEST)
