@@ -33,7 +33,7 @@ from scipy import ndimage
 from blurflow import evaluate, sources, testsets
 from blurflow.config import Setup, defaults
 from blurflow.files import atomic_path
-from blurflow.modelfile import load_model
+from blurflow.modelfile import load_model, readout
 
 IMAGE_PX, TWO_ZONE_COUNT, CYLINDER_COUNT = 128, 64, 8
 TEXTURE_SEED, TEXTURE_COUNT = 987_654, 4  # training textures use seed * 1000 + 0 or 1
@@ -93,9 +93,7 @@ def main() -> None:
         model, meta = load_model(path)
         for name, testset in sets.items():
             pred = Path(args.sets) / f"pred_{name}.h5"
-            evaluate.predict_testset(
-                model, testset, pred, smooth_px=meta.get("output_smoothing_px", 0.0), dihedral=meta.get("dihedral_mean", False), progress=False
-            )
+            evaluate.predict_testset(model, testset, pred, progress=False, **readout(meta))
             r2 = evaluate.evaluate_testset(testset, pred, name)["r2_pearson"]
             pred.unlink()
             rows.append({"model": path, "set": name, **{k: round(v, 3) for k, v in r2.items()}})

@@ -221,7 +221,7 @@ def describe(path: Path, meta: dict) -> str:
 
 
 def predict_command(args: argparse.Namespace) -> int:
-    from blurflow.modelfile import load_model
+    from blurflow.modelfile import load_model, readout
 
     model_path, image_paths, shipped = model_and_images(args.inputs)
     plan = plan_images(image_paths, args, "predict")
@@ -242,8 +242,9 @@ def predict_command(args: argparse.Namespace) -> int:
             f"blurflow: warning: pixel size {pixel_um:g} um differs from the model's {model_pixel:g} um: the blur is measured in pixels "
             f"of the training optics (NA {meta['optics']['na']}, {meta['optics']['wavelength_um']} um), results are approximate"
         )
-    smooth = meta.get("output_smoothing_px", 0.0) if args.smooth_px is None else args.smooth_px
-    dihedral = meta.get("dihedral_mean", False) if args.dihedral is None else args.dihedral
+    chosen = readout(meta)
+    smooth = chosen["smooth_px"] if args.smooth_px is None else args.smooth_px
+    dihedral = chosen["dihedral"] if args.dihedral is None else args.dihedral
     return run_images(plan, lambda path, stem: predict_file(model, meta, path, stem, args, pixel_um, smooth, dihedral), args, "predict")
 
 

@@ -67,6 +67,12 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
         torch.save({"state_dict": model.state_dict(), "meta": info}, tmp)
 
 
+def readout(meta: dict) -> dict:
+    """How a model file's validation set chose to read its outputs, as keyword arguments of
+    :func:`blurflow.evaluate.predict`: ``smooth_px`` (px) and ``dihedral`` (none where the file does not say)."""
+    return {"smooth_px": meta.get("output_smoothing_px", 0.0), "dihedral": meta.get("dihedral_mean", False)}
+
+
 def images_trained(meta: dict) -> int:
     """Images a model file's network was trained on, its starting model's included (0 where the
     file does not say)."""

@@ -4,7 +4,7 @@ import torch
 
 from blurflow import evaluate, logs
 from blurflow.config import pick_device, unflatten
-from blurflow.modelfile import load_model
+from blurflow.modelfile import load_model, readout
 
 logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)
@@ -17,6 +17,5 @@ evaluate.predict_testset(
     evaluated=tests.get(snakemake.wildcards.testset, {}).get("evaluated"),
     tile=meta["image_px"],
     batch=tests["batch"],
-    smooth_px=meta.get("output_smoothing_px", 0.0),
-    dihedral=meta.get("dihedral_mean", False),
+    **readout(meta),
 )
