@@ -12,7 +12,7 @@ results/sources/val.h5) and the config's optics, blur scales and test-set settin
   (blurflow.sources.texture, skew 0) of spectral slope 3 and 4, from a seed no training run uses.
 
     python benchmarks/validation_sets.py MODEL [MODEL ...] [--sources results/sources/val.h5]
-        [--config config.yaml] [--sets results/validation_sets] [--threads 2]
+        [--config config.yaml [PRESET ...]] [--sets results/validation_sets] [--threads 2]
 
 Each model is read as its file says (smoothing, dihedral mean). Prints R² (Pearson, per component
 and mean) per model and set and writes them to ``SETS/scores.csv``.
@@ -27,11 +27,10 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from scipy import ndimage
 
 from blurflow import evaluate, sources, testsets
-from blurflow.config import Setup, defaults
+from blurflow.config import Setup, load
 from blurflow.files import atomic_path
 from blurflow.modelfile import load_model, readout
 
@@ -54,7 +53,7 @@ def magnified(src: Path, dst: Path, zoom: float) -> None:
 def build(sets: Path, val_sources: Path, config: dict) -> dict[str, Path]:
     """The validation sets (paths), each written once."""
     setup = Setup.from_config(config)
-    cyl = {**defaults("testsets")["cylinder"], **config.get("testsets", {}).get("cylinder", {})}
+    cyl = config["testsets"]["cylinder"]
     sets.mkdir(parents=True, exist_ok=True)
     two_zone_sources = {"two_zone": val_sources}
     for zoom in (2, 3):
@@ -80,14 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", metavar="MODEL")
     parser.add_argument("--sources", default="results/sources/val.h5", help="validation sources (HDF5 of the sources rule)")
-    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("--config", nargs="+", default=["config.yaml"], help="config files, later ones overlay earlier ones")
     parser.add_argument("--sets", default="results/validation_sets", help="folder of the sets (built once) and scores.csv")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    with open(args.config) as f:
-        config = yaml.safe_load(f)
-    sets = build(Path(args.sets), Path(args.sources), config)
+    sets = build(Path(args.sets), Path(args.sources), load(args.config))
     rows = []
     for path in args.models:
         model, meta = load_model(path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from blurflow.config import Setup, defaults
+from blurflow.config import Setup, defaults, load
 from blurflow.measurability import ideal_r2, report, texture_cramer_rao
 from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign, noll_to_nm, psf3d, zernike
 
@@ -78,6 +78,18 @@ def test_from_config_rejects_unknown_fields_and_reads_string_noll_keys():
     assert MotionScales.from_config({"kernel_px": 40}) == MotionScales() == MotionScales(24, 10)  # config.yaml's and the schema's
     assert Optics.from_config({"zernike": {"6": 0.1}}).zernike == {6: 0.1}
     assert Optics.from_config(OPTICS.to_dict()) == OPTICS
+
+
+def test_config_files_overlay_each_other_over_the_schema_defaults(tmp_path):
+    """Later files win key by key inside a section (as snakemake's --configfile); what none sets
+    is the schema's default."""
+    (tmp_path / "a.yaml").write_text("testsets:\n  cylinder:\n    speed: 0.5\n    z0: 0.2\noptics:\n  na: 0.4\n")
+    (tmp_path / "b.yaml").write_text("testsets:\n  cylinder:\n    z0: 0.7\n")
+    config = load([tmp_path / "a.yaml", tmp_path / "b.yaml"])
+    cylinder = defaults("testsets")["cylinder"]
+    assert config["testsets"]["cylinder"] == {**cylinder, "speed": 0.5, "z0": 0.7}
+    assert config["optics"] == {**defaults("optics"), "na": 0.4}
+    assert load([]) == defaults()
 
 
 def test_bad_scales_and_kernel_size_raise():

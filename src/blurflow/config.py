@@ -63,6 +63,24 @@ def defaults(section: str | None = None) -> dict:
     return filled if section is None else filled[section]
 
 
+def overlay(base: Mapping, top: Mapping) -> dict:
+    """``top``'s values over ``base``'s, nested mappings merged key by key (as snakemake's
+    --configfile overlays config files)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = overlay(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def load(paths: Iterable[str | Path]) -> dict:
+    """The config of YAML files, later ones overlaying earlier ones, over the schema's defaults."""
+    config = defaults()
+    for path in paths:
+        with open(path) as f:
+            config = overlay(config, yaml.safe_load(f) or {})
+    return config
+
+
 def dataclass_values(cls: type, section: str, cfg: Mapping | None) -> dict:
     """The fields of dataclass ``cls`` from config section ``section``: ``cfg``'s values over the
     schema's defaults, YAML lists as tuples. ``ValueError`` for a key the schema's section does

@@ -26,9 +26,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-import yaml
 
-from blurflow.config import Setup, defaults
+from blurflow.config import Setup, load
 from blurflow.optics import MotionPSF, MotionScales, Optics
 from blurflow.testsets import cylinder_params
 
@@ -118,12 +117,7 @@ if __name__ == "__main__":
     parser.add_argument("--slope", type=float, default=NATURAL_SLOPE, help=f"spectral slope of the texture (default {NATURAL_SLOPE:g}: natural images)")
     parser.add_argument("--contrast", type=float, default=CONTRAST, help=f"texture standard deviation / photons (default {CONTRAST:g})")
     args = parser.parse_args()
-    config: dict = {}
-    for path in args.configs:
-        with open(path) as f:
-            for section, values in (yaml.safe_load(f) or {}).items():
-                config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
-    cylinder = {**defaults("testsets")["cylinder"], **config.get("testsets", {}).get("cylinder", {})}
-    for case, r2 in report(Setup.from_config(config), cylinder, slope=args.slope, contrast=args.contrast).items():
+    config = load(args.configs)
+    for case, r2 in report(Setup.from_config(config), config["testsets"]["cylinder"], slope=args.slope, contrast=args.contrast).items():
         scored = [v for v in r2.values() if not np.isnan(v)]
         print(f"{case}: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()) + f"; mean {np.mean(scored):.2f}")
