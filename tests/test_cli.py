@@ -333,8 +333,10 @@ def test_a_folder_given_as_model_is_named_a_folder(tmp_path, capsys):
     assert "is a folder, not a model file" in capsys.readouterr().err
 
 
-def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_file, tmp_path):
-    """Band by band (bounded memory) gives the maps of the whole image at once, smoothing included."""
+@pytest.mark.parametrize("smooth_px, edges", [(8.0, False), (6.0, True)])
+def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_file, tmp_path, smooth_px, edges):
+    """Band by band (bounded memory) gives the maps of the whole image at once (one batch of all
+    72 tiles: a single band), smoothing included, Gaussian or edge-preserving."""
     from blurflow.evaluate import predict, predict_bands
     from blurflow.modelfile import load_model
 
@@ -342,7 +344,7 @@ def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_f
     with torch.no_grad():  # a model whose output varies with the input, so that blending and smoothing show
         model.unet.segmentation_head[0].weight.normal_(0, 0.1)
     counts = torch.from_numpy(image((300, 257))).float()[None, None]
-    whole = predict(model, counts, tile=64, batch=4, smooth_px=8.0)
+    whole = predict(model, counts, tile=64, batch=72, smooth_px=smooth_px, edges=edges)
     ticks = []
 
     class Bar:
@@ -350,7 +352,7 @@ def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_f
             ticks.append(n)
 
     rows = 0
-    for y0, maps in predict_bands(model, lambda a, b: counts[0, :, a:b], 300, 257, tile=64, batch=4, smooth_px=8.0, bar=Bar()):
+    for y0, maps in predict_bands(model, lambda a, b: counts[0, :, a:b], 300, 257, tile=64, batch=4, smooth_px=smooth_px, edges=edges, bar=Bar()):
         assert y0 == rows and maps.shape[1] < 300
         assert torch.allclose(maps, whole[0, :, y0 : y0 + maps.shape[1]], atol=1e-5)
         rows += maps.shape[1]

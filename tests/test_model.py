@@ -397,15 +397,39 @@ def test_output_smoothing_averages_valid_pixels_and_keeps_constants():
     assert smooth_outputs(noisy, 4.0)[:, :4].std() < 0.3 * noisy[:, :4].std()
 
 
+def test_edge_preserving_smoothing_keeps_a_step_that_the_gaussian_blurs():
+    """Two regions of different outputs plus noise: the edge-preserving smoothing removes the noise
+    as the Gaussian does, but leaves the step sharp; constants stay, invalid pixels do not leak in."""
+    from blurflow.model import smooth_outputs, smoothing_reach
+
+    step = torch.zeros(1, 5, 64, 64)
+    step[:, :4, :, 32:] = 1.0
+    step[:, 4] = 20.0
+    noisy = step.clone()
+    noisy[:, :4] += 0.05 * torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    edges, gauss = smooth_outputs(noisy, 6.0, edges=True), smooth_outputs(noisy, 6.0)
+    err_edges, err_gauss, err_raw = ((x[:, :4] - step[:, :4]).abs() for x in (edges, gauss, noisy))
+    assert err_edges[..., 30:34].max() < 0.2 and err_gauss[..., 30:34].max() > 0.4  # at the step
+    assert err_edges[..., :24].std() < 0.3 * err_raw[..., :24].std()  # within a region: as smooth
+    assert torch.equal(edges[:, 4], noisy[:, 4])
+    assert torch.equal(smooth_outputs(noisy, 0, edges=True), noisy)
+    assert torch.allclose(smooth_outputs(torch.full((1, 5, 16, 16), 0.3), 4.0, edges=True), torch.full((1, 5, 16, 16), 0.3))
+    half = step.clone()
+    half[:, 4, :, 32:] = -20.0  # the right half invalid: the left keeps its value
+    assert torch.allclose(smooth_outputs(half, 6.0, edges=True)[:, :4, :, :32], torch.zeros(1, 4, 64, 32), atol=1e-3)
+    assert smoothing_reach(6.0, edges=True) == 36 and smoothing_reach(6.0) == 18 and smoothing_reach(0, edges=True) == 0
+
+
 def test_training_chooses_the_readout_on_validation(tiny_shards, tmp_path):
     run(tmp_path, tiny_shards, epochs=1)
     _, meta = load_model(tmp_path / "model.pt")
     plain, dihedral = meta["val_r2_by_smoothing_px"], meta["val_r2_by_smoothing_px_dihedral"]
-    assert meta["output_smoothing_px"] in train.SMOOTHING_PX and set(plain) == set(dihedral) == {f"{s:g}" for s in train.SMOOTHING_PX}
+    assert set(plain) == set(dihedral) == {train.smoothing_label(s, e) for s, e in train.SMOOTHINGS} and len(plain) == 9
+    assert (meta["output_smoothing_px"], meta["output_smoothing_edges"]) in train.SMOOTHINGS
     assert plain["0"]["mean"] == meta["final"]["val_r2_mean"]  # the per-epoch score is the plain one
     assert plain["0"] != dihedral["0"]
     best = max([*plain.values(), *dihedral.values()], key=lambda r: r["mean"])
-    chosen = (dihedral if meta["dihedral_mean"] else plain)[f"{meta['output_smoothing_px']:g}"]
+    chosen = (dihedral if meta["dihedral_mean"] else plain)[train.smoothing_label(meta["output_smoothing_px"], meta["output_smoothing_edges"])]
     assert chosen["mean"] == best["mean"]
 
 

@@ -140,9 +140,10 @@ def check_targets(stem: Path, command: str = "predict") -> None:
 PREVIEW_PX = 1024  # the PNG shows at most this many pixels along a side (every n-th pixel of the flow)
 
 
-def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Namespace, pixel_um: float, smooth: float, dihedral: bool) -> list[Path]:
+def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Namespace, pixel_um: float, chosen: dict) -> list[Path]:
     """Predict one image and write ``<stem>_flow.tif`` (ImageJ hyperstack, float32, channels v1 v2
     v3 z0 w; written band by band) and ``<stem>_flow.png``; both appear only when complete.
+    ``chosen``: the readout (keyword arguments of blurflow.evaluate.predict_bands).
     Memory: the input plus a few tile rows, whatever the image size."""
     import tifffile
     from skimage.measure import block_reduce
@@ -176,7 +177,7 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
                 def read(y0: int, y1: int, plane=plane) -> torch.Tensor:
                     return torch.from_numpy((plane[None, y0:y1] - args.offset) * args.gain)
 
-                for y0, maps in predict_bands(model, read, h, w, tile, batch=args.batch, smooth_px=smooth, dihedral=dihedral, bar=bar):
+                for y0, maps in predict_bands(model, read, h, w, tile, batch=args.batch, bar=bar, **chosen):
                     phys = to_physical(maps.numpy(), meta, pixel_um, args.exposure_ms)[0].astype("<f4")
                     for c in range(5):  # channel c of plane i is one contiguous block of h x w values
                         f.seek(offset + ((i * 5 + c) * h + y0) * w * 4)
@@ -242,10 +243,9 @@ def predict_command(args: argparse.Namespace) -> int:
             f"blurflow: warning: pixel size {pixel_um:g} um differs from the model's {model_pixel:g} um: the blur is measured in pixels "
             f"of the training optics (NA {meta['optics']['na']}, {meta['optics']['wavelength_um']} um), results are approximate"
         )
-    chosen = readout(meta)
-    smooth = chosen["smooth_px"] if args.smooth_px is None else args.smooth_px
-    dihedral = chosen["dihedral"] if args.dihedral is None else args.dihedral
-    return run_images(plan, lambda path, stem: predict_file(model, meta, path, stem, args, pixel_um, smooth, dihedral), args, "predict")
+    given = {"smooth_px": args.smooth_px, "edges": args.edges, "dihedral": args.dihedral}
+    chosen = {k: v if given[k] is None else given[k] for k, v in readout(meta).items()}
+    return run_images(plan, lambda path, stem: predict_file(model, meta, path, stem, args, pixel_um, chosen), args, "predict")
 
 
 def plan_images(image_paths: list[Path], args: argparse.Namespace, command: str) -> dict[Path, Path]:
@@ -434,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--smooth-px", type=float, metavar="S",
         help="smooth the flow over S pixels (Gaussian sigma, weighted by w; 0: off); default: the width chosen on the model's validation set",
+    )  # fmt: skip
+    p.add_argument(
+        "--edges", action=argparse.BooleanOptionalAction,
+        help="smooth without blurring the edges between regions of different motion (3 bilateral passes); default: as chosen on the model's validation set",
     )  # fmt: skip
     p.add_argument(
         "--dihedral", action=argparse.BooleanOptionalAction,

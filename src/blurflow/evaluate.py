@@ -26,7 +26,7 @@ import torch
 from blurflow import logs
 from blurflow.data import ShardDataset
 from blurflow.files import atomic_path
-from blurflow.model import FlowNet, decode, raw_outputs, smooth_outputs
+from blurflow.model import FlowNet, decode, raw_outputs, smooth_outputs, smoothing_reach
 from blurflow.optics import COMPONENTS, Optics
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def tile_count(h: int, w: int, tile: int, overlap: int = 32) -> int:
 @torch.no_grad()
 def predict_bands(
     model: FlowNet, read: Callable[[int, int], torch.Tensor], h: int, w: int, tile: int | None = None, overlap: int = 32,
-    batch: int = 8, smooth_px: float = 0.0, dihedral: bool = False, bar=None,
+    batch: int = 8, smooth_px: float = 0.0, edges: bool = False, dihedral: bool = False, bar=None,
 ) -> Iterator[tuple[int, torch.Tensor]]:  # fmt: skip
     """Canonical (v1, v2, v3, z0, w) maps of one image of ``h`` x ``w`` px, in bands of rows.
 
@@ -67,8 +67,8 @@ def predict_bands(
     (5, rows, w) float32 on the CPU), top to bottom, so memory stays bounded by a band (a few tile
     rows and the smoothing margin) whatever the image size. Images larger than ``tile`` are cut
     into overlapping tiles whose raw outputs (doubled-angle channels and logits, which blend
-    linearly) are averaged with ramp weights, smoothed over ``smooth_px``
-    (blurflow.model.smooth_outputs; a model file holds the width chosen on its validation set),
+    linearly) are averaged with ramp weights, smoothed over ``smooth_px``, preserving edges where
+    ``edges`` (blurflow.model.smooth_outputs; a model file holds the readout chosen on its validation set),
     then decoded: the same maps as on the whole image. ``dihedral``: each tile's outputs are the
     mean over its 8 rotations and reflections (blurflow.model.dihedral_outputs; 8x the time; a
     model file says whether its validation set chose it). ``bar.update(n)`` is called per batch of
@@ -80,7 +80,7 @@ def predict_bands(
     ov = min(overlap, th // 2, tw // 2)
     weight = (_window(th, ov if h > th else 0)[:, None] * _window(tw, ov if w > tw else 0)[None]).to(device)
     ys, xs = _starts(h, th, th - ov), _starts(w, tw, tw - ov)
-    margin = max(1, round(3 * smooth_px)) if smooth_px > 0 else 0  # rows of context the smoothing reads
+    margin = smoothing_reach(smooth_px, edges)  # rows of context the smoothing reads
     rows_per_band = max(1, -(-batch // len(xs)))  # tile rows inferred together: full batches on narrow images
     acc = torch.zeros(5, 0, w, device=device)  # raw sums of unfinished rows, from row a0
     norm = torch.zeros(1, 0, w, device=device)
@@ -109,21 +109,22 @@ def predict_bands(
         end = h if a0 == h else a0 - margin
         if end > emitted:
             s0 = max(d0, emitted - margin)
-            maps = decode(smooth_outputs(done[None, :, s0 - d0 : min(h, end + margin) - d0], smooth_px), model.encoding)[0]
+            maps = decode(smooth_outputs(done[None, :, s0 - d0 : min(h, end + margin) - d0], smooth_px, edges), model.encoding)[0]
             yield emitted, maps[:, emitted - s0 : end - s0].cpu()
             keep = max(d0, end - margin)
             done, d0, emitted = done[:, keep - d0 :], keep, end
 
 
 def predict(
-    model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8, smooth_px: float = 0.0, dihedral: bool = False,
+    model: FlowNet, counts: torch.Tensor, tile: int | None = None, overlap: int = 32, batch: int = 8, smooth_px: float = 0.0, edges: bool = False,
+    dihedral: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Canonical (v1, v2, v3, z0, w) maps (N, 5, H, W) float32 on the CPU for camera counts
     (N, 1, H, W), image by image with :func:`predict_bands`."""
     n, _, h, w = counts.shape
     out = torch.empty(n, 5, h, w)
     for i in range(n):
-        for y0, maps in predict_bands(model, lambda a, b, i=i: counts[i, :, a:b], h, w, tile, overlap, batch, smooth_px, dihedral):
+        for y0, maps in predict_bands(model, lambda a, b, i=i: counts[i, :, a:b], h, w, tile, overlap, batch, smooth_px, edges, dihedral):
             out[i, :, y0 : y0 + maps.shape[1]] = maps
     return out
 
@@ -188,7 +189,7 @@ class FlowMetrics:
 
 def predict_testset(
     model: FlowNet, testset: str | Path, out: str | Path, evaluated: int | None = None, tile: int | None = None, batch: int = 8,
-    smooth_px: float = 0.0, dihedral: bool = False, progress: bool = True,
+    smooth_px: float = 0.0, edges: bool = False, dihedral: bool = False, progress: bool = True,
 ) -> None:  # fmt: skip
     """Predictions (N, 5, H, W) float16 for the first ``evaluated`` images of a test set (HDF5)."""
     ds = ShardDataset([testset])
@@ -202,10 +203,10 @@ def predict_testset(
         for start in logs.progress(range(0, n, batch), enabled=progress, desc=f"predict {Path(testset).stem}", unit="batch"):
             idx = range(start, min(start + batch, n))
             counts = torch.stack([ds[i]["image"] for i in idx])
-            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch, smooth_px=smooth_px, dihedral=dihedral).numpy().astype(np.float16)
+            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch, smooth_px=smooth_px, dihedral=dihedral, edges=edges).numpy().astype(np.float16)
     log.info(
-        "predicted %d images of %d x %d px (tiles of %s px, smoothing %g px%s) in %.1f s",
-        n, h, w, tile or "whole", smooth_px, ", mean over 8 rotations and reflections" if dihedral else "", time.perf_counter() - t0,
+        "predicted %d images of %d x %d px (tiles of %s px, smoothing %g px%s%s) in %.1f s",
+        n, h, w, tile or "whole", smooth_px, ", edge-preserving" if edges else "", ", mean over 8 rotations and reflections" if dihedral else "", time.perf_counter() - t0,
     )  # fmt: skip
 
 

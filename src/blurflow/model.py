@@ -15,6 +15,7 @@ the photon level or the camera offset.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,14 +84,40 @@ def decode(output: torch.Tensor, encoding: str) -> torch.Tensor:
     return torch.cat([v, w], dim=1)
 
 
-def smooth_outputs(output: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Raw outputs (B, 5, H, W) with the 4 regression channels smoothed by a Gaussian of
-    ``sigma_px`` pixels, weighted by the predicted validity (normalised convolution: weakly
-    textured pixels, whose estimates are noisy, count less). The doubled-angle channels average
-    orientations correctly; a pixel with no valid pixel within reach keeps its value.
-    ``sigma_px`` 0 returns the input."""
+EDGE_SIMILARITY = 0.2  # edge-preserving smoothing: scale of output differences (raw units) that still average
+EDGE_ITERATIONS = 3  # and its passes
+
+
+def smoothing_reach(sigma_px: float, edges: bool = False) -> int:
+    """Pixels of context on each side that :func:`smooth_outputs` reads (0 without smoothing)."""
+    if sigma_px <= 0:
+        return 0
+    return EDGE_ITERATIONS * _edge_offsets(sigma_px)[0] if edges else max(1, round(3 * sigma_px))
+
+
+def _edge_offsets(sigma_px: float) -> tuple[int, int]:
+    """(reach, stride) px of one edge-preserving pass: offsets up to 2 sigma, 13 per axis."""
+    stride = max(1, round(sigma_px / 3))
+    return stride * math.ceil(2 * sigma_px / stride), stride
+
+
+def smooth_outputs(output: torch.Tensor, sigma_px: float, edges: bool = False) -> torch.Tensor:
+    """Raw outputs (B, 5, H, W) with the 4 regression channels smoothed over ``sigma_px`` pixels,
+    weighted by the predicted validity (weakly textured pixels, whose estimates are noisy, count
+    less); the doubled-angle channels average orientations correctly.
+
+    ``edges`` False: a Gaussian of ``sigma_px`` (normalised convolution). ``edges`` True: edge
+    preserving, for flows that change abruptly between regions: :data:`EDGE_ITERATIONS` passes of
+    a bilateral filter whose weights also fall with the difference of the outputs,
+    exp(-|o(x) - o(x')|^2 / (2 :data:`EDGE_SIMILARITY`^2)), so that neighbours of another motion
+    hardly count. A pixel with no valid pixel within reach keeps its value; ``sigma_px`` 0
+    returns the input."""
     if sigma_px <= 0:
         return output
+    w, eps = torch.sigmoid(output[:, 4:5]), 1e-4
+    values = output[:, :4]
+    if edges:
+        return torch.cat([_edge_preserving(values, w, sigma_px), output[:, 4:5]], dim=1)
     r = max(1, round(3 * sigma_px))
     t = torch.arange(-r, r + 1, dtype=output.dtype, device=output.device)
     g = torch.exp(-(t**2) / (2 * sigma_px**2))
@@ -101,9 +128,28 @@ def smooth_outputs(output: torch.Tensor, sigma_px: float) -> torch.Tensor:
         x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
         return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
-    w, eps = torch.sigmoid(output[:, 4:5]), 1e-4
-    values = output[:, :4]
     return torch.cat([(blur(values * w) + eps * values) / (blur(w) + eps), output[:, 4:5]], dim=1)
+
+
+def _edge_preserving(values: torch.Tensor, w: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """:func:`smooth_outputs` with ``edges``: values (B, 4, H, W), validity weights w (B, 1, H, W);
+    the spatial Gaussian sampled on a grid of offsets (13 x 13 up to 2 sigma)."""
+    r, stride = _edge_offsets(sigma_px)
+    h, wd = values.shape[-2:]
+    eps = 1e-4
+    pw = F.pad(w, (r, r, r, r), mode="replicate")
+    for _ in range(EDGE_ITERATIONS):
+        pv = F.pad(values, (r, r, r, r), mode="replicate")
+        num, den = eps * values, torch.full_like(w, eps)
+        for dy in range(-r, r + 1, stride):
+            for dx in range(-r, r + 1, stride):
+                v = pv[..., r + dy : r + dy + h, r + dx : r + dx + wd]
+                k = pw[..., r + dy : r + dy + h, r + dx : r + dx + wd] * torch.exp(
+                    -((v - values) ** 2).sum(1, keepdim=True) / (2 * EDGE_SIMILARITY**2) - (dy * dy + dx * dx) / (2 * sigma_px**2)
+                )
+                num, den = num + k * v, den + k
+        values = num / den
+    return values
 
 
 def dihedral_outputs(model: torch.nn.Module, counts: torch.Tensor) -> torch.Tensor:

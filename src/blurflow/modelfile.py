@@ -69,8 +69,9 @@ def save_model(model: FlowNet, path: str | Path, meta: dict) -> None:
 
 def readout(meta: dict) -> dict:
     """How a model file's validation set chose to read its outputs, as keyword arguments of
-    :func:`blurflow.evaluate.predict`: ``smooth_px`` (px) and ``dihedral`` (none where the file does not say)."""
-    return {"smooth_px": meta.get("output_smoothing_px", 0.0), "dihedral": meta.get("dihedral_mean", False)}
+    :func:`blurflow.evaluate.predict`: ``smooth_px`` (px), ``edges`` (edge-preserving smoothing) and
+    ``dihedral`` (none where the file does not say)."""
+    return {"smooth_px": meta.get("output_smoothing_px", 0.0), "edges": meta.get("output_smoothing_edges", False), "dihedral": meta.get("dihedral_mean", False)}
 
 
 def images_trained(meta: dict) -> int:

@@ -48,9 +48,11 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DATA = ("shards", "online")
 TIMING_COLUMNS = ("images_per_s", "minutes")  # log columns that vary from run to run
 _TRAIN = defaults("train")  # the schema holds the defaults
-SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # output smoothing widths tried on the validation set after training
-READOUTS = tuple((dihedral, s) for dihedral in (False, True) for s in SMOOTHING_PX)  # (dihedral mean, smoothing px) tried after training
-PLAIN = ((False, 0.0),)  # the readout scored after every epoch
+SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # Gaussian output smoothing widths tried on the validation set after training
+EDGE_SMOOTHING_PX = (8.0, 16.0, 24.0)  # edge-preserving smoothing widths tried too (blurflow.model.smooth_outputs)
+SMOOTHINGS = (*((s, False) for s in SMOOTHING_PX), *((s, True) for s in EDGE_SMOOTHING_PX))  # (px, edge-preserving)
+READOUTS = tuple((dihedral, s, edges) for dihedral in (False, True) for s, edges in SMOOTHINGS)  # (dihedral mean, px, edge-preserving) tried after training
+PLAIN = ((False, 0.0, False),)  # the readout scored after every epoch
 ARCHITECTURE = ("encoder", "encoding", "encoder_depth", "decoder_channels", "stem_stride", "unshuffle")  # what a model file and the config must share to start training from it
 
 
@@ -146,10 +148,11 @@ def _write_log(rows: list[dict], path: Path) -> None:
 
 
 def evaluate_loss(
-    model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, device: torch.device, readouts: Sequence[tuple[bool, float]] = PLAIN,
-) -> tuple[float, dict[tuple[bool, float], dict]]:  # fmt: skip
+    model: FlowNet, batches: Iterable[dict], cfg: TrainConfig, device: torch.device, readouts: Sequence[tuple[bool, float, bool]] = PLAIN,
+) -> tuple[float, dict[tuple[bool, float, bool], dict]]:  # fmt: skip
     """Mean loss of the model over batches, and its R^2 with each readout (whether the outputs
-    are the mean over the 8 rotations and reflections of the image, output smoothing width in px)."""
+    are the mean over the 8 rotations and reflections of the image, output smoothing width in px,
+    whether the smoothing preserves edges)."""
     model.eval()
     metrics, total, count = {r: FlowMetrics() for r in readouts}, 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
@@ -158,10 +161,10 @@ def evaluate_loss(
             out = {False: model(image).float()}
             total += float(loss_fn(out[False], target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)) * len(image)
             count += len(image)
-            if any(dihedral for dihedral, _ in readouts):
+            if any(dihedral for dihedral, _, _ in readouts):
                 out[True] = dihedral_outputs(model, image)
-            for (dihedral, sigma), m in metrics.items():
-                m.update(decode(smooth_outputs(out[dihedral], sigma), cfg.encoding), target, valid)
+            for (dihedral, sigma, edges), m in metrics.items():
+                m.update(decode(smooth_outputs(out[dihedral], sigma, edges), cfg.encoding), target, valid)
     return total / max(count, 1), {r: m.r2() for r, m in metrics.items()}
 
 
@@ -216,24 +219,37 @@ def _train_epoch(model: FlowNet, opt: torch.optim.Optimizer, batches: Iterable[d
 
 
 def _save_final(
-    model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float], dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping, images_before: int,
+    model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float, bool], dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping, images_before: int,
 ) -> None:  # fmt: skip
-    """The model file, with the readout (dihedral mean or not, output smoothing width) chosen on the
-    validation ``scores``; ``images_before``: images the starting model was trained on. It holds no
-    timings (those are in the training log), so the same configuration gives the same bytes."""
-    dihedral, best = max(READOUTS, key=lambda r: scores[r]["mean"])
-    for d in (False, True):
-        log.info("validation R2%s: %s", " (mean over 8 rotations and reflections)" if d else "", ", ".join(f"{s:g} px {scores[d, s]['mean']:.3f}" for s in SMOOTHING_PX))
-    log.info("chosen: output smoothing %g px, %s", best, "mean over 8 rotations and reflections" if dihedral else "one pass")
+    """The model file, with the readout (:func:`readout_meta`) chosen on the validation ``scores``;
+    ``images_before``: images the starting model was trained on. It holds no timings (those are
+    in the training log), so the same configuration gives the same bytes."""
     info = {
         "train": asdict(cfg), "epochs_trained": len(rows), "samples_trained": rows[-1]["samples"],
         "samples_trained_total": images_before + rows[-1]["samples"], "stopped_early": stopped,
         "final": {k: v for k, v in rows[-1].items() if k not in TIMING_COLUMNS},
-        "output_smoothing_px": best, "dihedral_mean": dihedral,
-        "val_r2_by_smoothing_px": {f"{s:g}": scores[False, s] for s in SMOOTHING_PX},
-        "val_r2_by_smoothing_px_dihedral": {f"{s:g}": scores[True, s] for s in SMOOTHING_PX},
+        **readout_meta(scores),
     }  # fmt: skip
     save_model(model.cpu(), model_path, {**meta, **info})
+
+
+def smoothing_label(sigma_px: float, edges: bool) -> str:
+    """A smoothing's key in a model file's validation scores: "8" (Gaussian), "8 edges"."""
+    return f"{sigma_px:g}{' edges' if edges else ''}"
+
+
+def readout_meta(scores: Mapping[tuple[bool, float, bool], dict]) -> dict:
+    """The model file's readout entries: the best of :data:`READOUTS` by validation R^2
+    (``scores``, as :func:`evaluate_loss` gives them) and every readout's scores."""
+    dihedral, best, edges = max(READOUTS, key=lambda r: scores[r]["mean"])
+    for d in (False, True):
+        log.info("validation R2%s: %s", " (mean over 8 rotations and reflections)" if d else "", ", ".join(f"{s:g} px{' edges' * e} {scores[d, s, e]['mean']:.3f}" for s, e in SMOOTHINGS))
+    log.info("chosen: output smoothing %g px%s, %s", best, ", edge-preserving" if edges else "", "mean over 8 rotations and reflections" if dihedral else "one pass")
+    return {
+        "output_smoothing_px": best, "output_smoothing_edges": edges, "dihedral_mean": dihedral,
+        "val_r2_by_smoothing_px": {smoothing_label(s, e): scores[False, s, e] for s, e in SMOOTHINGS},
+        "val_r2_by_smoothing_px_dihedral": {smoothing_label(s, e): scores[True, s, e] for s, e in SMOOTHINGS},
+    }  # fmt: skip
 
 
 def train(
