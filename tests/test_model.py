@@ -417,14 +417,15 @@ def test_edge_preserving_smoothing_keeps_a_step_that_the_gaussian_blurs():
     half = step.clone()
     half[:, 4, :, 32:] = -20.0  # the right half invalid: the left keeps its value
     assert torch.allclose(smooth_outputs(half, 6.0, edges=True)[:, :4, :, :32], torch.zeros(1, 4, 64, 32), atol=1e-3)
-    assert smoothing_reach(6.0, edges=True) == 36 and smoothing_reach(6.0) == 18 and smoothing_reach(0, edges=True) == 0
+    assert smoothing_reach(6.0, edges=True) == 3 * 12 and smoothing_reach(6.0) == 18 and smoothing_reach(0, edges=True) == 0
 
 
 def test_training_chooses_the_readout_on_validation(tiny_shards, tmp_path):
     run(tmp_path, tiny_shards, epochs=1)
     _, meta = load_model(tmp_path / "model.pt")
     plain, dihedral = meta["val_r2_by_smoothing_px"], meta["val_r2_by_smoothing_px_dihedral"]
-    assert set(plain) == set(dihedral) == {train.smoothing_label(s, e) for s, e in train.SMOOTHINGS} and len(plain) == 9
+    assert set(dihedral) == {train.smoothing_label(s, e) for s, e in train.SMOOTHINGS} and len(dihedral) == 9
+    assert set(plain) == {train.smoothing_label(s, False) for s in train.SMOOTHING_PX} and len(plain) == 6
     assert (meta["output_smoothing_px"], meta["output_smoothing_edges"]) in train.SMOOTHINGS
     assert plain["0"]["mean"] == meta["final"]["val_r2_mean"]  # the per-epoch score is the plain one
     assert plain["0"] != dihedral["0"]

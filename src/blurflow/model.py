@@ -96,8 +96,9 @@ def smoothing_reach(sigma_px: float, edges: bool = False) -> int:
 
 
 def _edge_offsets(sigma_px: float) -> tuple[int, int]:
-    """(reach, stride) px of one edge-preserving pass: offsets up to 2 sigma, 13 per axis."""
-    stride = max(1, round(sigma_px / 3))
+    """(reach, stride) px of one edge-preserving pass: offsets up to 2 sigma, about 9 per axis
+    (13 read the validation sets within 0.001 at twice the time)."""
+    stride = max(1, round(sigma_px / 2))
     return stride * math.ceil(2 * sigma_px / stride), stride
 
 
@@ -133,7 +134,7 @@ def smooth_outputs(output: torch.Tensor, sigma_px: float, edges: bool = False) -
 
 def _edge_preserving(values: torch.Tensor, w: torch.Tensor, sigma_px: float) -> torch.Tensor:
     """:func:`smooth_outputs` with ``edges``: values (B, 4, H, W), validity weights w (B, 1, H, W);
-    the spatial Gaussian sampled on a grid of offsets (13 x 13 up to 2 sigma)."""
+    the spatial Gaussian sampled on a grid of offsets (:func:`_edge_offsets`)."""
     r, stride = _edge_offsets(sigma_px)
     h, wd = values.shape[-2:]
     eps = 1e-4
