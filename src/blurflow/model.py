@@ -143,13 +143,14 @@ def _edge_preserving(values: torch.Tensor, w: torch.Tensor, sigma_px: float) -> 
         pv = F.pad(values, (r, r, r, r), mode="replicate")
         num, den = eps * values, torch.full_like(w, eps)
         for dy in range(-r, r + 1, stride):
-            for dx in range(-r, r + 1, stride):
+            for dx in range(-r, r + 1, stride):  # in place: a band's temporaries stay few (memory of large images)
                 v = pv[..., r + dy : r + dy + h, r + dx : r + dx + wd]
-                k = pw[..., r + dy : r + dy + h, r + dx : r + dx + wd] * torch.exp(
-                    -((v - values) ** 2).sum(1, keepdim=True) / (2 * EDGE_SIMILARITY**2) - (dy * dy + dx * dx) / (2 * sigma_px**2)
-                )
-                num, den = num + k * v, den + k
-        values = num / den
+                k = (v - values).square_().sum(1, keepdim=True)
+                k.mul_(-1 / (2 * EDGE_SIMILARITY**2)).sub_((dy * dy + dx * dx) / (2 * sigma_px**2)).exp_()
+                k.mul_(pw[..., r + dy : r + dy + h, r + dx : r + dx + wd])
+                num.addcmul_(k, v)
+                den.add_(k)
+        values = num.div_(den)
     return values
 
 
