@@ -434,6 +434,30 @@ def test_training_chooses_the_readout_on_validation(tiny_shards, tmp_path):
     assert chosen["mean"] == best["mean"]
 
 
+def test_choose_readout_restores_what_training_chose(tiny_shards, tmp_path):
+    """tools/choose_readout.py on a model file whose readout was wiped: the same choice and scores
+    as training's, the same weights."""
+    import pathlib
+    import subprocess
+    import sys
+
+    run(tmp_path, tiny_shards, epochs=1)
+    trained, meta = load_model(tmp_path / "model.pt")
+    keys = ("output_smoothing_px", "output_smoothing_edges", "dihedral_mean", "val_r2_by_smoothing_px", "val_r2_by_smoothing_px_dihedral")
+    save_model(trained, tmp_path / "wiped.pt", {k: v for k, v in meta.items() if k not in keys})
+    (tmp_path / "c.yaml").write_text("train:\n  data: shards\n  batch_size: 8\n")
+    tool = pathlib.Path(__file__).parents[1] / "tools" / "choose_readout.py"
+    args = ["--config", tmp_path / "c.yaml", "--train", tiny_shards[0], "--val", tiny_shards[1], "--threads", "1"]
+    subprocess.run([sys.executable, tool, tmp_path / "wiped.pt", *args], check=True, capture_output=True)
+    chosen, again = load_model(tmp_path / "wiped.pt")
+    for k in keys[3:]:  # the same scores up to float rounding (thread count)
+        assert {label: pytest.approx(r["mean"], rel=1e-4) for label, r in meta[k].items()} == {label: r["mean"] for label, r in again[k].items()}
+    table = again[keys[4] if again["dihedral_mean"] else keys[3]]
+    best = max(r["mean"] for k in keys[3:] for r in meta[k].values())
+    assert table[train.smoothing_label(again["output_smoothing_px"], again["output_smoothing_edges"])]["mean"] == pytest.approx(best, rel=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(chosen.state_dict().values(), trained.state_dict().values()))
+
+
 @pytest.mark.parametrize("encoding", ["doubled_angle", "paper"])
 def test_the_dihedral_mean_turns_with_the_image(encoding):
     """Rotating or reflecting the image rotates or reflects the averaged flow maps: v1 and v2 move
