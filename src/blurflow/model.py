@@ -86,6 +86,7 @@ def decode(output: torch.Tensor, encoding: str) -> torch.Tensor:
 
 EDGE_SIMILARITY = 0.2  # edge-preserving smoothing: scale of output differences (raw units) that still average
 EDGE_ITERATIONS = 3  # and its passes
+_EPS = 1e-4  # weight of a pixel's own value in both smoothings: where no valid pixel is within reach, it keeps its value
 
 
 def smoothing_reach(sigma_px: float, edges: bool = False) -> int:
@@ -115,7 +116,7 @@ def smooth_outputs(output: torch.Tensor, sigma_px: float, edges: bool = False) -
     returns the input."""
     if sigma_px <= 0:
         return output
-    w, eps = torch.sigmoid(output[:, 4:5]), 1e-4
+    w = torch.sigmoid(output[:, 4:5])
     values = output[:, :4]
     if edges:
         return torch.cat([_edge_preserving(values, w, sigma_px), output[:, 4:5]], dim=1)
@@ -129,7 +130,7 @@ def smooth_outputs(output: torch.Tensor, sigma_px: float, edges: bool = False) -
         x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
         return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
-    return torch.cat([(blur(values * w) + eps * values) / (blur(w) + eps), output[:, 4:5]], dim=1)
+    return torch.cat([(blur(values * w) + _EPS * values) / (blur(w) + _EPS), output[:, 4:5]], dim=1)
 
 
 def _edge_preserving(values: torch.Tensor, w: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -137,11 +138,10 @@ def _edge_preserving(values: torch.Tensor, w: torch.Tensor, sigma_px: float) -> 
     the spatial Gaussian sampled on a grid of offsets (:func:`_edge_offsets`)."""
     r, stride = _edge_offsets(sigma_px)
     h, wd = values.shape[-2:]
-    eps = 1e-4
     pw = F.pad(w, (r, r, r, r), mode="replicate")
     for _ in range(EDGE_ITERATIONS):
         pv = F.pad(values, (r, r, r, r), mode="replicate")
-        num, den = eps * values, torch.full_like(w, eps)
+        num, den = _EPS * values, torch.full_like(w, _EPS)
         for dy in range(-r, r + 1, stride):
             for dx in range(-r, r + 1, stride):  # in place: a band's temporaries stay few (memory of large images)
                 v = pv[..., r + dy : r + dy + h, r + dx : r + dx + wd]
