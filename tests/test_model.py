@@ -10,7 +10,7 @@ import torchvision
 from blurflow import data, sources, synthesis, train
 from blurflow.config import Setup
 from blurflow.evaluate import FlowMetrics
-from blurflow.model import FlowNet, decode, encode, loss_fn, normalise
+from blurflow.model import FlowNet, decode, deepen, encode, loss_fn, normalise
 from blurflow.modelfile import load_model, save_model
 from blurflow.optics import MotionScales, Optics, canonical_sign
 
@@ -300,7 +300,8 @@ def test_training_starts_from_a_model_file_of_the_same_architecture(tiny_shards,
         (tmp_path / name).mkdir()
     run(tmp_path / "start", tiny_shards, epochs=8)
     start = tmp_path / "start/model.pt"
-    first, _, before = train._build(train.TrainConfig(init_model=str(start)), torch.device("cpu"))
+    batches = data.ShardData([tiny_shards[0]], [tiny_shards[1]], 8, 0)
+    first, _, before = train._build(train.TrainConfig(init_model=str(start)), torch.device("cpu"), batches)
     assert before == 8 * 16
     trained, _ = load_model(start)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), trained.state_dict().values()))
@@ -314,9 +315,17 @@ def test_training_starts_from_a_model_file_of_the_same_architecture(tiny_shards,
     assert meta["samples_trained_total"] == 9 * 16  # the starting model's images count too
 
     with pytest.raises(ValueError, match=r"train.init_model: .* has another architecture than the config: encoding 'doubled_angle' \(config: 'paper'\)"):
-        train._build(train.TrainConfig(init_model=str(start), encoding="paper"), torch.device("cpu"))
+        train._build(train.TrainConfig(init_model=str(start), encoding="paper"), torch.device("cpu"), batches)
     with pytest.raises(ValueError, match="not found"):
-        train._build(train.TrainConfig(init_model=str(tmp_path / "none.pt")), torch.device("cpu"))
+        train._build(train.TrainConfig(init_model=str(tmp_path / "none.pt")), torch.device("cpu"), batches)
+
+    # one encoder stage deeper: the file's network grown (model.deepen), computing what it computed
+    deeper, _, _ = train._build(train.TrainConfig(init_model=str(start), encoder_depth=4, decoder_channels=(128, 64, 32, 16)), torch.device("cpu"), batches)
+    counts = next(iter(batches.validation()))["image"].float()
+    with torch.no_grad():
+        assert deeper.depth == 4 and torch.allclose(deeper.eval()(counts), trained.eval()(counts), atol=1e-4)
+    with pytest.raises(ValueError, match=r"another architecture .* \(a model one stage shallower is deepened: encoder_depth 4, decoder_channels \[128, 64, 32, 16\]\)"):
+        train._build(train.TrainConfig(init_model=str(start), encoder_depth=4, decoder_channels=(64, 64, 32, 16)), torch.device("cpu"), batches)
     with pytest.raises(ValueError, match="pretrained_weights and train.init_model both set"):
         train.TrainConfig.from_config({"init_model": str(start), "pretrained_weights": "w.pth"})
 
@@ -511,3 +520,23 @@ def test_the_model_stores_only_the_stages_it_runs_and_old_files_still_load(tmp_p
     torch.save({**blob, "state_dict": damaged}, tmp_path / "damaged.pt")
     with pytest.raises(ValueError, match="damaged blurflow model file"):
         load_model(tmp_path / "damaged.pt")
+
+
+def test_a_deepened_network_computes_what_it_grew_from_and_its_new_stage_learns():
+    torch.manual_seed(1)
+    start = FlowNet("resnet18", depth=3, decoder_channels=(64, 32, 16), unshuffle=2)
+    counts = torch.rand(6, 1, 64, 64) * 500
+    with torch.no_grad():
+        start.train()(counts)  # batch-norm statistics of its own, away from the defaults
+        grown = deepen(start, 128, counts)
+        assert grown.depth == 4 and grown.decoder_channels == [128, 64, 32, 16]
+        other = torch.rand(6, 1, 64, 64) * 2000
+        assert (start.eval()(other) - grown.eval()(other)).abs().max() < 1e-4  # eval mode, any input
+        assert (start.train()(counts) - grown.train()(counts)).abs().max() < 1e-4  # training mode, on the batch it was grown with
+        start.eval()
+        assert start.training is False and any(k.startswith("unet.encoder.layer3") for k in grown.state_dict())
+    loss = grown.train()(counts).square().mean()
+    loss.backward()
+    assert grown.unet.decoder.blocks[0].conv1[0].weight.grad[:, :256].abs().sum() > 0  # the new stage's path is not cut off
+    with pytest.raises(ValueError, match="needs 128 channels, got 64"):
+        deepen(start, 64, counts)

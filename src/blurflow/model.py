@@ -15,7 +15,9 @@ the photon level or the camera offset.
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -260,16 +262,21 @@ class FlowNet(torch.nn.Module):
         unused = tuple(f"unet.encoder.{stage}." for stage in self.unused_stages())
         self.load_state_dict({k: v for k, v in state.items() if not k.startswith(unused) or not unused})
 
-    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+    def unet_input(self, counts: torch.Tensor) -> torch.Tensor:
+        """The U-Net's input: normalised counts, padded to a multiple of ``unshuffle * 2**depth`` and unshuffled."""
         h, w = counts.shape[-2:]
         multiple = self.unshuffle * 2**self.depth
         ph, pw = -h % multiple, -w % multiple
         x = normalise(counts)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        return x if self.unshuffle == 1 else F.pixel_unshuffle(x, self.unshuffle)
+
+    def forward(self, counts: torch.Tensor) -> torch.Tensor:
+        h, w = counts.shape[-2:]
+        out = self.unet(self.unet_input(counts))
         if self.unshuffle == 1:
-            return self.unet(x)[..., :h, :w]
-        out = self.unet(F.pixel_unshuffle(x, self.unshuffle))
+            return out[..., :h, :w]
         return F.interpolate(out, scale_factor=self.unshuffle, mode="bilinear", align_corners=False)[..., :h, :w]
 
     def predict(self, counts: torch.Tensor) -> torch.Tensor:
@@ -300,3 +307,32 @@ class FlowNet(torch.nn.Module):
                 f"{len(missing)} missing tensors (e.g. {missing[:2]}), {len(shapes)} of other shapes (e.g. {shapes[:2]})"
             )
         self.unet.encoder.load_state_dict({k: state[k] for k in own})
+
+
+def deepen(start: FlowNet, channels: int, counts: torch.Tensor) -> FlowNet:
+    """``start`` grown by one encoder stage (random weights) and a first decoder block of
+    ``channels`` (which must be the former deepest stage's channels) that passes the former deepest
+    features through, so the grown network computes what ``start`` does: exactly in eval mode, and
+    in training mode for the batch ``counts`` (camera counts, (B, 1, H, W)) and nearly for batches
+    like it. Every other weight is ``start``'s; training then teaches the new stage."""
+    skip = start.unet.encoder.out_channels[-1]
+    if channels != skip:
+        raise ValueError(f"deepening {start.encoder_name} of depth {start.depth}: the new first decoder block needs {skip} channels, got {channels}")
+    grown = FlowNet(start.encoder_name, start.encoding, start.depth + 1, [channels, *start.decoder_channels], start.stem_stride, start.unshuffle)
+    state = grown.state_dict()
+    for key, value in start.state_dict().items():
+        block = re.fullmatch(r"unet\.decoder\.blocks\.(\d+)\.(.+)", key)
+        state[f"unet.decoder.blocks.{int(block[1]) + 1}.{block[2]}" if block else key] = value
+    with torch.no_grad():
+        features = copy.deepcopy(start).train().unet.encoder(start.unet_input(counts))[-1]  # as training sees them; start's statistics untouched
+        mean, var = features.mean((0, 2, 3)), features.var((0, 2, 3), unbiased=False)
+        deep = grown.unet.encoder.out_channels[-1]
+        for name, offset in (("conv1", deep), ("conv2", 0)):  # conv1 sees (new stage, former deepest stage), in that order
+            conv, bn = f"unet.decoder.blocks.0.{name}.0.weight", f"unet.decoder.blocks.0.{name}.1"
+            state[conv] = torch.zeros_like(state[conv])
+            state[conv][torch.arange(channels), offset + torch.arange(channels), 1, 1] = 1  # identity (features are >= 0: ReLU passes them)
+            eps = getattr(grown.unet.decoder.blocks[0], name)[1].eps
+            state[f"{bn}.running_mean"], state[f"{bn}.running_var"] = mean, var
+            state[f"{bn}.weight"], state[f"{bn}.bias"] = torch.sqrt(var + eps), mean  # batch norm undone
+    grown.load_state_dict(state)
+    return grown

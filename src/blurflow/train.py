@@ -35,6 +35,7 @@ from blurflow.model import (
     FlowNet,
     check_architecture,
     check_stem_stride,
+    deepen,
     decode,
     dihedral_outputs,
     loss_fn,
@@ -273,7 +274,7 @@ def train(
     """
     model_path, log_path, checkpoint_path = Path(model_path), Path(log_path), Path(checkpoint_path)
     device = pick_device(cfg.device)
-    model, opt, before = _build(cfg, device)
+    model, opt, before = _build(cfg, device, data)
     key = config_hash(cfg.resume_key(), meta.get("data_key"))
     rows, start, stopped = _resume(checkpoint_path, key, model, opt, device)
     log.info("training %s on %s: %d epochs of %d steps of %d images (%s data)", cfg.encoder, device, cfg.epochs, data.steps_per_epoch, cfg.batch_size, cfg.data)
@@ -292,35 +293,44 @@ def train(
     return rows
 
 
-def _build(cfg: TrainConfig, device: torch.device) -> tuple[FlowNet, torch.optim.Optimizer, int]:
-    """The network (seeded; ImageNet encoder weights or ``cfg.init_model``'s where configured) on
-    ``device``, its optimiser, and the images its starting weights were trained on."""
+def _build(cfg: TrainConfig, device: torch.device, data: TrainData) -> tuple[FlowNet, torch.optim.Optimizer, int]:
+    """The network (seeded; ImageNet encoder weights or ``cfg.init_model``'s where configured, a
+    model one stage shallower deepened with the statistics of ``data``'s first validation batch)
+    on ``device``, its optimiser, and the images its starting weights were trained on."""
     torch.manual_seed(cfg.seed)
     model = cfg.build_model()
     if cfg.pretrained_weights:
         model.load_encoder_weights(cfg.pretrained_weights)
     before = 0
     if cfg.init_model:
-        weights, before = init_weights(cfg)
-        model.load_state_dict(weights)
+        start, before = init_weights(cfg)
+        if start.depth < model.depth:
+            start = deepen(start, model.decoder_channels[0], next(iter(data.validation()))["image"].float().cpu())
+        model.load_state_dict(start.state_dict())
     model = model.to(device, memory_format=torch.channels_last)
     return model, torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay), before
 
 
-def init_weights(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], int]:
-    """The weights of the model file ``cfg.init_model`` and the images they were trained on (its
-    own starting model's included); refused unless its architecture is the config's."""
+def init_weights(cfg: TrainConfig) -> tuple[FlowNet, int]:
+    """The model file ``cfg.init_model`` and the images it was trained on (its own starting
+    model's included); refused unless its architecture is the config's, or the config's one
+    encoder stage shallower (``model.deepen``: the config's first decoder block must have the
+    channels of the file's deepest stage and the rest must be the file's)."""
     try:
         start, meta = load_model(cfg.init_model)
     except ValueError as exc:
         raise ValueError(f"train.init_model: {exc}") from None
     want = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k in ARCHITECTURE}
+    grown = {**meta, "encoder_depth": meta.get("encoder_depth", 0) + 1, "decoder_channels": [start.unet.encoder.out_channels[-1], *meta.get("decoder_channels", [])]}
     differ = [f"{k} {meta.get(k)!r} (config: {v!r})" for k, v in want.items() if meta.get(k) != v]
-    if differ:
-        raise ValueError(f"train.init_model: {cfg.init_model} has another architecture than the config: {', '.join(differ)}")
+    if differ and any(grown.get(k) != v for k, v in want.items()):
+        raise ValueError(
+            f"train.init_model: {cfg.init_model} has another architecture than the config: {', '.join(differ)} "
+            f"(a model one stage shallower is deepened: encoder_depth {grown['encoder_depth']}, decoder_channels {grown['decoder_channels']})"
+        )
     images = images_trained(meta)
-    log.info("starting from the weights of %s (%d images trained)", cfg.init_model, images)
-    return start.state_dict(), images
+    log.info("starting from the weights of %s (%d images trained%s)", cfg.init_model, images, ", deepened by one stage" if differ else "")
+    return start, images
 
 
 def _run_epoch(
