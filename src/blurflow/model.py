@@ -262,6 +262,11 @@ class FlowNet(torch.nn.Module):
         unused = tuple(f"unet.encoder.{stage}." for stage in self.unused_stages())
         self.load_state_dict({k: v for k, v in state.items() if not k.startswith(unused) or not unused})
 
+    def deeper_architecture(self) -> tuple[int, list[int]]:
+        """Depth and decoder channels of this network deepened by one stage (:func:`deepen`): the new
+        first decoder block has the channels of the present deepest stage."""
+        return self.depth + 1, [self.unet.encoder.out_channels[-1], *self.decoder_channels]
+
     def unet_input(self, counts: torch.Tensor) -> torch.Tensor:
         """The U-Net's input: normalised counts, padded to a multiple of ``unshuffle * 2**depth`` and unshuffled."""
         h, w = counts.shape[-2:]
@@ -315,10 +320,10 @@ def deepen(start: FlowNet, channels: int, counts: torch.Tensor) -> FlowNet:
     features through, so the grown network computes what ``start`` does: exactly in eval mode, and
     in training mode for the batch ``counts`` (camera counts, (B, 1, H, W)) and nearly for batches
     like it. Every other weight is ``start``'s; training then teaches the new stage."""
-    skip = start.unet.encoder.out_channels[-1]
-    if channels != skip:
-        raise ValueError(f"deepening {start.encoder_name} of depth {start.depth}: the new first decoder block needs {skip} channels, got {channels}")
-    grown = FlowNet(start.encoder_name, start.encoding, start.depth + 1, [channels, *start.decoder_channels], start.stem_stride, start.unshuffle)
+    depth, decoder = start.deeper_architecture()
+    if channels != decoder[0]:
+        raise ValueError(f"deepening {start.encoder_name} of depth {start.depth}: the new first decoder block needs {decoder[0]} channels, got {channels}")
+    grown = FlowNet(start.encoder_name, start.encoding, depth, decoder, start.stem_stride, start.unshuffle)
     state = grown.state_dict()
     for key, value in start.state_dict().items():
         block = re.fullmatch(r"unet\.decoder\.blocks\.(\d+)\.(.+)", key)

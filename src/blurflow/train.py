@@ -321,7 +321,8 @@ def init_weights(cfg: TrainConfig) -> tuple[FlowNet, int]:
     except ValueError as exc:
         raise ValueError(f"train.init_model: {exc}") from None
     want = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items() if k in ARCHITECTURE}
-    grown = {**meta, "encoder_depth": meta.get("encoder_depth", 0) + 1, "decoder_channels": [start.unet.encoder.out_channels[-1], *meta.get("decoder_channels", [])]}
+    depth, decoder = start.deeper_architecture()
+    grown = {**meta, "encoder_depth": depth, "decoder_channels": decoder}
     differ = [f"{k} {meta.get(k)!r} (config: {v!r})" for k, v in want.items() if meta.get(k) != v]
     if differ and any(grown.get(k) != v for k, v in want.items()):
         raise ValueError(
