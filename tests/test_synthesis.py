@@ -82,7 +82,7 @@ def test_blur_matches_direct_convolution_per_region():
     canvas = rng.random((1, 40, 40)).astype(np.float32)
     regions = synthesis.region_map(40, 2, rng)[None].astype(np.int64)
     kernels = torch.from_numpy(rng.random((1, 2, 8, 8)).astype(np.float32))
-    out = synthesis.blur(torch.from_numpy(canvas), torch.from_numpy(regions), kernels)[0].numpy()
+    out = synthesis.blur(torch.from_numpy(canvas), torch.from_numpy(regions), kernels[0], torch.tensor([2]))[0].numpy()
     expected = np.zeros((40, 40))
     for n in range(2):  # out(y, x) = sum_ij k_n[i, j] * (m_n o)(y - (i - 4), x - (j - 4)), periodic
         masked = canvas[0] * (regions[0] == n)
@@ -98,8 +98,23 @@ def test_blur_conserves_total_flux():
     regions = torch.from_numpy(np.stack([synthesis.region_map(48, 3, rng) for _ in range(2)]).astype(np.int64))
     kernels = torch.from_numpy(rng.random((2, 3, 16, 16)).astype(np.float32))
     kernels /= kernels.sum((-2, -1), keepdim=True)
-    out = synthesis.blur(canvas, regions, kernels)
+    out = synthesis.blur(canvas, regions, kernels.reshape(6, 16, 16), torch.tensor([3, 3]))
     assert torch.allclose(out.double().sum((1, 2)), canvas.double().sum((1, 2)), rtol=1e-5)
+
+
+def test_an_image_blurs_the_same_alone_and_beside_images_of_more_regions():
+    """Images of 1, 4 and 2 regions in one batch: each as it is alone (its regions' PSFs only)."""
+    rng = np.random.default_rng(2)
+    counts = [1, 4, 2]
+    canvas = torch.from_numpy(rng.random((3, 48, 48)).astype(np.float32))
+    regions = torch.from_numpy(np.stack([synthesis.region_map(48, n, rng) for n in counts]).astype(np.int64))
+    kernels = torch.from_numpy(rng.random((7, 16, 16)).astype(np.float32))
+    out = synthesis.blur(canvas, regions, kernels, torch.tensor(counts))
+    first = 0
+    for i, n in enumerate(counts):
+        alone = synthesis.blur(canvas[i : i + 1], regions[i : i + 1], kernels[first : first + n], torch.tensor([n]))
+        assert torch.allclose(out[i], alone[0], rtol=0, atol=1e-5 * float(alone.abs().max()))
+        first += n
 
 
 def test_one_region_keeps_a_flat_source_flat(tmp_path):
@@ -164,11 +179,60 @@ def test_region_map_labels():
         ({"quantum_efficiency": [0.5, 1.5]}, "quantum_efficiency"),
         ({"source_zoom": [0.5, 2]}, "source_zoom must be >= 1"),
         ({"source_zoom": [3, 2]}, "synthesis.source_zoom"),
+        ({"smooth_flow": 1.5}, "synthesis.smooth_flow must be a share"),
+        ({"smooth_flow_bands": 1}, "synthesis.smooth_flow_bands"),
     ],
 )
 def test_bad_synthesis_config_is_rejected(cfg, match):
     with pytest.raises(ValueError, match=match):
         synthesis.SynthesisConfig.from_config(cfg)
+
+
+@pytest.mark.parametrize("angle, axis, flip", [(0, 1, False), (np.pi / 2, 0, False), (np.pi, 1, True), (3 * np.pi / 2, 0, True)])
+def test_band_map_cuts_equal_bands_along_its_direction(angle, axis, flip):
+    """Bands of 64 / 8 = 8 px across the central image (the cylinder's rows at pi/2), clamped in the padding."""
+    labels = synthesis.band_map(96, 64, 8, angle)
+    assert labels.dtype == np.uint8 and labels.shape == (96, 96)
+    profile = labels.take(0, axis=1 - axis)  # along the direction's axis
+    assert (labels == (profile[:, None] if axis == 0 else profile[None, :])).all()  # constant across it
+    inner = profile[16:80][::-1] if flip else profile[16:80]
+    assert np.array_equal(inner, np.repeat(np.arange(8), 8))
+    assert (profile[:16] == profile[16]).all() and (profile[80:] == profile[79]).all()
+    if angle == np.pi / 2:
+        assert np.array_equal(labels, testsets.row_regions(96, 64, 8))
+
+
+def test_band_map_on_a_diagonal_is_constant_along_the_other_diagonal():
+    labels = synthesis.band_map(64, 64, 4, np.pi / 4)
+    assert all(len(set(np.diag(np.fliplr(labels), k))) == 1 for k in range(-63, 64, 9))
+    assert labels[0, 0] == 0 and labels[-1, -1] == 3
+
+
+def test_a_ramp_is_linear_across_its_bands_and_within_the_ranges(source_file):
+    syn = synthesis.Synthesizer(source_file, SETUP.with_synthesis(smooth_flow=1.0, smooth_flow_bands=6))
+    regions, params = syn.ramp(np.random.default_rng(1))
+    assert params.shape == (6, 4) and set(np.unique(regions)) <= set(range(6))
+    np.testing.assert_allclose(np.diff(params, 2, axis=0), 0, atol=1e-6)  # second differences vanish
+    cfg = syn.cfg
+    for j, (lo, hi) in enumerate((cfg.v_lateral, cfg.v_lateral, cfg.v3, cfg.z0)):
+        assert (params[:, j] >= lo).all() and (params[:, j] <= hi).all()
+
+
+def test_smooth_flow_shares_and_shards(source_file, tmp_path):
+    """smooth_flow 1: every sample a ramp, its labels canonical per band; 0: the draws are those of
+    a config without the keys (nothing is taken from the generator)."""
+    ramps = SETUP.with_synthesis(smooth_flow=1.0, smooth_flow_bands=5)
+    assert ramps.synthesis.max_regions == 5 and SETUP.synthesis.max_regions == 3
+    path = tmp_path / "shard-0000.h5"
+    synthesis.write_shard(path, source_file, ramps, split="train", shard=0, samples=3, progress=False)
+    with h5py.File(path) as f:
+        assert f["params"].shape == (3, 5, 4) and np.isfinite(f["params"][()]).all()
+        assert all(len(np.unique(r)) >= 4 for r in f["region"][()])
+    off = SETUP.with_synthesis(smooth_flow=0.0, smooth_flow_bands=40)
+    a = synthesis.Synthesizer(source_file, SETUP).draw(np.random.default_rng(5))
+    b = synthesis.Synthesizer(source_file, off).draw(np.random.default_rng(5))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert off.synthesis.max_regions == 3
 
 
 def test_source_zoom_magnifies_the_texture_by_its_factor(tmp_path):

@@ -141,7 +141,7 @@ class OnlineData:
         self.renderer = Synthesizer(train_sources, setup, device=device)
         self.drawer = Synthesizer(train_sources, setup)  # CPU copy for the worker processes
         self.val_renderer = Synthesizer(val_sources, setup, device=device)
-        self.seed, self.batch_size, self.workers, self.n_max = setup.seed, batch_size, workers, setup.synthesis.regions[1]
+        self.seed, self.batch_size, self.workers, self.n_max = setup.seed, batch_size, workers, setup.synthesis.max_regions
         self.steps_per_epoch = max(1, samples_per_epoch // batch_size)
         self.val_samples = val_samples
         self._val: list[dict] | None = None

@@ -52,6 +52,13 @@ class SynthesisConfig:
     validity_threshold: float = _SYN["validity_threshold"]  # local standard deviation of the sharp source (0..1 scale)
     stretch_crops: bool = _SYN["stretch_crops"]  # scale each crop to its 1st..99th percentiles (fill the camera range)
     source_zoom: tuple[float, float] = tuple(_SYN["source_zoom"])  # magnification of the source crops, log-uniform
+    smooth_flow: float = _SYN["smooth_flow"]  # share of images whose motion is a ramp across the image (Synthesizer.ramp)
+    smooth_flow_bands: int = _SYN["smooth_flow_bands"]  # bands of one motion each that make up a ramp
+
+    @property
+    def max_regions(self) -> int:
+        """The most regions an image can have (Voronoi cells or ramp bands)."""
+        return max(self.regions[1], self.smooth_flow_bands if self.smooth_flow > 0 else 0)
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> SynthesisConfig:
@@ -63,6 +70,10 @@ class SynthesisConfig:
                 raise ValueError(f"synthesis.{name} must be [low, high] with low <= high, got {[lo, hi]}")
         if not 1 <= out.regions[0] <= out.regions[1] <= 255:
             raise ValueError(f"synthesis.regions must satisfy 1 <= min <= max <= 255, got {list(out.regions)}")
+        if not 2 <= out.smooth_flow_bands <= 255:
+            raise ValueError(f"synthesis.smooth_flow_bands must satisfy 2 <= bands <= 255, got {out.smooth_flow_bands}")
+        if not 0 <= out.smooth_flow <= 1:
+            raise ValueError(f"synthesis.smooth_flow must be a share in [0, 1], got {out.smooth_flow}")
         if not (0 < out.quantum_efficiency[0] and out.quantum_efficiency[1] <= 1):
             raise ValueError(f"synthesis.quantum_efficiency must lie in (0, 1], got {list(out.quantum_efficiency)}")
         if out.source_zoom[0] < 1:
@@ -97,6 +108,18 @@ def region_map(size: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
+def band_map(canvas: int, image: int, bands: int, angle: float) -> np.ndarray:
+    """(canvas, canvas) uint8 labels 0..bands-1: equal bands across the central ``image`` pixels
+    along direction ``angle`` (radians; 0: label grows with the column, pi/2: with the row); the
+    padding takes the label of the nearest image pixel."""
+    r = np.clip(np.arange(canvas) - (canvas - image) // 2, 0, image - 1).astype(np.float64)
+    c, s = math.cos(angle), math.sin(angle)
+    t = r[None, :] * c + r[:, None] * s
+    corners = [x * c + y * s for x in (0, image - 1) for y in (0, image - 1)]
+    lo, span = min(corners), max(corners) - min(corners) + 1  # + 1: a pixel's extent, so bands are equal
+    return np.clip(np.floor((t - lo) / span * bands + 1e-9), 0, bands - 1).astype(np.uint8)
+
+
 def box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """Mean over a window x window box (reflect padding) of (B, H, W), via integral images."""
     lo, hi = window // 2, window - 1 - window // 2
@@ -114,20 +137,28 @@ def validity(sharp: torch.Tensor, window: int, threshold: float) -> torch.Tensor
     return (torch.sqrt(torch.clamp(var, min=0)) > threshold).to(torch.uint8)
 
 
-def blur(canvas: torch.Tensor, regions: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """sum_n F^-1[F(h_n) F(m_n * o)] on periodic canvases.
+def blur(canvas: torch.Tensor, regions: torch.Tensor, kernels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """sum_n F^-1[F(h_n) F(m_n * o)] on periodic canvases, one PSF and one FFT pair per region
+    that exists (an image's cost does not depend on the other images of its batch).
 
-    canvas (B, C, C) sharp sources, regions (B, C, C) int labels, kernels (B, N, k, k) centred at
-    k // 2 (N >= number of labels). Returns (B, C, C).
+    canvas (B, C, C) sharp sources, regions (B, C, C) int labels, counts (B,) regions per image,
+    kernels (P, k, k) centred at k // 2, P = counts.sum(): labels 0..counts[0]-1 of image 0, then
+    image 1's, ... Returns (B, C, C).
     """
     b, c, _ = canvas.shape
-    n, k = kernels.shape[1], kernels.shape[-1]
-    padded = torch.zeros(b, n, c, c, dtype=kernels.dtype, device=kernels.device)
-    padded[..., :k, :k] = kernels
+    p, k = kernels.shape[0], kernels.shape[-1]
+    counts = counts.to(canvas.device)
+    owner = torch.repeat_interleave(torch.arange(b, device=canvas.device), counts)  # image of each region
+    label = torch.arange(p, device=canvas.device) - (torch.cumsum(counts, 0) - counts)[owner]
+    padded = torch.zeros(p, c, c, dtype=kernels.dtype, device=kernels.device)
+    padded[:, :k, :k] = kernels
     padded = torch.roll(padded, shifts=(-(k // 2), -(k // 2)), dims=(-2, -1))
-    masks = regions[:, None] == torch.arange(n, device=regions.device)[None, :, None, None]
-    spectra = torch.fft.rfft2(masks * canvas[:, None]) * torch.fft.rfft2(padded)
-    return torch.fft.irfft2(spectra.sum(1), s=(c, c))
+    masks = regions[owner] == label[:, None, None]
+    spectra = torch.fft.rfft2(masks * canvas[owner]) * torch.fft.rfft2(padded)
+    slots = torch.full((b, int(counts.max())), p, device=canvas.device)  # index p: a zero spectrum
+    slots[owner, label] = torch.arange(p, device=canvas.device)
+    spectra = torch.cat([spectra, spectra.new_zeros(1, *spectra.shape[1:])])
+    return torch.fft.irfft2(spectra[slots].sum(1), s=(c, c))  # summed in label order: deterministic
 
 
 class Synthesizer:
@@ -197,12 +228,27 @@ class Synthesizer:
             "noise_seed": int(rng.integers(2**63 - 1)),
         }
 
+    def ramp(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Canvas labels and raw motions (bands, 4) of a smooth flow: ``smooth_flow_bands`` bands
+        along a random direction (:func:`band_map`), the motion going linearly from one random
+        motion at the first band to another at the last."""
+        bands = self.cfg.smooth_flow_bands
+        regions = band_map(self.canvas_px, self.cfg.image_px, bands, rng.uniform(0, 2 * math.pi))
+        ends = self.motions(2, rng)
+        weight = np.linspace(0, 1, bands, dtype=np.float32)[:, None]
+        return regions, ends[0] + (ends[1] - ends[0]) * weight
+
     def draw(self, rng: np.random.Generator) -> dict:
-        """Random choices of one training sample (source crop, regions, raw motion, camera)."""
+        """Random choices of one training sample (source crop, regions, raw motion, camera); a
+        share ``smooth_flow`` of the samples are ramps (:meth:`ramp`), drawn only when it is > 0."""
         sharp = self.crop(rng)
-        n = int(rng.integers(self.cfg.regions[0], self.cfg.regions[1] + 1))
-        regions = region_map(self.canvas_px, n, rng)
-        return {"sharp": sharp, "regions": regions, "params": self.motions(n, rng), **self.camera_draws(rng)}
+        if self.cfg.smooth_flow > 0 and rng.random() < self.cfg.smooth_flow:
+            regions, params = self.ramp(rng)
+        else:
+            n = int(rng.integers(self.cfg.regions[0], self.cfg.regions[1] + 1))
+            regions = region_map(self.canvas_px, n, rng)
+            params = self.motions(n, rng)
+        return {"sharp": sharp, "regions": regions, "params": params, **self.camera_draws(rng)}
 
     def render(self, draws: Sequence[dict]) -> torch.Tensor:
         """Noise-free blurred images (B, H, W), float32 on ``device``, in source intensity units."""
@@ -210,13 +256,10 @@ class Synthesizer:
         lo = (c - h) // 2
         sharp = np.stack([d["sharp"] for d in draws])
         canvas = np.pad(sharp, ((0, 0), (lo, c - h - lo), (lo, c - h - lo)), mode="reflect")
-        n_max = max(len(d["params"]) for d in draws)
-        params = torch.zeros(len(draws), n_max, 4)
-        for i, d in enumerate(draws):
-            params[i, : len(d["params"])] = torch.from_numpy(d["params"])
-        kernels = self.psf(params.reshape(-1, 4)).reshape(len(draws), n_max, self.kernel_px, self.kernel_px)
+        kernels = self.psf(torch.from_numpy(np.concatenate([d["params"] for d in draws])))
+        counts = torch.tensor([len(d["params"]) for d in draws])
         regions = torch.from_numpy(np.stack([d["regions"] for d in draws]).astype(np.int64)).to(self.device)
-        blurred = blur(torch.from_numpy(canvas).to(self.device), regions, kernels)
+        blurred = blur(torch.from_numpy(canvas).to(self.device), regions, kernels, counts)
         return blurred[:, lo : lo + h, lo : lo + h]
 
     def camera(self, blurred: torch.Tensor, draws: Sequence[dict]) -> torch.Tensor:
@@ -318,4 +361,4 @@ def write_shard(path: str | Path, sources: str | Path, setup: Setup, split: str,
         "shard": shard,
         "config_hash": config_hash(setup.optics.to_dict(), setup.scales.to_dict(), asdict(setup.synthesis), {"kernel_px": setup.kernel_px}),
     }
-    write_samples(path, syn, lambda i, rng: syn.draw(rng), keys, setup.synthesis.regions[1], attrs, progress=progress, desc=f"{split} shard {shard}")
+    write_samples(path, syn, lambda i, rng: syn.draw(rng), keys, setup.synthesis.max_regions, attrs, progress=progress, desc=f"{split} shard {shard}")
