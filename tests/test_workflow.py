@@ -291,6 +291,27 @@ def test_the_gpu_command_trains_for_its_minutes_and_scores_into_one_folder(tmp_p
     assert json.loads((tmp_path / "two_zone.json").read_text())["pixels"] > 0
 
 
+def test_the_gpu_training_driver_trains_without_snakemake_and_refuses_bad_configs(tmp_path):
+    """tools/gpu_train.py on the CPU with a tiny budget: sources built in the folder, the model and
+    its log beside them; a bad config or shard data stop it before anything is written."""
+    online = tmp_path / "online.yaml"
+    online.write_text("train:\n  data: online\n")
+    command = [sys.executable, str(ROOT / "tools/gpu_train.py"), "0.05"]
+    run = subprocess.run([*command, str(tmp_path / "out"), str(ROOT / "tests/config/tiny.yaml"), str(online)], capture_output=True, text=True, check=False, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"sources", "model.pt", "training_log.csv", "checkpoint.pt"}
+    _, meta = load_model(tmp_path / "out/model.pt")
+    assert meta["train"]["max_minutes"] == 0.05 and meta["image_px"] == 64
+    assert len(pd.read_csv(tmp_path / "out/training_log.csv")) >= 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n")
+    for extra, message in ((bad, "gpu_train: bad config: config key train.lr"), (None, "gpu_train: needs train.data: online")):
+        configs = [str(ROOT / "tests/config/tiny.yaml"), str(online), str(extra)] if extra else [str(ROOT / "tests/config/tiny.yaml")]
+        run = subprocess.run([*command, str(tmp_path / "bad"), *configs], capture_output=True, text=True, check=False, timeout=300)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+        assert not (tmp_path / "bad").exists()
+
+
 def slurm_missing() -> str:
     """Why the tiny pipeline cannot go through profiles/slurm here ('' where it can)."""
     if shutil.which("sbatch") is None:

@@ -24,8 +24,8 @@ from typing import Protocol
 import pooch
 import torch
 
-from blurflow import logs
-from blurflow.config import config_hash, dataclass_values, defaults, pick_device
+from blurflow import data, logs
+from blurflow.config import RUNTIME_KEYS, config_hash, dataclass_values, defaults, pick_device
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
 from blurflow.model import (
@@ -291,6 +291,27 @@ def train(
         _write_log(rows, log_path)
         _save_final(model, rows, scores, cfg, stopped, model_path, meta, before)
     return rows
+
+
+def run_config(
+    depends: Mapping, runtime: Mapping, train_files: Sequence[str | Path], val_files: Sequence[str | Path],
+    model_path: str | Path, log_path: str | Path, checkpoint_path: str | Path,
+) -> list[dict]:
+    """Train as the workflow's rule ``train`` does: ``depends`` is what the model depends on
+    (blurflow.config.for_training), ``runtime`` the speed-only ``train`` keys (RUNTIME_KEYS),
+    ``train_files``/``val_files`` the shard files or the sources file of each split. Returns the log rows."""
+    c = {**depends, "train": {**depends["train"], **{k: runtime[k] for k in RUNTIME_KEYS}}}
+    cfg = TrainConfig.from_config(c["train"], seed=c["seed"])
+    device = pick_device(cfg.device)
+    meta = {
+        "optics": c["optics"],
+        "scales": {k: c["motion"][k] for k in ("lateral_scale_px", "axial_scale_um")},
+        "image_px": c["synthesis"]["image_px"],
+        "config_hash": config_hash(depends),
+        "data_key": config_hash(c["optics"], c["motion"], c["synthesis"], c["sources"], c["seed"]),
+    }
+    batches = data.from_config(c, train_files, val_files, device)
+    return train(batches, model_path, log_path, checkpoint_path, cfg, meta)
 
 
 def _build(cfg: TrainConfig, device: torch.device, data: TrainData) -> tuple[FlowNet, torch.optim.Optimizer, int]:
