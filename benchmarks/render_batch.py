@@ -39,11 +39,12 @@ def slot_blur(canvas: torch.Tensor, regions: torch.Tensor, kernels: torch.Tensor
     return torch.fft.irfft2((torch.fft.rfft2(masks * canvas[:, None]) * torch.fft.rfft2(padded)).sum(1), s=(c, c))
 
 
-def timed(fn, repeats: int) -> dict:
+def timed(fn, inputs: list) -> dict:
+    """Min and median seconds of ``fn(x)`` over the inputs."""
     times = []
-    for i in range(repeats):
+    for x in inputs:
         t0 = time.perf_counter()
-        fn(i)
+        fn(x)
         times.append(time.perf_counter() - t0)
     return {"min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4)}
 
@@ -64,7 +65,7 @@ def main() -> None:
         draws = [online.drawer.draw(synthesis.sample_rng(k)) for k in keys]
         batches = [draws[i * args.batch : (i + 1) * args.batch] for i in range(args.repeats)]
         online.render(batches[0])  # PSF tables built before the clock starts
-        row = {"smooth_flow": share, "bands": bands, "batch": args.batch, "render": timed(lambda i: online.render(batches[i]), args.repeats)}
+        row = {"smooth_flow": share, "bands": bands, "batch": args.batch, "render": timed(online.render, batches)}
         syn = online.renderer
         blur_inputs = []
         for batch in batches:
@@ -75,8 +76,8 @@ def main() -> None:
             canvas = torch.from_numpy(np.stack([np.pad(d["sharp"], (syn.canvas_px - syn.cfg.image_px) // 2, mode="reflect") for d in batch]))
             regions = torch.from_numpy(np.stack([d["regions"] for d in batch]).astype(np.int64))
             blur_inputs.append((canvas, regions, kernels, torch.tensor(counts), slots))
-        row["blur_per_region"] = timed(lambda i: synthesis.blur(*blur_inputs[i][:4]), args.repeats)
-        row["blur_per_slot"] = timed(lambda i: slot_blur(blur_inputs[i][0], blur_inputs[i][1], blur_inputs[i][4]), args.repeats)
+        row["blur_per_region"] = timed(lambda x: synthesis.blur(*x[:4]), blur_inputs)
+        row["blur_per_slot"] = timed(lambda x: slot_blur(x[0], x[1], x[4]), blur_inputs)
         row["slot_over_region_median"] = round(row["blur_per_slot"]["median_s"] / row["blur_per_region"]["median_s"], 2)
         print(json.dumps(row))
 
