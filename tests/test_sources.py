@@ -54,16 +54,20 @@ def test_a_list_of_kinds_mixes_their_images():
     assert names(sources.images_for("val", textures, 0, "unused")) == ["texture:1:0"]
 
 
-def test_write_sources_tiles_and_attributes(tmp_path):
+def test_write_split_tiles_and_records_its_config(tmp_path):
     path = tmp_path / "train.h5"
-    n = sources.write_sources(sources.images_for("train", CFG, 0, "unused"), path, 128, "skimage")
+    n = sources.write_split("train", CFG, 0, "unused", path)
     with h5py.File(path) as f:
         images, src = f["images"][()], f["source"][()]
-        assert images.dtype == np.uint16 and images.shape == (n, 128, 128)
-        assert f.attrs["tile_px"] == 128 and f.attrs["kind"] == "skimage"
+        assert images.dtype == np.uint16 and images.shape == (n, CFG["tile_px"], CFG["tile_px"])
+        assert f.attrs["tile_px"] == CFG["tile_px"] and f.attrs["kind"] == "skimage"
         assert len(f.attrs["names"]) == src.max() + 1
     assert images.max() == 65535 and images.min() == 0
     assert not list(tmp_path.glob(".*tmp*"))
+    assert sources.recorded_config(path) == sources.split_config(CFG, 0) != sources.split_config(CFG, 1)
+    assert sources.split_config(CFG, 0) != sources.split_config({**CFG, "tile_px": CFG["tile_px"] // 2}, 0)
+    sources.write_sources(sources.images_for("train", CFG, 0, "unused"), tmp_path / "bare.h5", CFG["tile_px"], "skimage")
+    assert sources.recorded_config(tmp_path / "bare.h5") == ""
 
 
 def test_to_grey_handles_rgb_stacks_and_rejects_nan():

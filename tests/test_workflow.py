@@ -293,7 +293,8 @@ def test_the_gpu_command_trains_for_its_minutes_and_scores_into_one_folder(tmp_p
 
 def test_the_gpu_training_driver_trains_without_snakemake_and_refuses_bad_configs(tmp_path):
     """tools/gpu_train.py on the CPU with a tiny budget: sources built in the folder, the model and
-    its log beside them; a bad config or shard data stop it before anything is written."""
+    its log beside them; sources of another seed in the folder, a bad config or shard data stop it
+    before anything is written."""
     online = tmp_path / "online.yaml"
     online.write_text("train:\n  data: online\n")
     command = [sys.executable, str(ROOT / "tools/gpu_train.py"), "0.05"]
@@ -303,6 +304,12 @@ def test_the_gpu_training_driver_trains_without_snakemake_and_refuses_bad_config
     _, meta = load_model(tmp_path / "out/model.pt")
     assert meta["train"]["max_minutes"] == 0.05 and meta["image_px"] == 64
     assert len(pd.read_csv(tmp_path / "out/training_log.csv")) >= 1
+    reseeded = tmp_path / "seed.yaml"
+    reseeded.write_text("seed: 7\n")
+    before = (tmp_path / "out/model.pt").stat().st_mtime_ns
+    run = subprocess.run([*command, str(tmp_path / "out"), str(ROOT / "tests/config/tiny.yaml"), str(online), str(reseeded)], capture_output=True, text=True, check=False, timeout=300)
+    assert run.returncode != 0 and "was built from another sources config or seed" in run.stderr, run.stderr[-2000:]
+    assert (tmp_path / "out/model.pt").stat().st_mtime_ns == before
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: -1\n")
     for extra, message in ((bad, "gpu_train: bad config: config key train.lr"), (None, "gpu_train: needs train.data: online")):

@@ -1,6 +1,6 @@
 """Train from config files for a set number of minutes, without Snakemake (for a lent GPU machine
 that has PyTorch but not the workflow's tools): sources are built in OUTDIR/sources unless
-they are there already (they must come from the same config), then the model, its learning curve
+they are there already (from the same sources config and seed: checked), then the model, its learning curve
 and its checkpoint are written to OUTDIR (model.pt, training_log.csv, checkpoint.pt: a second call
 resumes). The config is config.yaml, the given files over it, and train.max_minutes = MINUTES;
 train.data must be online.
@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     split_files = {}
     for split in ("train", "val"):
         path = split_files[split] = args.outdir / "sources" / f"{split}.h5"
+        cfg = blurflow_config.for_sources(config, split)
         if not path.exists():
-            cfg = blurflow_config.for_sources(config, split)
-            images = sources.images_for(split, cfg, config["seed"], ROOT / "resources")
-            sources.write_sources(images, path, cfg["tile_px"], "+".join(sources.split_kinds(split, cfg)))
+            sources.write_split(split, cfg, config["seed"], ROOT / "resources", path)
+        elif sources.recorded_config(path) != sources.split_config(cfg, config["seed"]):
+            sys.exit(f"gpu_train: {path} was built from another sources config or seed: remove it or choose another OUTDIR")
     out = args.outdir
     rows = train.run_config(
         blurflow_config.for_training(config), config["train"], [split_files["train"]], [split_files["val"]],

@@ -9,6 +9,7 @@ Every source is turned into greyscale tiles of ``tile_px`` x ``tile_px`` pixels 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import tarfile
@@ -225,8 +226,9 @@ def fetch_places365(archive: str, resources: str | Path, base_url: str = PLACES3
     return folder
 
 
-def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, tile_px: int, kind: str) -> int:
+def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, tile_px: int, kind: str, config: str = "") -> int:
     """Tile the images and write them atomically to ``path`` (HDF5); returns the tile count.
+    ``config`` (the text of the config that chose the images, if any) is kept as an attribute.
 
     Images that cannot be read as greyscale or are smaller than a tile are skipped with a warning;
     no usable tile at all is a ``ValueError``.
@@ -253,9 +255,27 @@ def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, ti
             count += len(pieces)
         if count == 0:
             raise ValueError(f"no usable source image for {path} (kind {kind!r}, tiles of {tile_px} px)")
-        f.attrs.update(names=names, kind=kind, tile_px=tile_px, blurflow_version=__version__)
+        f.attrs.update(names=names, kind=kind, tile_px=tile_px, config=config, blurflow_version=__version__)
     log.info("wrote %d tiles from %d images to %s", count, len(names), path)
     return count
+
+
+def split_config(cfg: dict, seed: int) -> str:
+    """The text that fixes a split's source images: the ``sources`` section and the seed (JSON)."""
+    return json.dumps({"sources": cfg, "seed": seed}, sort_keys=True)
+
+
+def write_split(split: str, cfg: dict, seed: int, resources: str | Path, path: str | Path) -> int:
+    """Write the source tiles of a split (``images_for``) to ``path``, with the config that chose
+    them (``split_config``, attribute ``config``); returns the tile count."""
+    kind = "+".join(split_kinds(split, cfg))
+    return write_sources(images_for(split, cfg, seed, resources), path, cfg["tile_px"], kind, split_config(cfg, seed))
+
+
+def recorded_config(path: str | Path) -> str:
+    """The ``config`` attribute of a sources file ('' when it was written without one)."""
+    with h5py.File(path, "r") as f:
+        return str(f.attrs.get("config", ""))
 
 
 def images_for(split: str, cfg: dict, seed: int, resources: str | Path) -> Iterator[tuple[str, np.ndarray]]:
