@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image
 
 from blurflow import sources
+from blurflow.config import config_hash
 
 CFG = {
     "kind": "skimage",
@@ -64,10 +65,10 @@ def test_write_split_tiles_and_records_its_config(tmp_path):
         assert len(f.attrs["names"]) == src.max() + 1
     assert images.max() == 65535 and images.min() == 0
     assert not list(tmp_path.glob(".*tmp*"))
-    assert sources.recorded_config(path) == sources.split_config(CFG, 0) != sources.split_config(CFG, 1)
-    assert sources.split_config(CFG, 0) != sources.split_config({**CFG, "tile_px": CFG["tile_px"] // 2}, 0)
+    assert sources.recorded_hash(path) == config_hash(CFG, 0) != config_hash(CFG, 1)
+    assert config_hash(CFG, 0) != config_hash({**CFG, "tile_px": CFG["tile_px"] // 2}, 0)
     sources.write_sources(sources.images_for("train", CFG, 0, "unused"), tmp_path / "bare.h5", CFG["tile_px"], "skimage")
-    assert sources.recorded_config(tmp_path / "bare.h5") == ""
+    assert sources.recorded_hash(tmp_path / "bare.h5") == ""
 
 
 def test_to_grey_handles_rgb_stacks_and_rejects_nan():

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = blurflow_config.for_sources(config, split)
         if not path.exists():
             sources.write_split(split, cfg, config["seed"], ROOT / "resources", path)
-        elif sources.recorded_config(path) != sources.split_config(cfg, config["seed"]):
+        elif sources.recorded_hash(path) != blurflow_config.config_hash(cfg, config["seed"]):
             sys.exit(f"gpu_train: {path} was built from another sources config or seed: remove it or choose another OUTDIR")
     out = args.outdir
     rows = train.run_config(

@@ -9,7 +9,6 @@ Every source is turned into greyscale tiles of ``tile_px`` x ``tile_px`` pixels 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import tarfile
@@ -24,6 +23,7 @@ import requests
 from scipy import ndimage
 
 from blurflow import __version__, logs
+from blurflow.config import config_hash
 from blurflow.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,9 @@ def fetch_places365(archive: str, resources: str | Path, base_url: str = PLACES3
     return folder
 
 
-def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, tile_px: int, kind: str, config: str = "") -> int:
+def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, tile_px: int, kind: str, key: str = "") -> int:
     """Tile the images and write them atomically to ``path`` (HDF5); returns the tile count.
-    ``config`` (the text of the config that chose the images, if any) is kept as an attribute.
+    ``key`` (the hash of the config that chose the images, if any) is kept as attribute ``config_hash``.
 
     Images that cannot be read as greyscale or are smaller than a tile are skipped with a warning;
     no usable tile at all is a ``ValueError``.
@@ -255,27 +255,22 @@ def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, ti
             count += len(pieces)
         if count == 0:
             raise ValueError(f"no usable source image for {path} (kind {kind!r}, tiles of {tile_px} px)")
-        f.attrs.update(names=names, kind=kind, tile_px=tile_px, config=config, blurflow_version=__version__)
+        f.attrs.update(names=names, kind=kind, tile_px=tile_px, config_hash=key, blurflow_version=__version__)
     log.info("wrote %d tiles from %d images to %s", count, len(names), path)
     return count
 
 
-def split_config(cfg: dict, seed: int) -> str:
-    """The text that fixes a split's source images: the ``sources`` section and the seed (JSON)."""
-    return json.dumps({"sources": cfg, "seed": seed}, sort_keys=True)
-
-
 def write_split(split: str, cfg: dict, seed: int, resources: str | Path, path: str | Path) -> int:
-    """Write the source tiles of a split (``images_for``) to ``path``, with the config that chose
-    them (``split_config``, attribute ``config``); returns the tile count."""
+    """Write the source tiles of a split (``images_for``) to ``path``, with the hash of the config
+    that chose them (``config_hash(cfg, seed)``, as synthesis shards record theirs); returns the tile count."""
     kind = "+".join(split_kinds(split, cfg))
-    return write_sources(images_for(split, cfg, seed, resources), path, cfg["tile_px"], kind, split_config(cfg, seed))
+    return write_sources(images_for(split, cfg, seed, resources), path, cfg["tile_px"], kind, config_hash(cfg, seed))
 
 
-def recorded_config(path: str | Path) -> str:
-    """The ``config`` attribute of a sources file ('' when it was written without one)."""
+def recorded_hash(path: str | Path) -> str:
+    """The ``config_hash`` attribute of a sources file ('' when it was written without one)."""
     with h5py.File(path, "r") as f:
-        return str(f.attrs.get("config", ""))
+        return str(f.attrs.get("config_hash", ""))
 
 
 def images_for(split: str, cfg: dict, seed: int, resources: str | Path) -> Iterator[tuple[str, np.ndarray]]:
