@@ -1,4 +1,4 @@
-"""Training throughput (images/s: forward, loss, backward, RAdam step) of the U-Net.
+"""Training throughput (images/s: forward, loss, backward, RAdam step: blurflow.train.train_step) of the U-Net.
 
 Synthetic counts, so only the network is timed (data loading runs in workers and is measured by
 synthesis_speed.py). Reports the hours that the paper's ~20M sample passes (400k images x 50
@@ -21,11 +21,12 @@ import itertools
 import json
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
-from blurflow.model import PAPER_DECODER, FlowNet, loss_fn
-from blurflow.train import TrainConfig
+from blurflow.model import PAPER_DECODER, FlowNet
+from blurflow.train import TrainConfig, make_optimizer, train_step
 
 PAPER_SAMPLES = 400_000 * 50
 D4, D3 = {"depth": 4, "decoder_channels": (128, 64, 32, 16)}, {"depth": 3, "decoder_channels": (64, 32, 16)}
@@ -44,18 +45,16 @@ ARCHS = {  # FlowNet arguments
 def rates(encoder: str, arch: str, size: int, batch: int, device: torch.device, steps: int, repeats: int, amp: bool) -> list[float]:
     """Images/s of ``repeats`` timings of ``steps`` training steps each, after two warm-up steps."""
     model = FlowNet(encoder, **ARCHS[arch]).to(device, memory_format=torch.channels_last)
-    opt = torch.optim.RAdam(model.parameters(), lr=1e-3)
-    image = torch.poisson(torch.full((batch, 1, size, size), 300.0)).to(device)
-    target = torch.rand(batch, 4, size, size, device=device)
-    valid = torch.ones(batch, 1, size, size, device=device)
+    cfg = replace(LAPTOP, amp=amp, lr=1e-3)
+    opt = make_optimizer(model, cfg, device)
+    data = {
+        "image": torch.poisson(torch.full((batch, 1, size, size), 300.0)).to(device),
+        "target": torch.rand(batch, 4, size, size, device=device),
+        "valid": torch.ones(batch, 1, size, size, device=device),
+    }
 
     def step() -> None:
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            out = model(image)
-        loss = loss_fn(out.float(), target, valid, "ours", "doubled_angle")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, data, cfg, device)
 
     def timed() -> float:
         if device.type == "cuda":

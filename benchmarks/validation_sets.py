@@ -11,8 +11,13 @@ results/sources/val.h5) and the config's optics, blur scales and test-set settin
 - ``texture_slope3``, ``texture_slope4``: two-zone sets from 4 Gaussian random textures
   (blurflow.sources.texture, skew 0) of spectral slope 3 and 4, from a seed no training run uses.
 
+With ``--test-sources`` (the pipeline's results/sources/test.h5) the test sets of the config
+(``testsets``: two-zone and cylinder, as the workflow writes them) are scored too, as
+``two_zone_test`` and ``cylinder_test``: for the record of a model already chosen, never to choose.
+
     python benchmarks/validation_sets.py MODEL [MODEL ...] [--sources results/sources/val.h5]
         [--config config.yaml [PRESET ...]] [--sets results/validation_sets] [--threads 2]
+        [--test-sources results/sources/test.h5]
 
 Each model is read as its file says (smoothing, dihedral mean). Prints R² (Pearson, per component
 and mean) per model and set and writes them to ``SETS/scores.csv``.
@@ -30,7 +35,7 @@ import torch
 from scipy import ndimage
 
 from blurflow import evaluate, sources, testsets
-from blurflow.config import Setup, load
+from blurflow.config import Setup, load, pick_device
 from blurflow.files import atomic_path
 from blurflow.modelfile import load_model, readout
 
@@ -75,6 +80,18 @@ def build(sets: Path, val_sources: Path, config: dict) -> dict[str, Path]:
     return out
 
 
+def build_test(sets: Path, test_sources: Path, config: dict) -> dict[str, tuple[Path, int]]:
+    """The config's two-zone and cylinder test sets (paths, images evaluated), each written once."""
+    setup, t = Setup.from_config(config), config["testsets"]
+    cyl = t["cylinder"]
+    out = {"two_zone_test": (sets / "two_zone_test.h5", t["two_zone"]["evaluated"]), "cylinder_test": (sets / "cylinder_test.h5", cyl["count"])}
+    if not out["two_zone_test"][0].exists():
+        testsets.write_two_zone(out["two_zone_test"][0], test_sources, setup, t["image_px"], t["two_zone"]["count"], progress=False)
+    if not out["cylinder_test"][0].exists():
+        testsets.write_cylinder(out["cylinder_test"][0], test_sources, setup, t["image_px"], cyl["count"], cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", metavar="MODEL")
@@ -82,15 +99,20 @@ def main() -> None:
     parser.add_argument("--config", nargs="+", default=["config.yaml"], help="config files, later ones overlay earlier ones")
     parser.add_argument("--sets", default="results/validation_sets", help="folder of the sets (built once) and scores.csv")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--test-sources", default=None, help="test sources (HDF5 of the sources rule): score the config's test sets too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sets = build(Path(args.sets), Path(args.sources), load(args.config))
+    config = load(args.config)
+    sets = {name: (path, None) for name, path in build(Path(args.sets), Path(args.sources), config).items()}
+    if args.test_sources:
+        sets.update(build_test(Path(args.sets), Path(args.test_sources), config))
+    device = pick_device("auto")
     rows = []
     for path in args.models:
-        model, meta = load_model(path)
-        for name, testset in sets.items():
+        model, meta = load_model(path, device)
+        for name, (testset, evaluated) in sets.items():
             pred = Path(args.sets) / f"pred_{name}.h5"
-            evaluate.predict_testset(model, testset, pred, progress=False, **readout(meta))
+            evaluate.predict_testset(model, testset, pred, evaluated=evaluated, progress=False, **readout(meta))
             r2 = evaluate.evaluate_testset(testset, pred, name)["r2_pearson"]
             pred.unlink()
             rows.append({"model": path, "set": name, **{k: round(v, 3) for k, v in r2.items()}})

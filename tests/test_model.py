@@ -1,18 +1,23 @@
 """Network, output encodings, losses, metrics, training and the model file."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torchvision
+from torch.utils.flop_counter import FlopCounterMode
 
 from blurflow import data, sources, synthesis, train
-from blurflow.config import Setup
+from blurflow.config import Setup, load
 from blurflow.evaluate import FlowMetrics
 from blurflow.model import FlowNet, decode, deepen, encode, loss_fn, normalise
 from blurflow.modelfile import load_model, save_model
 from blurflow.optics import MotionScales, Optics, canonical_sign
+from blurflow.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def canonical_labels(n: int, seed: int = 0) -> torch.Tensor:
@@ -540,3 +545,21 @@ def test_a_deepened_network_computes_what_it_grew_from_and_its_new_stage_learns(
     assert grown.unet.decoder.blocks[0].conv1[0].weight.grad[:, :256].abs().sum() > 0  # the new stage's path is not cut off
     with pytest.raises(ValueError, match="needs 128 channels, got 64"):
         deepen(start, 64, counts)
+
+
+def test_the_paper_preset_builds_the_papers_network():
+    """workflow/presets/paper.yaml over config.yaml: the ResNet-34 U-Net of depth 5 on the full
+    image, the paper's encoding, Eq. 6 with gamma 1; 35.5 GFLOP per 224 px image forward and
+    backward (FlopCounterMode; the default run's 2 x 2 unshuffle would make it about a third)."""
+    config = load([ROOT / "config.yaml", ROOT / "workflow/presets/paper.yaml"])
+    cfg = TrainConfig.from_config(config["train"], seed=config["seed"])
+    assert (cfg.encoder, cfg.encoder_depth, cfg.decoder_channels, cfg.stem_stride, cfg.unshuffle) == ("resnet34", 5, (256, 128, 64, 32, 16), 2, 1)
+    assert (cfg.encoding, cfg.loss, cfg.gamma, cfg.data, cfg.epochs) == ("paper", "paper", 1.0, "shards", 50)
+    model = cfg.build_model()
+    assert model.unet.encoder.conv1.in_channels == 1 and model.unet.encoder.conv1.stride == (2, 2)
+    image = torch.rand(1, 1, 224, 224) * 100
+    with FlopCounterMode(display=False) as flops:
+        out = model(image)
+        loss_fn(out, torch.rand(1, 4, 224, 224), torch.ones(1, 1, 224, 224), cfg.loss, cfg.encoding, cfg.gamma).backward()
+    assert out.shape == (1, 5, 224, 224)
+    assert flops.get_total_flops() / 1e9 == pytest.approx(35.5, rel=0.03)

@@ -1,6 +1,7 @@
 """Physics of the 3D PSF and the 3D motion PSF against analytic and brute-force references."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -314,3 +315,28 @@ def test_measurability_report_covers_both_test_sets_and_windows():
     assert out["synthesis ranges, 64 px window"]["v3"] >= out["synthesis ranges, 32 px window"]["v3"]  # a larger window knows more
     smooth = report(Setup.from_config({}), defaults("testsets")["cylinder"], motions=6, slope=4.0)["synthesis ranges, 64 px window"]
     assert smooth["z0"] < out["synthesis ranges, 64 px window"]["z0"]  # a smoother texture says less about depth
+
+
+@pytest.mark.parametrize("max_steps", [None, 40])
+def test_kernels_equal_those_of_ec4be71(max_steps):
+    """Kernels and offset derivatives against those the motion PSF of commit ec4be71 computed
+    (tests/data/motion_psf_reference.npz), with its per-kernel step loop (None) and with a fixed
+    number of masked steps: within 1e-6 of the peak."""
+    ref = np.load(Path(__file__).parent / "data" / "motion_psf_reference.npz")
+    psf = MotionPSF(OPTICS, SCALES, size=32, max_steps=max_steps)
+    assert rel_err(psf(torch.from_numpy(ref["params"])), torch.from_numpy(ref["kernels"])) < 1e-6
+    fit = MotionPSF(OPTICS, SCALES, 32, z_range_um=(-8.0, 8.0), lateral_step_px=2.0, max_steps=max_steps)
+    grads = fit(torch.from_numpy(ref["fit_params"]), offset_px=torch.from_numpy(ref["fit_offsets"]), offset_gradient=True)
+    for i in range(3):
+        assert rel_err(grads[:, i], torch.from_numpy(ref["fit_kernels"][:, i])) < 1e-6
+
+
+def test_a_fixed_step_count_reads_nothing_back_and_refuses_longer_paths():
+    psf = MotionPSF(OPTICS, SCALES, size=32, max_steps=20)
+    params = random_params(8, seed=7)
+    with torch.profiler.profile() as prof:
+        psf(params, check=False)
+    assert "aten::_local_scalar_dense" not in {e.key for e in prof.key_averages()}
+    assert psf.steps_for(1.0, 1.0) == int(psf.n_steps(torch.tensor([[1.0, 0.0, 1.0, 0.0]]))[0]) == 16
+    with pytest.raises(ValueError, match="more than the 20"):
+        psf(torch.tensor([[1.0, 1.0, 0.5, 0.0]]))  # hypot(8, 8) px / 0.5 px: 23 steps

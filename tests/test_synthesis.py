@@ -2,13 +2,15 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from blurflow import data, sources, synthesis, testsets
+from blurflow import camera, data, sources, synthesis, testsets
+from blurflow.camera import CameraNoise
 from blurflow.config import Setup
 from blurflow.data import ShardDataset
 from blurflow.optics import MotionScales, Optics
@@ -84,78 +86,101 @@ def test_same_seed_gives_the_same_bytes(source_file, shard, tmp_path):
         assert not np.array_equal(a["image"][()], b["image"][()])
 
 
+def cells(size: int, counts: list[int], seed: int) -> torch.Tensor:
+    """(len(counts), size, size) warped Voronoi labels with counts[i] cells, from random coefficients."""
+    g = torch.Generator().manual_seed(seed)
+    b, r = len(counts), max(counts)
+    shape = (b, 2, 2 * synthesis.FIELD_RANK, synthesis.FIELD_MODES)
+    return synthesis.voronoi(torch.rand(b, r, 2, generator=g) * size, torch.tensor(counts), torch.randn(shape, generator=g), torch.rand(shape, generator=g) * 6.3, size)
+
+
 def test_blur_matches_direct_convolution_per_region():
     rng = np.random.default_rng(0)
     canvas = rng.random((1, 40, 40)).astype(np.float32)
-    regions = synthesis.region_map(40, 2, rng)[None].astype(np.int64)
+    regions = cells(40, [2], seed=0)
     kernels = torch.from_numpy(rng.random((1, 2, 8, 8)).astype(np.float32))
-    out = synthesis.blur(torch.from_numpy(canvas), torch.from_numpy(regions), kernels[0], torch.tensor([2]))[0].numpy()
+    out = synthesis.blur(torch.from_numpy(canvas), regions, kernels)[0].numpy()
     expected = np.zeros((40, 40))
     for n in range(2):  # out(y, x) = sum_ij k_n[i, j] * (m_n o)(y - (i - 4), x - (j - 4)), periodic
-        masked = canvas[0] * (regions[0] == n)
+        masked = canvas[0] * (regions[0] == n).numpy()
         for i in range(8):
             for j in range(8):
                 expected += kernels[0, n, i, j].item() * np.roll(masked, (i - 4, j - 4), axis=(0, 1))
+    assert len(np.unique(regions)) == 2
     assert np.abs(out - expected).max() < 1e-4 * expected.max()
 
 
 def test_blur_conserves_total_flux():
-    rng = np.random.default_rng(1)
-    canvas = torch.from_numpy(rng.random((2, 48, 48)).astype(np.float32))
-    regions = torch.from_numpy(np.stack([synthesis.region_map(48, 3, rng) for _ in range(2)]).astype(np.int64))
-    kernels = torch.from_numpy(rng.random((2, 3, 16, 16)).astype(np.float32))
+    canvas = torch.from_numpy(np.random.default_rng(1).random((2, 48, 48)).astype(np.float32))
+    kernels = torch.from_numpy(np.random.default_rng(2).random((2, 3, 16, 16)).astype(np.float32))
     kernels /= kernels.sum((-2, -1), keepdim=True)
-    out = synthesis.blur(canvas, regions, kernels.reshape(6, 16, 16), torch.tensor([3, 3]))
+    out = synthesis.blur(canvas, cells(48, [3, 3], seed=1), kernels)
     assert torch.allclose(out.double().sum((1, 2)), canvas.double().sum((1, 2)), rtol=1e-5)
 
 
 def test_an_image_blurs_the_same_alone_and_beside_images_of_more_regions():
-    """Images of 1, 4 and 2 regions in one batch: each as it is alone (its regions' PSFs only)."""
-    rng = np.random.default_rng(2)
+    """Images of 1, 4 and 2 regions in one batch of 4 kernel slots each (the unused ones zero):
+    each as it is alone with only its own regions' kernels."""
     counts = [1, 4, 2]
-    canvas = torch.from_numpy(rng.random((3, 48, 48)).astype(np.float32))
-    regions = torch.from_numpy(np.stack([synthesis.region_map(48, n, rng) for n in counts]).astype(np.int64))
-    kernels = torch.from_numpy(rng.random((7, 16, 16)).astype(np.float32))
-    out = synthesis.blur(canvas, regions, kernels, torch.tensor(counts))
-    first = 0
+    canvas = torch.from_numpy(np.random.default_rng(2).random((3, 48, 48)).astype(np.float32))
+    regions = cells(48, counts, seed=2)
+    kernels = torch.from_numpy(np.random.default_rng(3).random((3, 4, 16, 16)).astype(np.float32))
     for i, n in enumerate(counts):
-        alone = synthesis.blur(canvas[i : i + 1], regions[i : i + 1], kernels[first : first + n], torch.tensor([n]))
+        kernels[i, n:] = 0
+    out = synthesis.blur(canvas, regions, kernels)
+    for i, n in enumerate(counts):
+        alone = synthesis.blur(canvas[i : i + 1], regions[i : i + 1], kernels[i : i + 1, :n])
         assert torch.allclose(out[i], alone[0], rtol=0, atol=1e-5 * float(alone.abs().max()))
-        first += n
+
+
+def test_kernel_spectra_are_the_padded_centred_kernels_transform():
+    kernels = torch.from_numpy(np.random.default_rng(4).random((2, 3, 10, 10)).astype(np.float32))
+    padded = torch.zeros(2, 3, 45, 45)
+    padded[..., :10, :10] = kernels
+    expected = torch.fft.rfft2(torch.roll(padded, (-5, -5), (-2, -1)))
+    assert torch.allclose(synthesis.kernel_spectra(kernels, 45), expected, atol=1e-5)
+
+
+def test_renderer_matches_the_per_image_renderer_of_ec4be71(source_file):
+    """The batched renderer against blurred images the per-image renderer of commit ec4be71 made
+    from the same crops, region maps and motions (the whole chain but the noise): within 1e-5 of
+    the image range (float32 FFTs in another order)."""
+    ref = np.load(Path(__file__).parent / "data" / "render_reference.npz")
+    syn = synthesis.Synthesizer(source_file, SETUP)
+    draws = {k: ref[k] for k in ref.files if k not in ("sharp", "regions", "blurred")}
+    out = syn.renderer(syn.tensors(draws), torch.from_numpy(ref["sharp"]), torch.from_numpy(ref["regions"]).long())
+    assert np.abs(out["blurred"].numpy() - ref["blurred"]).max() < 1e-5
 
 
 def test_one_region_keeps_a_flat_source_flat(tmp_path):
     syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP.with_synthesis(regions=(1, 1)))
-    blurred = syn.render([syn.draw(np.random.default_rng(i)) for i in range(4)])
+    blurred = syn.renderer(syn.tensors(syn.draws.step(4, (0,))))["blurred"]
     assert torch.allclose(blurred, torch.full_like(blurred, 0.5), atol=1e-4)
 
 
-def test_poisson_statistics_match_quantum_efficiency_and_photons(tmp_path):
-    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP)
-    draw = {"photons": 400.0, "quantum_efficiency": 0.6, "background_sigma": 0.0, "noise_seed": 0}
-    counts = syn.camera(torch.full((1, 256, 256), 0.5), [draw])[0].double().numpy()
+def counts(signal: float, photons: float, qe: float, sigma: float, key: int, shape=(2, 256, 256)) -> torch.Tensor:
+    b = shape[0]
+    return CameraNoise()(torch.full(shape, signal), *(torch.full((b,), v) for v in (photons, qe, sigma)), camera.generator(key))
+
+
+def test_poisson_statistics_match_quantum_efficiency_and_photons():
+    c = counts(0.5, 400.0, 0.6, 0.0, key=0).double().numpy()
     expected = 0.6 * 400 * 0.5
-    assert counts.mean() == pytest.approx(expected, rel=0.01)
-    assert counts.var() == pytest.approx(expected, rel=0.03)  # Poisson: variance = mean
+    assert c.mean() == pytest.approx(expected, rel=0.01)
+    assert c.var() == pytest.approx(expected, rel=0.03)  # Poisson: variance = mean
 
 
-def test_background_is_half_normal(tmp_path):
-    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP)
-    draw = {"photons": 1.0, "quantum_efficiency": 1.0, "background_sigma": 20.0, "noise_seed": 1}
-    counts = syn.camera(torch.zeros(1, 256, 256), [draw])[0].double().numpy()
-    assert counts.min() >= 0
-    assert counts.mean() == pytest.approx(20 * np.sqrt(2 / np.pi), rel=0.02)
-    assert counts.var() == pytest.approx(20**2 * (1 - 2 / np.pi), rel=0.05)
+def test_background_is_half_normal():
+    c = counts(0.0, 1.0, 1.0, 20.0, key=1).double().numpy()
+    assert c.min() >= 0
+    assert c.mean() == pytest.approx(20 * np.sqrt(2 / np.pi), rel=0.02)
+    assert c.var() == pytest.approx(20**2 * (1 - 2 / np.pi), rel=0.05)
 
 
-def test_noise_depends_only_on_the_sample_seed(tmp_path):
-    syn = synthesis.Synthesizer(flat_sources(tmp_path / "flat.h5", 0.5), SETUP)
-    draw = {"photons": 100.0, "quantum_efficiency": 1.0, "background_sigma": 3.0}
-    a, b = ({**draw, "noise_seed": s} for s in (7, 8))
-    blurred = torch.full((2, 32, 32), 0.5)
-    first, again = syn.camera(blurred, [a, b]), syn.camera(blurred, [b, a])
-    assert torch.equal(first[0], again[1]) and torch.equal(first[1], again[0])  # not on the batch order
-    assert not torch.equal(first[0], first[1])
+def test_noise_depends_only_on_the_key():
+    first, again, other = counts(0.5, 100.0, 1.0, 3.0, 7), counts(0.5, 100.0, 1.0, 3.0, 7), counts(0.5, 100.0, 1.0, 3.0, 8)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first[0], first[1])  # one draw for the batch, not one seed per image
 
 
 def test_validity_is_zero_on_flat_and_one_on_texture():
@@ -169,13 +194,48 @@ def test_validity_is_zero_on_flat_and_one_on_texture():
     assert w[:, :12].sum() == 0 and w[:, 20:].all()
 
 
-def test_region_map_labels():
-    rng = np.random.default_rng(3)
-    labels = synthesis.region_map(96, 4, rng)
-    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2, 3}
-    assert len(np.unique(labels)) >= 2
-    assert np.array_equal(labels, synthesis.region_map(96, 4, np.random.default_rng(3)))
-    assert not synthesis.region_map(64, 1, rng).any()
+def test_voronoi_cells_are_the_nearest_centre_of_the_warped_grid():
+    """Against the direct computation: warp fields as sums of outer products of the cosine
+    series, squared distances to every used centre, the nearest (first on ties)."""
+    g = torch.Generator().manual_seed(5)
+    b, r, size = 3, 4, 80
+    shape = (b, 2, 2 * synthesis.FIELD_RANK, synthesis.FIELD_MODES)
+    centres, amp, phase = torch.rand(b, r, 2, generator=g) * size, torch.randn(shape, generator=g), torch.rand(shape, generator=g) * 6.3
+    count = torch.tensor([4, 3, 2])
+    t = torch.arange(size, dtype=torch.float64) * (np.pi / size)
+    m = torch.arange(1, synthesis.FIELD_MODES + 1, dtype=torch.float64)
+    series = (amp.double()[..., None] * torch.cos(m[:, None] * t + phase.double()[..., None])).sum(-2)
+    fields = sum(series[:, :, i, :, None] * series[:, :, synthesis.FIELD_RANK + i, None, :] for i in range(synthesis.FIELD_RANK)) * (size / 6)
+    y = torch.arange(size)[:, None] + fields[:, 0]
+    x = torch.arange(size)[None, :] + fields[:, 1]
+    d = (y[:, None] - centres[:, :, 0, None, None].double()) ** 2 + (x[:, None] - centres[:, :, 1, None, None].double()) ** 2
+    expected = torch.where(torch.arange(r)[None, :, None, None] < count[:, None, None, None], d, np.inf).argmin(1)
+    labels = synthesis.voronoi(centres, count, amp, phase, size)
+    assert (labels != expected).float().mean() < 1e-3  # float32 against float64: a pixel on a boundary may go either way
+    assert all(set(labels[i].unique().tolist()) == set(range(count[i])) for i in range(b))
+
+
+def test_voronoi_labels():
+    labels = cells(96, [4, 1, 2], seed=3)
+    assert labels.dtype == torch.int64 and labels.shape == (3, 96, 96)
+    assert set(labels[0].unique().tolist()) <= {0, 1, 2, 3} and len(labels[0].unique()) >= 2
+    assert not labels[1].any() and set(labels[2].unique().tolist()) <= {0, 1}
+    assert torch.equal(labels, cells(96, [4, 1, 2], seed=3))
+
+
+def test_crops_are_the_tiles_pixels_turned_and_mirrored(source_file):
+    """Without magnification a crop is the tile's pixels exactly (np.rot90, then mirrored columns)."""
+    syn = synthesis.Synthesizer(source_file, SETUP.with_synthesis(stretch_crops=False))
+    draws = syn.draws.step(16, (1, 2))
+    crops = syn.renderer.crop(syn.tensors(draws)).numpy()
+    with h5py.File(source_file) as f:
+        tiles = f["images"][()]
+    assert set(draws["rot"]) == {0, 1, 2, 3} and 0 < draws["flip"].sum() < 16
+    for i, crop in enumerate(crops):
+        y, x = draws["y0"][i], draws["x0"][i]
+        expected = np.rot90(tiles[draws["tile"][i], y : y + 64, x : x + 64], draws["rot"][i])
+        expected = expected[:, ::-1] if draws["flip"][i] else expected
+        assert np.array_equal(crop, expected.astype(np.float32) / 65535)
 
 
 @pytest.mark.parametrize(
@@ -198,8 +258,8 @@ def test_bad_synthesis_config_is_rejected(cfg, match):
 @pytest.mark.parametrize("angle, axis, flip", [(0, 1, False), (np.pi / 2, 0, False), (np.pi, 1, True), (3 * np.pi / 2, 0, True)])
 def test_band_map_cuts_equal_bands_along_its_direction(angle, axis, flip):
     """Bands of 64 / 8 = 8 px across the central image (the cylinder's rows at pi/2), clamped in the padding."""
-    labels = synthesis.band_map(96, 64, 8, angle)
-    assert labels.dtype == np.uint8 and labels.shape == (96, 96)
+    labels = synthesis.band_map(96, 64, 8, torch.tensor([angle], dtype=torch.float64))[0].numpy()
+    assert labels.shape == (96, 96)
     profile = labels.take(0, axis=1 - axis)  # along the direction's axis
     assert (labels == (profile[:, None] if axis == 0 else profile[None, :])).all()  # constant across it
     inner = profile[16:80][::-1] if flip else profile[16:80]
@@ -210,19 +270,22 @@ def test_band_map_cuts_equal_bands_along_its_direction(angle, axis, flip):
 
 
 def test_band_map_on_a_diagonal_is_constant_along_the_other_diagonal():
-    labels = synthesis.band_map(64, 64, 4, np.pi / 4)
+    labels = synthesis.band_map(64, 64, 4, torch.tensor([np.pi / 4], dtype=torch.float64))[0].numpy()
     assert all(len(set(np.diag(np.fliplr(labels), k))) == 1 for k in range(-63, 64, 9))
     assert labels[0, 0] == 0 and labels[-1, -1] == 3
 
 
 def test_a_ramp_is_linear_across_its_bands_and_within_the_ranges(source_file):
     syn = synthesis.Synthesizer(source_file, SETUP.with_synthesis(smooth_flow=1.0, smooth_flow_bands=6))
-    regions, params = syn.ramp(np.random.default_rng(1))
-    assert params.shape == (6, 4) and set(np.unique(regions)) <= set(range(6))
-    np.testing.assert_allclose(np.diff(params, 2, axis=0), 0, atol=1e-6)  # second differences vanish
+    draws = syn.draws.step(5, (1,))
+    params = draws["params"]
+    assert params.shape == (5, 6, 4) and draws["ramp"].all() and (draws["regions"] == 6).all()
+    np.testing.assert_allclose(np.diff(params, 2, axis=1), 0, atol=1e-6)  # second differences vanish
     cfg = syn.cfg
     for j, (lo, hi) in enumerate((cfg.v_lateral, cfg.v_lateral, cfg.v3, cfg.z0)):
-        assert (params[:, j] >= lo).all() and (params[:, j] <= hi).all()
+        assert (params[..., j] >= lo).all() and (params[..., j] <= hi).all()
+    regions = syn.renderer.regions(syn.tensors(draws))
+    assert all(set(r.unique().tolist()) <= set(range(6)) for r in regions)
 
 
 def test_smooth_flow_shares_and_shards(source_file, tmp_path):
@@ -236,9 +299,9 @@ def test_smooth_flow_shares_and_shards(source_file, tmp_path):
         assert f["params"].shape == (3, 5, 4) and np.isfinite(f["params"][()]).all()
     assert all(len(np.unique(r)) >= 4 for r in assert_labels_consistent_and_canonical(path))
     off = SETUP.with_synthesis(smooth_flow=0.0, smooth_flow_bands=40)
-    a = synthesis.Synthesizer(source_file, SETUP).draw(np.random.default_rng(5))
-    b = synthesis.Synthesizer(source_file, off).draw(np.random.default_rng(5))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    a = synthesis.Synthesizer(source_file, SETUP).draws.step(4, (5,))
+    b = synthesis.Synthesizer(source_file, off).draws.step(4, (5,))
+    assert all(np.array_equal(a[k], b[k], equal_nan=k == "params") for k in a)
     assert off.synthesis.max_regions == 3
 
 
@@ -252,7 +315,7 @@ def test_source_zoom_magnifies_the_texture_by_its_factor(tmp_path):
         f["source"] = np.zeros(1, np.int32)
     for zoom, cycles in ((1, 16), (2, 8)):
         syn = synthesis.Synthesizer(path, SETUP.with_synthesis(source_zoom=(zoom, zoom)))
-        crop = syn.crop(np.random.default_rng(0))
+        crop = syn.renderer.crop(syn.tensors(syn.draws.step(1, (0,))))[0].numpy()
         spectrum = np.abs(np.fft.rfft(crop - crop.mean(1, keepdims=True), axis=1)).mean(0)
         assert crop.shape == (64, 64) and int(np.argmax(spectrum)) == cycles
 
@@ -305,34 +368,29 @@ def online(source_file, seed=3, batch_size=4, **kw):
 
 def test_an_online_batch_is_the_shard_sample_of_the_same_draw(source_file, tmp_path):
     path = tmp_path / "shard-0005.h5"
-    synthesis.write_shard(path, source_file, SETUP, split="train", shard=5, samples=16, progress=False)
+    synthesis.write_shard(path, source_file, SETUP, split="train", shard=5, samples=20, progress=False)
     shard = ShardDataset([path])
-    batch = next(online(source_file, batch_size=16).steps([5]))  # rendered in the same batch as the shard writer's
+    batch = next(online(source_file, batch_size=synthesis.RENDER_BATCH).steps([5]))  # the shard writer's first batch
     assert batch["image"].shape == (16, 1, 64, 64) and batch["target"].shape == (16, 4, 64, 64)
     for i in range(16):
         for key in ("image", "target", "valid"):
             assert torch.equal(batch[key][i], shard[i][key]), (i, key)
-    # in other batches the PSF and blur FFTs round differently (~1e-7), which moves a rare Poisson draw by one count
-    small = next(online(source_file, batch_size=4).steps([5]))
-    diff = (small["image"] - torch.stack([shard[i]["image"] for i in range(4)])).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
-    assert torch.equal(small["target"], batch["target"][:4])
 
 
 def test_online_validation_is_the_validation_shard(source_file, tmp_path):
     path = tmp_path / "val.h5"
-    synthesis.write_shard(path, source_file, SETUP, split="val", shard=0, samples=6, progress=False)
+    synthesis.write_shard(path, source_file, SETUP, split="val", shard=0, samples=20, progress=False)
     shard = ShardDataset([path])
-    batches = online(source_file, val_samples=(1, 6)).validation()
-    assert [len(b["image"]) for b in batches] == [6]  # the writer's batches (16), not the training batch (4)
+    batches = online(source_file, val_samples=(1, 20)).validation()
+    assert [len(b["image"]) for b in batches] == [16, 4]  # the writer's batches (16), not the training batch (4)
     images = torch.cat([b["image"] for b in batches])
-    assert torch.equal(images, torch.stack([shard[i]["image"] for i in range(6)]))
+    assert torch.equal(images, torch.stack([shard[i]["image"] for i in range(20)]))
 
 
 def test_online_steps_are_fixed_by_the_step_not_the_run(source_file):
     data_ = online(source_file)
     epoch1 = [b["image"] for b in data_.epoch(1)]
     assert len(epoch1) == 2  # samples_per_epoch 8 / batch 4
-    again = [b["image"] for b in online(source_file, workers=1).steps([2, 3])]
-    assert all(torch.equal(a, b) for a, b in zip(epoch1, again))  # epoch 1 is steps 2 and 3, in workers too
+    again = [b["image"] for b in online(source_file).steps([2, 3])]
+    assert all(torch.equal(a, b) for a, b in zip(epoch1, again))  # epoch 1 is steps 2 and 3
     assert not torch.equal(epoch1[0], next(data_.steps([4]))["image"])

@@ -1,14 +1,24 @@
-"""Train from config files for a set number of minutes, without Snakemake (for a lent GPU machine
-that has PyTorch but not the workflow's tools): sources are built in OUTDIR/sources unless
-they are there already (from the same sources config and seed: checked), then the model, its learning curve
-and its checkpoint are written to OUTDIR (model.pt, training_log.csv, checkpoint.pt: a second call
-resumes). The config is config.yaml, the given files over it, and train.max_minutes = MINUTES;
-train.data must be online.
-    python tools/gpu_train.py 6 /tmp/stage6 workflow/presets/release_deep.yaml ...
+"""One lent GPU's session, without Snakemake (the device machine has PyTorch but not the workflow's
+tools), everything written to OUTDIR:
+
+1. a profile (``benchmarks/gpu_step.py``: synthesis alone, network alone, both, ``--profile-steps``
+   steps at each of ``--profile-batches``) -> OUTDIR/profile.json (skipped with ``--no-profile``;
+   stopped after ``--profile-seconds``);
+2. training for MINUTES from config files (config.yaml, then the given files on top;
+   train.max_minutes = MINUTES; train.data must be online): sources in OUTDIR/sources (unless they
+   are there already, from the same sources config and seed: checked), then model.pt,
+   training_log.csv and checkpoint.pt (a second call resumes);
+3. scores (``--no-score`` skips them) of the new model and ``--baseline`` (the shipped model) on the
+   six validation sets that choose shipped models and on the default run's test sets
+   (``benchmarks/validation_sets.py`` with workflow/presets/release.yaml's validation sources and
+   config.yaml's test sources, built in OUTDIR) -> OUTDIR/validation_sets/scores.csv.
+
+    python tools/gpu_train.py 6 /tmp/gpu workflow/presets/release_deep.yaml workflow/presets/release_gpu.yaml
 """
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,14 +31,41 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_train")
 
 
+def source_file(split: str, config: dict, path: Path) -> Path:
+    """The sources of ``split`` of ``config`` at ``path``: built unless there, refused if built from another config."""
+    cfg = blurflow_config.for_sources(config, split)
+    if not path.exists():
+        sources.write_split(split, cfg, config["seed"], ROOT / "resources", path)
+    elif sources.recorded_hash(path) != blurflow_config.config_hash(cfg, config["seed"]):
+        sys.exit(f"gpu_train: {path} was built from another sources config or seed: remove it or choose another OUTDIR")
+    return path
+
+
+def run(command: list[str], seconds: float | None, what: str) -> None:
+    """A helper script of this repository in a subprocess; its failure or timeout is logged, not fatal."""
+    try:
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, timeout=seconds, check=False)
+        if done.returncode:
+            log.warning("%s failed (exit status %d)", what, done.returncode)
+    except subprocess.TimeoutExpired:
+        log.warning("%s stopped after %.0f s", what, seconds)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("minutes", type=float, help="training time (train.max_minutes)")
     parser.add_argument("outdir", type=Path)
     parser.add_argument("configs", nargs="*", type=Path, help="config files over config.yaml, later ones on top")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--profile-batches", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--profile-steps", type=int, default=50)
+    parser.add_argument("--profile-seconds", type=float, default=150)
+    parser.add_argument("--score", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--baseline", type=Path, default=ROOT / "models/blurflow.pt", help="the model to score beside the new one")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = blurflow_config.load([ROOT / "config.yaml", *args.configs])
+    files = [ROOT / "config.yaml", *args.configs]
+    config = blurflow_config.load(files)
     config["train"]["max_minutes"] = args.minutes
     error = blurflow_config.schema_error(config)
     if error:
@@ -38,21 +75,23 @@ def main(argv: list[str] | None = None) -> None:
     for warning in blurflow_config.check(config):
         log.warning(warning)
     torch.set_num_threads(config["train"]["threads"])
-    split_files = {}
-    for split in ("train", "val"):
-        path = split_files[split] = args.outdir / "sources" / f"{split}.h5"
-        cfg = blurflow_config.for_sources(config, split)
-        if not path.exists():
-            sources.write_split(split, cfg, config["seed"], ROOT / "resources", path)
-        elif sources.recorded_hash(path) != blurflow_config.config_hash(cfg, config["seed"]):
-            sys.exit(f"gpu_train: {path} was built from another sources config or seed: remove it or choose another OUTDIR")
     out = args.outdir
+    split_files = {split: source_file(split, config, out / "sources" / f"{split}.h5") for split in ("train", "val")}
+    if args.profile:
+        profile = ["benchmarks/gpu_step.py", "--config", *map(str, files), "--batches", *map(str, args.profile_batches)]
+        run([*profile, "--steps", str(args.profile_steps), "--repeats", "1", "--no-counts", "--out", str(out / "profile.json")], args.profile_seconds, "the profile")
     rows = train.run_config(
         blurflow_config.for_training(config), config["train"], [split_files["train"]], [split_files["val"]],
         out / "model.pt", out / "training_log.csv", out / "checkpoint.pt",
     )  # fmt: skip
     last = rows[-1]
-    print(f"gpu_train: {last['samples']} images in {last['minutes']:.1f} min, validation R2 {last['val_r2_mean']:.3f}: wrote {out / 'model.pt'}")
+    print(f"gpu_train: {last['samples']} images in {last['minutes']:.1f} min, validation R2 {last['val_r2_mean']:.3f}: wrote {out / 'model.pt'}", flush=True)
+    if args.score and (out / "model.pt").exists():
+        release = ROOT / "workflow/presets/release.yaml"
+        val = source_file("val", blurflow_config.load([ROOT / "config.yaml", release]), out / "release_sources" / "val.h5")
+        test = source_file("test", blurflow_config.load([ROOT / "config.yaml"]), out / "release_sources" / "test.h5")
+        score = ["benchmarks/validation_sets.py", str(out / "model.pt"), str(args.baseline), "--sources", str(val), "--test-sources", str(test)]
+        run([*score, "--config", str(ROOT / "config.yaml"), str(release), "--sets", str(out / "validation_sets")], None, "the scores")
 
 
 if __name__ == "__main__":

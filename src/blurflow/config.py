@@ -129,6 +129,12 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def compile_enabled(setting: str | bool, device: torch.device) -> bool:
+    """``train.compile``: ``auto`` compiles on CUDA only (on the CPU compilation costs more than it
+    saves in the default run: docs/training.md), ``true`` / ``false`` force it."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 @dataclass(frozen=True)
 class Setup:
     """What every stage that makes images shares, built once from the validated config: the
@@ -239,7 +245,7 @@ def check(config: Mapping) -> list[str]:
 # What each workflow rule reads of the config, and nothing else, as its ``params`` (one param per
 # value, blurflow.config.rule_params), so a rule runs again exactly when a value it reads changes,
 # and snakemake's rerun reason names that value: before {'train.lr': 0.003} now {'train.lr': 0.001}.
-RUNTIME_KEYS = ("threads", "workers")  # train keys that change the speed, never the result: read from the job's config
+RUNTIME_KEYS = ("threads", "workers", "compile")  # train keys that change the speed, never the result: read from the job's config
 
 
 def _without(section: Mapping, keys: tuple[str, ...]) -> dict:

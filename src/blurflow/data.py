@@ -4,10 +4,10 @@ Shards (format: docs/design.md, writer: blurflow.synthesis) are opened lazily in
 them (each DataLoader worker opens its own handles after fork); dense label maps are built from
 ``region`` + ``params`` when a sample is read.
 
-Online (``train.data: online``): training step ``s`` draws the samples that shard ``s`` would hold
-(seed keys ``(seed, split, s, i)``, blurflow.synthesis.shard_keys) in DataLoader workers and renders
-them on the training device, so the same draw gives the same image on either path (on the CPU) and a
-resumed run continues with the very batches an uninterrupted one would see.
+Online (``train.data: online``): training step ``s`` draws its batch as numbers (blurflow.synthesis.SampleDraws,
+seed key ``(seed, train, s, 0)``: the first batch a shard ``s`` would hold) in the training process and
+renders it on the training device, so a resumed run continues with the very batches an uninterrupted
+one would see, and nothing but a few hundred bytes per image crosses from the host.
 
 A batch is a dict with ``image`` (B, 1, H, W) float32 camera counts, ``target`` (B, 4, H, W) float32
 canonical (v1, v2, v3, z0) and ``valid`` (B, 1, H, W) float32 validity w (0 where the label is unknown).
@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 import torch
 
-from blurflow.config import Setup
-from blurflow.synthesis import RENDER_BATCH, Synthesizer, sample_rng, shard_keys
+from blurflow.config import Setup, compile_enabled
+from blurflow.synthesis import RENDER_BATCH, Synthesizer, batch_key
 
 
 def label_maps(region: torch.Tensor, params: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,28 +103,14 @@ class ShardData:
         return torch.utils.data.DataLoader(self.val, shuffle=False, **self.kw)
 
 
-class _StepDraws(torch.utils.data.Dataset):
-    """Item ``s``: the random draws (numpy) of the samples of shard ``s`` of a split, one batch."""
-
-    def __init__(self, syn: Synthesizer, seed: int, split: str, batch_size: int):
-        self.syn, self.seed, self.split, self.batch_size = syn, seed, split, batch_size
-
-    def __getitem__(self, step: int) -> list[dict]:
-        return [self.syn.draw(sample_rng(k)) for k in shard_keys(self.seed, self.split, step, self.batch_size)]
-
-
-def _as_list(draws: list[dict]) -> list[dict]:
-    return draws
-
-
 class OnlineData:
-    """Batches synthesised on the fly: drawn on the CPU (``workers`` processes), rendered on ``device``.
+    """Batches synthesised on the fly: drawn on the host as numbers, rendered on ``device``.
 
     Training epoch ``e`` is steps ``e * steps_per_epoch ...``; every step is new data. Validation
     is the validation shards (``val_samples``: shards, samples per shard) as the shard path writes
-    them, rendered once in the writer's batches (so on the CPU they are the same bytes) and kept on
-    the device. A training batch of another size than the writer's renders its PSFs and FFTs in
-    other batches, which rounds differently (~1e-7) and moves a rare Poisson draw by one count.
+    them (the writer's batches and keys, so on the CPU they are the same bytes), rendered once and
+    kept on the device. Training batches are rendered with static shapes and no host reads
+    (blurflow.synthesis.Synthesizer ``static``); ``compile``: through ``torch.compile(fullgraph=True)``.
     """
 
     def __init__(
@@ -136,27 +122,29 @@ class OnlineData:
         samples_per_epoch: int,
         val_samples: tuple[int, int] = (1, 1250),
         device: torch.device | str = "cpu",
-        workers: int = 0,
+        compile: bool = False,
     ):
-        self.renderer = Synthesizer(train_sources, setup, device=device)
-        self.drawer = Synthesizer(train_sources, setup)  # CPU copy for the worker processes
-        self.val_renderer = Synthesizer(val_sources, setup, device=device)
-        self.seed, self.batch_size, self.workers, self.n_max = setup.seed, batch_size, workers, setup.synthesis.max_regions
+        self.renderer = Synthesizer(train_sources, setup, device=device, compile=compile, static=True)
+        self.val_renderer = Synthesizer(val_sources, setup, device=device)  # rendered once: as the shard writer does
+        self.seed, self.batch_size = setup.seed, batch_size
         self.steps_per_epoch = max(1, samples_per_epoch // batch_size)
         self.val_samples = val_samples
         self._val: list[dict] | None = None
 
-    def render(self, draws: Sequence[dict], renderer: Synthesizer | None = None) -> dict[str, torch.Tensor]:
-        """A batch (module docstring) from the draws of its samples."""
-        out = (renderer or self.renderer).batch(draws, self.n_max)
+    @staticmethod
+    def render(syn: Synthesizer, draws: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """A batch (module docstring) from its draws."""
+        out = syn.batch(draws)
         target, valid = label_maps(out["region"], out["params"], out["valid"])
         return {"image": out["image"][:, None], "target": target, "valid": valid}
 
+    def draws(self, step: int) -> dict[str, np.ndarray]:
+        """The draws of training step ``step``: the first ``batch_size`` samples of shard ``step``'s key."""
+        return self.renderer.draws.step(self.batch_size, batch_key(self.seed, "train", step))
+
     def steps(self, steps: Iterable[int]) -> Iterator[dict[str, torch.Tensor]]:
-        """Training batches of the given steps: step ``s`` holds samples ``0..batch_size-1`` of shard ``s``."""
-        draws = _StepDraws(self.drawer, self.seed, "train", self.batch_size)
-        loader = torch.utils.data.DataLoader(draws, sampler=list(steps), batch_size=None, collate_fn=_as_list, num_workers=self.workers)
-        return (self.render(d) for d in loader)
+        """Training batches of the given steps."""
+        return (self.render(self.renderer, self.draws(s)) for s in steps)
 
     def epoch(self, epoch: int) -> Iterable[dict]:
         return self.steps(range(epoch * self.steps_per_epoch, (epoch + 1) * self.steps_per_epoch))
@@ -164,9 +152,11 @@ class OnlineData:
     def validation(self) -> list[dict[str, torch.Tensor]]:
         if self._val is None:
             shards, per_shard = self.val_samples
-            keys = [k for s in range(shards) for k in shard_keys(self.seed, "val", s, per_shard)]
-            syn, n = self.val_renderer, RENDER_BATCH  # the shard writer's batches: the same bytes
-            self._val = [self.render([syn.draw(sample_rng(k)) for k in keys[i : i + n]], syn) for i in range(0, len(keys), n)]
+            syn, n = self.val_renderer, RENDER_BATCH  # the shard writer's batches and keys: the same bytes
+            self._val = [
+                self.render(syn, syn.draws.step(min(n, per_shard - start), batch_key(self.seed, "val", s, b)))
+                for s in range(shards) for b, start in enumerate(range(0, per_shard, n))
+            ]  # fmt: skip
         return self._val
 
 
@@ -178,7 +168,7 @@ def from_config(config: Mapping, train: Sequence[str | Path], val: Sequence[str 
         return OnlineData(
             train[0], val[0], Setup.from_config(config), batch_size=t["batch_size"],
             samples_per_epoch=s["samples_per_shard"] * s["shards"]["train"], val_samples=(s["shards"]["val"], s["samples_per_shard"]),
-            device=device, workers=t["workers"],
+            device=device, compile=compile_enabled(t["compile"], device),
         )  # fmt: skip
     return ShardData(train, val, t["batch_size"], config["seed"], t["workers"], pin_memory=device.type == "cuda")
 

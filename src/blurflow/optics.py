@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from blurflow.config import dataclass_values, defaults
@@ -235,8 +236,9 @@ def canonical_sign(params: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class MotionPSF:
-    """Batched motion PSF (paper Eq. 4) for one optics, label scales and kernel size.
+class MotionPSF(torch.nn.Module):
+    """Batched motion PSF (paper Eq. 4) for one optics, label scales and kernel size: an operator
+    whose constants (the defocus OTF table and the fold to the camera grid) are buffers.
 
     The time average of the pixel-integrated 3D PSF along the path that starts at depth
     ``z0 * A`` um and moves by ``(v1, v2) * L`` px laterally and ``v3 * A`` um axially during the
@@ -247,6 +249,12 @@ class MotionPSF:
     the OTF is not aliased; the result is folded to the camera grid and inverse transformed.
     K is 1 without axial motion (exact); otherwise consecutive positions differ by at most
     ``lateral_step_px`` laterally and ``axial_nyquist / axial_steps_per_nyquist`` axially.
+
+    With ``max_steps`` every batch runs that many steps, each kernel's steps beyond its own K
+    reading a zero row of the table: shapes and op counts do not depend on the parameters and
+    nothing is read back to the host (``torch.compile(fullgraph=True)`` traces it; parameters are
+    checked by :meth:`check` where they enter, not here). Without it the loop runs as many steps
+    as the longest path needs, on the kernels that still need them (fastest for mixed paths).
     """
 
     table_per_nyquist = 32
@@ -260,11 +268,12 @@ class MotionPSF:
         lateral_step_px: float = 0.5,
         axial_steps_per_nyquist: float = 16.0,
         device: torch.device | str | None = None,
+        max_steps: int | None = None,
     ) -> None:
+        super().__init__()
         if size < 4 or size % 2:
             raise ValueError(f"motion.kernel_px must be an even number >= 4, got {size}")
-        self.optics, self.scales, self.size = optics, scales, size
-        self.device = torch.device(device or "cpu")
+        self.optics, self.scales, self.size, self.max_steps = optics, scales, size, max_steps
         self.lateral_step_px = lateral_step_px
         self.axial_step_um = optics.axial_nyquist_um / axial_steps_per_nyquist
         lo, hi = z_range_um or (-2 * scales.axial_scale_um, 2 * scales.axial_scale_um)
@@ -281,12 +290,18 @@ class MotionPSF:
         ky, kx = torch.meshgrid(k, k, indexing="ij")
         r_max = 2 * optics.cutoff * optics.pixel_um * size + 1  # OTF support radius, in samples
         keep = (kx**2 + ky**2 <= r_max**2) & (kx % size <= size // 2)  # support x rfft half
-        self._fy = (ky[keep].to(torch.float32) / size).to(self.device)  # cycles/px
-        self._fx = (kx[keep].to(torch.float32) / size).to(self.device)
-        self._fold = ((ky[keep] % size) * (size // 2 + 1) + kx[keep] % size).to(self.device)
         table = otf[:, keep].to(torch.complex64)
-        self._table = table.to(self.device)
-        self._slope = torch.diff(table, dim=0).to(self.device)
+        zero = table.new_zeros(1, table.shape[1])  # row nz of both: what a step beyond a kernel's own K reads
+        self.register_buffer("_fy", ky[keep].to(torch.float32) / size, persistent=False)  # cycles/px
+        self.register_buffer("_fx", kx[keep].to(torch.float32) / size, persistent=False)
+        self.register_buffer("_fold", _fold_index((ky[keep] % size) * (size // 2 + 1) + kx[keep] % size, size * (size // 2 + 1)), persistent=False)
+        self.register_buffer("_table", torch.cat([table, zero]), persistent=False)
+        self.register_buffer("_slope", torch.cat([torch.diff(table, dim=0), zero, zero]), persistent=False)
+        self.to(device or "cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self._table.device
 
     def n_steps(self, params: torch.Tensor, step_factor: int = 1) -> torch.Tensor:
         """Time steps per parameter set (B,), int64 (1 when there is no axial motion)."""
@@ -296,41 +311,64 @@ class MotionPSF:
         k = torch.ceil(torch.maximum(lateral, axial)).clamp(min=1).long()
         return torch.where(v3 == 0, torch.ones_like(k), k) * step_factor
 
-    def __call__(
-        self, params: torch.Tensor, step_factor: int = 1, chunk: int = 256, offset_px: torch.Tensor | None = None, offset_gradient: bool = False,
-    ) -> torch.Tensor:  # fmt: skip
-        """Kernels (B, size, size) float32 for params (B, 4) = (v1, v2, v3, z0), normalised units.
-        ``offset_px`` (B, 2): (x, y) shift of the path midpoint from the kernel origin, px (exact,
-        applied before the kernel is sampled on the camera grid). With ``offset_gradient``,
-        (B, 3, size, size): the kernels and their derivatives by the x and y offsets (per px)."""
-        params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, 4)
-        offset = torch.zeros(params.shape[0], 2, device=self.device) if offset_px is None else torch.as_tensor(offset_px, dtype=torch.float32, device=self.device).reshape(-1, 2)
-        if not torch.isfinite(params).all():
+    def steps_for(self, speed_max: float, v3_max: float) -> int:
+        """Time steps of the longest path of lateral speed ``speed_max`` and axial ``v3_max``
+        (normalised): the ``max_steps`` that covers them."""
+        return int(self.n_steps(torch.tensor([[speed_max, 0.0, v3_max, 0.0]]))[0])
+
+    def check(self, params: torch.Tensor | np.ndarray) -> None:
+        """Raise ValueError unless params (B, 4) are finite, keep their depths inside the table
+        and need at most ``max_steps`` time steps (a host read: call where parameters enter)."""
+        p = torch.as_tensor(params, dtype=torch.float32).reshape(-1, 4).cpu()
+        if not torch.isfinite(p).all():
             raise ValueError("motion parameters must be finite")
-        z_start = params[:, 3] * self.scales.axial_scale_um
-        z_end = z_start + params[:, 2] * self.scales.axial_scale_um
-        z_min, z_max = torch.minimum(z_start, z_end).min(), torch.maximum(z_start, z_end).max()
+        if not len(p):
+            return
+        z_start, z_end = p[:, 3] * self.scales.axial_scale_um, (p[:, 3] + p[:, 2]) * self.scales.axial_scale_um
+        z_min, z_max = float(torch.minimum(z_start, z_end).min()), float(torch.maximum(z_start, z_end).max())
         tol = 1e-4 * self.dz
-        if params.shape[0] and (z_min < self.z_lo - tol or z_max > self.z_hi + tol):
-            raise ValueError(
-                f"depths {z_min:.3g}..{z_max:.3g} um leave the PSF table range "
-                f"{self.z_lo:.3g}..{self.z_hi:.3g} um (set z_range_um)"
-            )
+        if z_min < self.z_lo - tol or z_max > self.z_hi + tol:
+            raise ValueError(f"depths {z_min:.3g}..{z_max:.3g} um leave the PSF table range {self.z_lo:.3g}..{self.z_hi:.3g} um (set z_range_um)")
+        steps = int(self.n_steps(p).max())
+        if self.max_steps is not None and steps > self.max_steps:
+            raise ValueError(f"a path needs {steps} time steps, more than the {self.max_steps} of this PSF operator (max_steps)")
+
+    def forward(
+        self, params: torch.Tensor, step_factor: int = 1, chunk: int | None = None, offset_px: torch.Tensor | None = None,
+        offset_gradient: bool = False, check: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """Kernels (B, size, size) float32 for params (B, 4) = (v1, v2, v3, z0), normalised units,
+        computed ``chunk`` kernels at a time (all at once by default). ``offset_px`` (B, 2): (x, y)
+        shift of the path midpoint from the kernel origin, px (exact, applied before the kernel is
+        sampled on the camera grid). With ``offset_gradient``, (B, 3, size, size): the kernels and
+        their derivatives by the x and y offsets (per px). ``check``: :meth:`check` the params first."""
+        params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, 4)
+        if check:
+            self.check(params)
+        offset = None if offset_px is None else torch.as_tensor(offset_px, dtype=torch.float32, device=self.device).reshape(-1, 2)
         steps = self.n_steps(params, step_factor)
+        if self.max_steps is not None:  # static: every kernel in one pass, in its own place
+            return self._from_otf(self._kernels(params, steps, offset, self.max_steps * step_factor), offset_gradient)
         out = torch.empty(params.shape[0], 3 if offset_gradient else 1, self.size, self.size, device=self.device)
-        order = torch.argsort(steps, descending=True, stable=True)
-        for start in range(0, params.shape[0], chunk):
-            idx = order[start : start + chunk]
-            acc = self._kernels(params[idx], steps[idx], offset[idx])
-            out[idx, 0] = self._image(acc)
-            if offset_gradient:  # d/ds of exp(-2 pi i f s) is -2 pi i f: the same sum, weighted
-                out[idx, 1] = self._image(acc * (-2j * math.pi * self._fx))
-                out[idx, 2] = self._image(acc * (-2j * math.pi * self._fy))
+        order = torch.argsort(steps, descending=True, stable=True)  # the loop below shrinks to the kernels still stepping
+        for start in range(0, params.shape[0], chunk or max(1, params.shape[0])):
+            idx = order[start : start + (chunk or params.shape[0])]
+            acc = self._kernels(params[idx], steps[idx], None if offset is None else offset[idx], int(steps[idx[0]]), shrink=True)
+            out[idx] = self._from_otf(acc, offset_gradient).reshape(len(idx), -1, self.size, self.size)
         return out if offset_gradient else out[:, 0]
 
-    def _kernels(self, params: torch.Tensor, steps: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Fine-grid OTF samples (B, support) of the kernels for params sorted by descending step
-        count, shifted by ``offset`` (px)."""
+    def _from_otf(self, acc: torch.Tensor, offset_gradient: bool) -> torch.Tensor:
+        """Kernels (B, size, size) from fine-grid OTF samples, or (B, 3, size, size) with their
+        offset derivatives (d/ds of exp(-2 pi i f s) is -2 pi i f: the same sum, weighted)."""
+        if not offset_gradient:
+            return self._image(acc)
+        return torch.stack([self._image(acc), self._image(acc * (-2j * math.pi * self._fx)), self._image(acc * (-2j * math.pi * self._fy))], 1)
+
+    def _kernels(self, params: torch.Tensor, steps: torch.Tensor, offset: torch.Tensor | None, total: int, shrink: bool = False) -> torch.Tensor:
+        """Fine-grid OTF samples (B, support) of the kernels, shifted by ``offset`` (px), in
+        ``total`` time steps; a kernel's steps beyond its own count read the table's zero row.
+        ``shrink`` (params sorted by descending step count): each step touches only the kernels
+        that still need it, which reads their number back to the host."""
         kf = steps.to(torch.float32)[:, None]
         d = params[:, :2] * self.scales.lateral_scale_px  # (dx, dy) px over the exposure
         a = d[:, :1] * self._fx + d[:, 1:2] * self._fy  # cycles of phase over the exposure
@@ -338,35 +376,48 @@ class MotionPSF:
         phase = torch.polar(ones, -2 * math.pi * a * (0.5 / kf - 0.5))  # step 0, path midpoint = 0
         ratio = torch.polar(ones, -2 * math.pi * a / kf)
         acc = torch.zeros_like(phase)  # sum of OTF(z_k) * shift_k
-        acc_slope = torch.zeros_like(phase)  # sum of dOTF/dt(z_k) * shift_k
-        speed = (params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)  # rows/exposure
-        counts = torch.bincount(steps, minlength=int(steps.max()) + 1)
-        active = params.shape[0] - torch.cumsum(counts, 0)  # kernels with more than k steps
-        last = self._table.shape[0] - 2
-        for k in range(int(steps.max())):
-            n = int(active[k])
+        acc_slope = torch.zeros_like(phase)  # sum of dOTF/dz(z_k) * shift_k, per table row
+        zero, last = self._table.shape[0] - 1, self._table.shape[0] - 3  # the zero row; the last row a step starts from
+        active = params.shape[0] - torch.cumsum(torch.bincount(steps, minlength=total + 1), 0) if shrink else None
+        for k in range(total):
+            n = int(active[k]) if shrink else params.shape[0]  # kernels with more than k steps (all, when static)
             p = params[:n]
             z = (p[:, 3] + p[:, 2] * (k + 0.5) / steps[:n]) * self.scales.axial_scale_um
             u = ((z - self.z_lo) / self.dz).clamp(0, last + 1)
             j = u.floor().long().clamp(max=last)
+            j = torch.where(steps[:n] > k, j, zero)
             slope = self._slope[j]
             acc[:n].addcmul_(self._table[j] + (u - j).to(torch.complex64)[:, None] * slope, phase[:n])
-            acc_slope[:n].addcmul_(slope * speed[:n, None], phase[:n])
+            acc_slope[:n].addcmul_(slope, phase[:n])
             phase[:n].mul_(ratio[:n])
+        acc_slope.mul_((params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)[:, None])  # rows per exposure
         # Exact integral over each step of (OTF + slope * tau) * exp(-i 2 pi a tau), |tau| <= h/2.
         h = 1 / kf
         x = a * h
         small = x.abs() < 1e-3
         dsinc = torch.where(small, -(math.pi**2) * x / 3, (torch.cos(math.pi * x) - torch.sinc(x)) / torch.where(small, 1, x))
         acc.mul_(h * torch.sinc(x)).addcmul_(acc_slope, (1j * h**2 / (2 * math.pi)) * dsinc)
-        if offset.any():
+        if offset is not None:
             acc.mul_(torch.polar(ones, -2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy)))
         return acc
 
     def _image(self, acc: torch.Tensor) -> torch.Tensor:
-        """Kernels (B, size, size) on the camera grid from fine-grid OTF samples (B, support)."""
+        """Kernels (B, size, size) on the camera grid from fine-grid OTF samples (B, support):
+        each camera-grid frequency sums the fine samples that fold onto it (a gather, in a fixed
+        order: deterministic on every device)."""
         b = acc.shape[0]
-        coarse = torch.zeros(b, self.size * (self.size // 2 + 1), dtype=acc.dtype, device=acc.device)
-        coarse.index_add_(1, self._fold, acc)
+        coarse = torch.cat([acc, acc.new_zeros(b, 1)], 1)[:, self._fold].sum(-1)
         kern = torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))
         return torch.fft.fftshift(kern, dim=(-2, -1))
+
+
+def _fold_index(bins: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """(n_bins, m) indices into the samples whose bin is each bin (``bins``: the bin of each
+    sample), padded with the index ``len(bins)`` (a zero sample appended by the caller)."""
+    order = torch.argsort(bins, stable=True)
+    counts = torch.bincount(bins, minlength=n_bins)
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(bins)) - first[bins[order]]
+    index = torch.full((n_bins, int(counts.max())), len(bins), dtype=torch.long)
+    index[bins[order], slot] = order
+    return index

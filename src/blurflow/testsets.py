@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
+import torch
 
 from blurflow.config import Setup
-from blurflow.synthesis import Synthesizer, write_samples
+from blurflow.synthesis import RENDER_BATCH, Synthesizer, describe, sample_rng, write_samples
 
 TABLE1 = {  # case: ((v1, v2, v3, z0), source) as in the paper's Table 1
     "a": ((0.30, 0.30, 0.00, 0.00), "beads"),
@@ -41,12 +43,12 @@ PAPER_R2 = {"two_zone": 0.92, "cylinder": 0.91}
 TESTSET_KEYS = {"two_zone": 10, "cylinder": 11, "table1": 12, "beads": 13}  # seed-key prefixes, apart from training
 
 
-def straight_split(size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size) uint8: 0 / 1 on either side of a random line through the central half."""
-    py, px = rng.uniform(0.25 * size, 0.75 * size, 2)
-    angle = rng.uniform(0, math.pi)
+def straight_split(size: int, rng: np.random.Generator, count: int) -> np.ndarray:
+    """(count, size, size) int64: 0 / 1 on either side of a random line through the central half."""
+    py, px = rng.uniform(0.25 * size, 0.75 * size, (2, count, 1, 1))
+    angle = rng.uniform(0, math.pi, (count, 1, 1))
     y, x = np.mgrid[0:size, 0:size]
-    return ((x - px) * math.cos(angle) + (y - py) * math.sin(angle) > 0).astype(np.uint8)
+    return ((x - px) * np.cos(angle) + (y - py) * np.sin(angle) > 0).astype(np.int64)
 
 
 def cylinder_params(rows: int, speed: float, z0: float, direction_deg: float) -> np.ndarray:
@@ -64,22 +66,44 @@ def row_regions(canvas: int, image: int, bands: int) -> np.ndarray:
     return np.repeat((rows * bands // image).astype(np.uint8)[:, None], canvas, axis=1)
 
 
-def _synthesizer(sources, setup: Setup, image_px: int, v3_max: float = 1.0) -> Synthesizer:
-    """The setup's synthesizer for test images of ``image_px`` whose v3 range reaches ``v3_max``; the
-    sources at their own pixels (no ``source_zoom``), so every model meets the same test images."""
-    v3 = setup.synthesis.v3
-    return Synthesizer(sources, setup.with_synthesis(image_px=image_px, v3=(min(v3[0], 0.0), max(v3[1], v3_max)), source_zoom=(1.0, 1.0)))
+def _synthesizer(sources, setup: Setup, image_px: int, v3_max: float = 1.0, speed_max: float = 0.0) -> Synthesizer:
+    """The setup's synthesizer for test images of ``image_px`` whose v3 range reaches ``v3_max``
+    (and lateral range ``speed_max``, for fixed motions); the sources at their own pixels (no
+    ``source_zoom``), so every model meets the same test images."""
+    v3, lat = setup.synthesis.v3, setup.synthesis.v_lateral
+    return Synthesizer(sources, setup.with_synthesis(
+        image_px=image_px, v3=(min(v3[0], 0.0), max(v3[1], v3_max)), v_lateral=(min(lat[0], -speed_max), max(lat[1], speed_max)), source_zoom=(1.0, 1.0),
+    ))  # fmt: skip
+
+
+def _write(
+    path, syn: Synthesizer, key: int, count: int, n_max: int, attrs: Mapping, batch: Callable[[dict, np.random.Generator, int], dict],
+    progress: bool, desc: str, size: int = RENDER_BATCH,
+) -> None:  # fmt: skip
+    """Write a test set of ``count`` images in batches of ``size``: batch b draws from the
+    generator of (seed, key, b) (:meth:`SampleDraws.draw`: crops and camera), then ``batch(draws,
+    rng, first)`` (``first``: the index of the batch's first image) sets its motions (``params``) and gives the keyword arguments of :meth:`Synthesizer.batch`
+    (canvas ``regions``, ``sharp`` images) as numpy arrays."""
+    seed = syn.setup.seed
+
+    def render(b: int, n: int) -> dict[str, torch.Tensor]:
+        rng = sample_rng((seed, key, b))
+        draws = syn.draws.draw(n, rng)
+        given = {k: torch.from_numpy(np.ascontiguousarray(v)).to(syn.device) for k, v in batch(draws, rng, b * size).items()}
+        return syn.batch(draws, check=True, **given)
+
+    write_samples(path, render, count, n_max, {**describe(syn), "seed": seed, **attrs}, batch=size, progress=progress, desc=desc)
 
 
 def write_two_zone(path, sources, setup: Setup, image_px: int, count: int, progress: bool = True) -> None:
     """Two-zone test set: ``count`` images of ``image_px``."""
     syn = _synthesizer(sources, setup, image_px)
 
-    def draw(i, rng):
-        return {"sharp": syn.crop(rng), "regions": straight_split(syn.canvas_px, rng), "params": syn.motions(2, rng), **syn.camera_draws(rng)}
+    def batch(draws: dict, rng: np.random.Generator, first: int) -> dict:
+        draws["params"] = syn.draws.motions((len(draws["tile"]), 2), rng)
+        return {"regions": straight_split(syn.canvas_px, rng, len(draws["tile"]))}
 
-    keys = [(setup.seed, TESTSET_KEYS["two_zone"], i) for i in range(count)]
-    write_samples(path, syn, draw, keys, 2, {"seed": setup.seed, "testset": "two_zone"}, progress=progress, desc="two-zone")
+    _write(path, syn, TESTSET_KEYS["two_zone"], count, 2, {"testset": "two_zone"}, batch, progress, "two-zone")
 
 
 def write_cylinder(
@@ -87,17 +111,18 @@ def write_cylinder(
     speed: float, z0: float, direction_deg: float, progress: bool = True,
 ) -> None:  # fmt: skip
     """Cylinder-flow test set: ``count`` held-out sources under the same row-wise flow profile."""
-    syn = _synthesizer(sources, setup, image_px, v3_max=speed)
+    syn = _synthesizer(sources, setup, image_px, v3_max=speed, speed_max=speed)
     bands = min(image_px, 255)
     params = cylinder_params(bands, speed, z0, direction_deg)
-    regions = row_regions(syn.canvas_px, image_px, bands)
+    regions = row_regions(syn.canvas_px, image_px, bands).astype(np.int64)
 
-    def draw(i, rng):
-        return {"sharp": syn.crop(rng), "regions": regions, "params": params, **syn.camera_draws(rng)}
+    def batch(draws: dict, rng: np.random.Generator, first: int) -> dict:
+        n = len(draws["tile"])
+        draws["params"] = np.broadcast_to(params, (n, *params.shape))
+        return {"regions": np.broadcast_to(regions, (n, *regions.shape))}
 
-    keys = [(setup.seed, TESTSET_KEYS["cylinder"], i) for i in range(count)]
-    attrs = {"seed": setup.seed, "testset": "cylinder", "speed": speed, "z0": z0, "direction_deg": direction_deg}
-    write_samples(path, syn, draw, keys, bands, attrs, batch=1, progress=progress, desc="cylinder")
+    attrs = {"testset": "cylinder", "speed": speed, "z0": z0, "direction_deg": direction_deg}
+    _write(path, syn, TESTSET_KEYS["cylinder"], count, bands, attrs, batch, progress, "cylinder", size=1)
 
 
 def write_table1(
@@ -112,17 +137,18 @@ def write_table1(
     syn = _synthesizer(sources, setup, image_px, v3_max=v3_max)
     cases = [c for c in TABLE1 for _ in range(repeats)]
     sharp_beads, centres = grid_beads(image_px, per_side)
-    regions = np.zeros((syn.canvas_px, syn.canvas_px), np.uint8)
 
-    def draw(i, rng):
-        params, source = TABLE1[cases[i]]
-        sharp = sharp_beads if source == "beads" else syn.crop(rng)
-        return {"sharp": sharp, "regions": regions, "params": np.array([params], np.float32), **syn.camera_draws(rng)}
+    def batch(draws: dict, rng: np.random.Generator, first: int) -> dict:
+        n = len(draws["tile"])
+        mine = cases[first : first + n]
+        draws["params"] = np.array([[TABLE1[c][0]] for c in mine], np.float32)
+        beads = np.array([TABLE1[c][1] == "beads" for c in mine])
+        crops = syn.renderer.crop(syn.tensors(draws)).cpu().numpy()
+        return {"sharp": np.where(beads[:, None, None], sharp_beads, crops), "regions": np.zeros((n, syn.canvas_px, syn.canvas_px), np.int64)}
 
-    keys = [(setup.seed, TESTSET_KEYS["table1"], i) for i in range(len(cases))]
     bead_images = [i for i, c in enumerate(cases) if TABLE1[c][1] == "beads"]
-    attrs = {"seed": setup.seed, "testset": "table1", "cases": "".join(cases), **_bead_attrs(centres), "bead_images": json.dumps(bead_images)}
-    write_samples(path, syn, draw, keys, 1, attrs, progress=progress, desc="table 1")
+    attrs = {"testset": "table1", "cases": "".join(cases), **_bead_attrs(centres), "bead_images": json.dumps(bead_images)}
+    _write(path, syn, TESTSET_KEYS["table1"], len(cases), 1, attrs, batch, progress, "table 1")
 
 
 def bead_grid(image_px: int, per_side: int) -> np.ndarray:
@@ -161,13 +187,13 @@ def write_beads(
     sharp, centres = grid_beads(image_px, per_side)
     cell, offset = image_px // per_side, (syn.canvas_px - image_px) // 2
     index = np.clip((np.arange(syn.canvas_px) - offset) // cell, 0, per_side - 1)
-    regions = (index[:, None] * per_side + index[None, :]).astype(np.uint8)
+    regions = (index[:, None] * per_side + index[None, :]).astype(np.int64)
 
-    def draw(i, rng):
-        motions = syn.motions(per_side**2, rng)
-        motions[motions[:, 1] < 0, :2] *= -1
-        return {"sharp": sharp, "regions": regions, "params": motions, **syn.camera_draws(rng)}
+    def batch(draws: dict, rng: np.random.Generator, first: int) -> dict:
+        n = len(draws["tile"])
+        motions = syn.draws.motions((n, per_side**2), rng)
+        motions[motions[..., 1] < 0, :2] *= -1
+        draws["params"] = motions
+        return {"sharp": np.broadcast_to(sharp, (n, *sharp.shape)), "regions": np.broadcast_to(regions, (n, *regions.shape))}
 
-    keys = [(setup.seed, TESTSET_KEYS["beads"], i) for i in range(count)]
-    attrs = {"seed": setup.seed, "testset": "beads", **_bead_attrs(centres)}
-    write_samples(path, syn, draw, keys, per_side**2, attrs, progress=progress, desc="beads")
+    _write(path, syn, TESTSET_KEYS["beads"], count, per_side**2, {"testset": "beads", **_bead_attrs(centres)}, batch, progress, "beads")

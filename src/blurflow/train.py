@@ -25,7 +25,7 @@ import pooch
 import torch
 
 from blurflow import data, logs
-from blurflow.config import RUNTIME_KEYS, config_hash, dataclass_values, defaults, pick_device
+from blurflow.config import RUNTIME_KEYS, compile_enabled, config_hash, dataclass_values, defaults, pick_device
 from blurflow.evaluate import COMPONENTS, FlowMetrics
 from blurflow.files import atomic_path
 from blurflow.model import (
@@ -84,6 +84,7 @@ class TrainConfig:
     init_model: str | None = _TRAIN["init_model"]
     device: str = _TRAIN["device"]
     amp: bool = _TRAIN["amp"]
+    compile: str | bool = _TRAIN["compile"]
     seed: int = 0
 
     @classmethod
@@ -108,7 +109,7 @@ class TrainConfig:
     def resume_key(self) -> str:
         """Hash of what must not change for a checkpoint to be resumed: the settings and the starting
         weights' file contents. (init_model unset keeps the key that runs had before the key existed.)"""
-        key = {k: v for k, v in asdict(self).items() if k not in ("workers", "device", "max_minutes", "init_model")}
+        key = {k: v for k, v in asdict(self).items() if k not in ("workers", "device", "max_minutes", "init_model", "compile")}
         if self.init_model:
             key["init_model"] = pooch.file_hash(self.init_model, alg="sha256")
         return config_hash(key)
@@ -185,13 +186,27 @@ def _resume(checkpoint_path: Path, key: str, model: FlowNet, opt: torch.optim.Op
     return ck["rows"], ck["epoch"] + 1, ck.get("stopped")
 
 
-def _train_epoch(model: FlowNet, opt: torch.optim.Optimizer, batches: Iterable[dict], epoch: int, cfg: TrainConfig, device: torch.device, minutes: float, per_epoch: int, progress: bool) -> tuple[float, int, str | None]:
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor], cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """One optimiser step on a batch; returns the loss as a tensor on ``device`` (nothing is
+    read back to the host: the caller reads it when it logs)."""
+    image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
+    image = image.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        out = model(image)
+    loss = loss_fn(out.float(), target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[dict], epoch: int, cfg: TrainConfig, device: torch.device, minutes: float, per_epoch: int, progress: bool) -> tuple[float, int, str | None]:
     """One epoch of optimiser steps; returns (mean training loss, images seen, why training
-    stopped early or None). ``minutes`` of training before this epoch count against max_minutes."""
+    stopped early or None). ``minutes`` of training before this epoch count against max_minutes.
+    The loss is summed on the device and read each quarter epoch (the progress bar's and the log's)."""
     model.train()
     total_steps = cfg.epochs * per_epoch
-    t0, total, seen, stopped = time.perf_counter(), 0.0, 0, None
-    amp = cfg.amp and device.type == "cuda"
+    t0, total, seen, stopped = time.perf_counter(), torch.zeros((), device=device), 0, None
     bar = logs.progress(total=per_epoch, enabled=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
     for i, batch in enumerate(batches):
         elapsed = minutes + (time.perf_counter() - t0) / 60
@@ -202,22 +217,17 @@ def _train_epoch(model: FlowNet, opt: torch.optim.Optimizer, batches: Iterable[d
         progress_done = max(step / total_steps, elapsed / cfg.max_minutes if cfg.max_minutes else 0.0)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(progress_done, cfg)
-        image, target, valid = (batch[k].to(device, non_blocking=True) for k in ("image", "target", "valid"))
-        image = image.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            out = model(image)
-        loss = loss_fn(out.float(), target, valid, cfg.loss, cfg.encoding, cfg.gamma, cfg.component_weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.item() * len(image)
-        seen += len(image)
+        n = len(batch["image"])
+        total += train_step(model, opt, batch, cfg, device) * n
+        seen += n
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if bar.disable and 4 * (i + 1) // per_epoch > 4 * i // per_epoch and i + 1 < per_epoch:  # no terminal: a line per quarter
-            log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, total / seen, seen / (time.perf_counter() - t0))
+        if 4 * (i + 1) // per_epoch > 4 * i // per_epoch and i + 1 < per_epoch:  # a quarter epoch: the loss is read
+            mean = float(total) / seen
+            bar.set_postfix(loss=f"{mean:.4f}")
+            if bar.disable:  # no terminal: a line per quarter
+                log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, mean, seen / (time.perf_counter() - t0))
     bar.close()
-    return total / max(seen, 1), seen, stopped
+    return float(total) / max(seen, 1), seen, stopped
 
 
 def _save_final(
@@ -277,12 +287,13 @@ def train(
     model, opt, before = _build(cfg, device, data)
     key = config_hash(cfg.resume_key(), meta.get("data_key"))
     rows, start, stopped = _resume(checkpoint_path, key, model, opt, device)
+    stepper = torch.compile(model) if compile_enabled(cfg.compile, device) else model  # the same weights
     log.info("training %s on %s: %d epochs of %d steps of %d images (%s data)", cfg.encoder, device, cfg.epochs, data.steps_per_epoch, cfg.batch_size, cfg.data)
     final_scores = None
     for run_epochs, epoch in enumerate(range(start, cfg.epochs)):
         if stopped or (stop_after_epochs is not None and run_epochs >= stop_after_epochs):
             break
-        row, stopped, final_scores = _run_epoch(model, opt, data, epoch, cfg, device, rows, progress)
+        row, stopped, final_scores = _run_epoch(model, stepper, opt, data, epoch, cfg, device, rows, progress)
         rows.append(row)
         _write_log(rows, log_path)
         _save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": key})
@@ -329,7 +340,13 @@ def _build(cfg: TrainConfig, device: torch.device, data: TrainData) -> tuple[Flo
             start = deepen(start, model.decoder_channels[0], next(iter(data.validation()))["image"].float().cpu())
         model.load_state_dict(start.state_dict())
     model = model.to(device, memory_format=torch.channels_last)
-    return model, torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay), before
+    return model, make_optimizer(model, cfg, device), before
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """RAdam at the schedule's first learning rate; on CUDA its state and step count live on the
+    device (capturable), so its step reads nothing back to the host."""
+    return torch.optim.RAdam(model.parameters(), lr=cfg.lr * lr_factor(0, cfg), weight_decay=cfg.weight_decay, capturable=device.type == "cuda")
 
 
 def init_weights(cfg: TrainConfig) -> tuple[FlowNet, int]:
@@ -356,13 +373,15 @@ def init_weights(cfg: TrainConfig) -> tuple[FlowNet, int]:
 
 
 def _run_epoch(
-    model: FlowNet, opt: torch.optim.Optimizer, data: TrainData, epoch: int, cfg: TrainConfig, device: torch.device, rows: list[dict], progress: bool,
+    model: FlowNet, stepper: torch.nn.Module, opt: torch.optim.Optimizer, data: TrainData, epoch: int, cfg: TrainConfig, device: torch.device,
+    rows: list[dict], progress: bool,
 ) -> tuple[dict, str | None, dict | None]:  # fmt: skip
-    """Train one epoch and validate: its log row, why training stopped (or None) and, after the
-    last epoch, the validation scores of every readout (READOUTS)."""
+    """Train one epoch (``stepper``: the model, or its compiled form) and validate: its log row,
+    why training stopped (or None) and, after the last epoch, the validation scores of every
+    readout (READOUTS)."""
     minutes = rows[-1]["minutes"] if rows else 0.0
     t0 = time.perf_counter()
-    train_loss, seen, stopped = _train_epoch(model, opt, data.epoch(epoch), epoch, cfg, device, minutes, data.steps_per_epoch, progress)
+    train_loss, seen, stopped = _train_epoch(stepper, opt, data.epoch(epoch), epoch, cfg, device, minutes, data.steps_per_epoch, progress)
     elapsed = time.perf_counter() - t0
     last = epoch + 1 == cfg.epochs or stopped  # the last epoch also scores every readout
     val_loss, scores = evaluate_loss(model, data.validation(), cfg, device, READOUTS if last else PLAIN)
