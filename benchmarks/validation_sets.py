@@ -17,7 +17,7 @@ With ``--test-sources`` (the pipeline's results/sources/test.h5) the test sets o
 
     python benchmarks/validation_sets.py MODEL [MODEL ...] [--sources results/sources/val.h5]
         [--config config.yaml [PRESET ...]] [--sets results/validation_sets] [--threads 2]
-        [--test-sources results/sources/test.h5]
+        [--test-sources results/sources/test.h5] [--images 64]
 
 Each model is read as its file says (smoothing, dihedral mean). Prints R² (Pearson, per component
 and mean) per model and set and writes them to ``SETS/scores.csv``.
@@ -55,8 +55,9 @@ def magnified(src: Path, dst: Path, zoom: float) -> None:
         g.attrs.update(dict(f.attrs))
 
 
-def build(sets: Path, val_sources: Path, config: dict) -> dict[str, Path]:
-    """The validation sets (paths), each written once."""
+def build(sets: Path, val_sources: Path, config: dict, images: int = TWO_ZONE_COUNT) -> dict[str, Path]:
+    """The validation sets (paths), each written once: ``images`` two-zone images each (at most
+    CYLINDER_COUNT cylinder images)."""
     setup = Setup.from_config(config)
     cyl = config["testsets"]["cylinder"]
     sets.mkdir(parents=True, exist_ok=True)
@@ -73,22 +74,23 @@ def build(sets: Path, val_sources: Path, config: dict) -> dict[str, Path]:
     for name, src in two_zone_sources.items():
         out[name] = sets / f"{name}.h5"
         if not out[name].exists():
-            testsets.write_two_zone(out[name], src, setup, IMAGE_PX, TWO_ZONE_COUNT, progress=False)
+            testsets.write_two_zone(out[name], src, setup, IMAGE_PX, images, progress=False)
     out["cylinder"] = sets / "cylinder.h5"
     if not out["cylinder"].exists():
-        testsets.write_cylinder(out["cylinder"], val_sources, setup, IMAGE_PX, CYLINDER_COUNT, cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False)
+        testsets.write_cylinder(out["cylinder"], val_sources, setup, IMAGE_PX, min(images, CYLINDER_COUNT), cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False)
     return out
 
 
-def build_test(sets: Path, test_sources: Path, config: dict) -> dict[str, tuple[Path, int]]:
-    """The config's two-zone and cylinder test sets (paths, images evaluated), each written once."""
+def build_test(sets: Path, test_sources: Path, config: dict, images: int | None = None) -> dict[str, tuple[Path, int]]:
+    """The config's two-zone and cylinder test sets (paths, images evaluated: at most ``images``), each written once."""
     setup, t = Setup.from_config(config), config["testsets"]
     cyl = t["cylinder"]
-    out = {"two_zone_test": (sets / "two_zone_test.h5", t["two_zone"]["evaluated"]), "cylinder_test": (sets / "cylinder_test.h5", cyl["count"])}
+    count = {"two_zone_test": min(t["two_zone"]["count"], images or t["two_zone"]["count"]), "cylinder_test": min(cyl["count"], images or cyl["count"])}
+    out = {"two_zone_test": (sets / "two_zone_test.h5", min(t["two_zone"]["evaluated"], count["two_zone_test"])), "cylinder_test": (sets / "cylinder_test.h5", count["cylinder_test"])}
     if not out["two_zone_test"][0].exists():
-        testsets.write_two_zone(out["two_zone_test"][0], test_sources, setup, t["image_px"], t["two_zone"]["count"], progress=False)
+        testsets.write_two_zone(out["two_zone_test"][0], test_sources, setup, t["image_px"], count["two_zone_test"], progress=False)
     if not out["cylinder_test"][0].exists():
-        testsets.write_cylinder(out["cylinder_test"][0], test_sources, setup, t["image_px"], cyl["count"], cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False)
+        testsets.write_cylinder(out["cylinder_test"][0], test_sources, setup, t["image_px"], count["cylinder_test"], cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False)
     return out
 
 
@@ -100,12 +102,13 @@ def main() -> None:
     parser.add_argument("--sets", default="results/validation_sets", help="folder of the sets (built once) and scores.csv")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--test-sources", default=None, help="test sources (HDF5 of the sources rule): score the config's test sets too")
+    parser.add_argument("--images", type=int, default=TWO_ZONE_COUNT, help=f"images per set (default {TWO_ZONE_COUNT}; fewer: a quick check, not the rule's sets)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load(args.config)
-    sets = {name: (path, None) for name, path in build(Path(args.sets), Path(args.sources), config).items()}
+    sets = {name: (path, None) for name, path in build(Path(args.sets), Path(args.sources), config, args.images).items()}
     if args.test_sources:
-        sets.update(build_test(Path(args.sets), Path(args.test_sources), config))
+        sets.update(build_test(Path(args.sets), Path(args.test_sources), config, None if args.images == TWO_ZONE_COUNT else args.images))
     device = pick_device("auto")
     rows = []
     for path in args.models:

@@ -1,6 +1,7 @@
 """`blurflow predict` and `blurflow info`: round trip in physical units, bad inputs, help."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -303,13 +304,18 @@ def test_ctrl_c_gives_one_line_status_130_and_no_leftovers(model_file, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif"]
 
 
-def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(model_file, tmp_path):
+def test_a_killed_writers_temporary_files_are_removed_by_the_next_run_in_their_folder(model_file, tmp_path):
+    """What SIGKILL during a write leaves (``.NAME.tmpPID`` of a dead process) goes when the folder
+    is next written to, whatever image it was for; a live writer's and a user's files stay."""
     tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=False).stdout.strip()
-    stale = tmp_path / f".a_flow.tif.tmp{dead}"  # what SIGKILL during a write leaves
-    stale.write_bytes(bytes(100))
+    for name in (f".a_flow.tif.tmp{dead}", f".big_flow.tif.tmp{dead}", f".big_flow.png.tmp{dead}"):
+        (tmp_path / name).write_bytes(bytes(100))
+    kept = [f".other_flow.tif.tmp{os.getpid()}", f".notes.txt.tmp{dead}"]  # a live writer's; not blurflow's
+    for name in kept:
+        (tmp_path / name).write_bytes(bytes(10))
     assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--quiet"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "a_flow.png", "a_flow.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.tif", "a_flow.png", "a_flow.tif", *kept])
 
 
 @pytest.mark.parametrize("mode", ["P", "LA"])
@@ -327,10 +333,51 @@ def test_palette_and_grey_alpha_images_are_read_as_seen(model_file, tmp_path, mo
     assert cli.main(["predict", str(model_file), str(tmp_path / "a.png"), "--quiet"]) == 0
 
 
-def test_a_folder_given_as_model_is_named_a_folder(tmp_path, capsys):
+def test_a_folder_stands_for_its_images(model_file, tmp_path, capsys, monkeypatch):
+    """A folder among the inputs is the images in it (not its subfolders, not other files); given
+    alone it is not taken as a model; one without images is one line."""
+    import blurflow.modelfile
+
+    monkeypatch.setattr(blurflow.modelfile, "SHIPPED_MODEL", model_file)
+    (tmp_path / "in/sub").mkdir(parents=True)
+    for name in ("a.tif", "b.png", "sub/c.tif"):
+        Image.fromarray(image((64, 64), dtype=np.uint8)).save(tmp_path / "in" / name)
+    (tmp_path / "in/notes.txt").write_text("not an image")
+    assert cli.main(["predict", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_flow.png", "a_flow.tif", "b_flow.png", "b_flow.tif"]
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["predict", str(model_file), str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"blurflow: error: {tmp_path / 'empty'} is a folder without images (.tif, .tiff, .png, .jpg, .jpeg)"]
+
+
+def test_a_pth_model_is_the_model_never_an_image(model_file, tmp_path, capsys):
+    import shutil
+
     tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
-    assert cli.main(["predict", str(tmp_path), str(tmp_path / "a.tif")]) == 1
-    assert "is a folder, not a model file" in capsys.readouterr().err
+    shutil.copy(model_file, tmp_path / "model.pth")
+    assert cli.main(["predict", str(tmp_path / "model.pth"), str(tmp_path / "a.tif"), "--quiet"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "a_flow.png", "a_flow.tif", "model.pth"]
+    (tmp_path / "weights.pth").write_bytes(b"not a model")
+    assert cli.main(["predict", str(tmp_path / "weights.pth"), str(tmp_path / "a.tif")]) == 1
+    assert "weights.pth is not a blurflow model file" in capsys.readouterr().err
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), str(tmp_path / "model.pth")]) == 2
+    assert "model.pth is a model file; give the model first" in capsys.readouterr().err
+
+
+def test_an_offset_above_the_pixels_is_a_warning(model_file, tmp_path, capsys):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    assert cli.main(["predict", str(model_file), str(tmp_path / "a.tif"), "--offset", "1e6"]) == 0
+    assert "100.0% of the pixels are at or below the offset 1e+06: the image holds almost no signal (is --offset right?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["device", "model"])
+def test_the_output_folder_appears_only_with_the_first_output(model_file, tmp_path, capsys, problem):
+    tifffile.imwrite(tmp_path / "a.tif", image((64, 64)))
+    (tmp_path / "bad.pt").write_bytes(b"junk")
+    model, extra = (str(model_file), ["--device", "bogus"]) if problem == "device" else (str(tmp_path / "bad.pt"), [])
+    assert cli.main(["predict", model, str(tmp_path / "a.tif"), "--out", str(tmp_path / "new/out"), *extra]) in (1, 2)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("smooth_px, edges", [(8.0, False), (6.0, True)])

@@ -91,3 +91,27 @@ def test_paper_preset_builds_its_dag_quickly():
     assert run.returncode == 0, run.stderr
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", run.stdout, re.MULTILINE))
     assert stats["synthesize_shard"] == "410" and stats["train"] == "1" and stats["predict"] == "4"  # two-zone, cylinder, Table 1, beads
+
+
+def test_a_wheel_carries_the_shipped_model_and_predicts_out_of_the_box(tmp_path):
+    """`pip wheel .` holds models/blurflow.pt and its log as package data (blurflow.models); the
+    wheel installed on its own (here into a folder ahead of everything else on the path) predicts
+    with the shipped model, no model given."""
+    import zipfile
+
+    import numpy as np
+    import tifffile
+
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True, check=False, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next((tmp_path / "wheel").glob("blurflow-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"blurflow/models/blurflow.pt", "blurflow/models/blurflow.log.csv", "blurflow/config.schema.yaml"} <= set(names)
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)], capture_output=True, text=True, check=False, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    tifffile.imwrite(tmp_path / "a.tif", (np.random.default_rng(0).random((64, 64)) * 1000).astype(np.uint16))
+    env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "blurflow.cli", "predict", str(tmp_path / "a.tif"), "--no-dihedral"], capture_output=True, text=True, check=False, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"using the shipped model {tmp_path / 'site/blurflow/models/blurflow.pt'}" in run.stderr
+    assert (tmp_path / "a_flow.tif").exists()

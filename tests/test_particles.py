@@ -88,7 +88,7 @@ def test_detection_keeps_isolated_streaks_and_rejects_border_and_overlap(fitter)
         mu[rows, cols] += kernel[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left]
     image = torch.poisson(mu, generator=torch.Generator().manual_seed(0)).numpy()
     found = detect(image, 64)
-    assert found.centres.tolist() == [[100, 100]] and found.rejected == {"border": 1, "overlap": 2}
+    assert found.centres.tolist() == [[100, 100]] and found.rejected == {"border": 1, "overlap": 2, "merged": 0}
     assert found.labels.max() == 1 and found.labels[100, 100] == 1
     fit = fitter.fit(windows(image, found.centres, 64))
     assert np.abs(fit.params[0, :2]).max() < 0.3 and np.abs(fit.params[0, 2:6] - [0.4, 0.3, 0.5, 0.3]).max() < 0.1
@@ -204,3 +204,133 @@ def test_table1_bead_cases_are_fitted_to_their_motion(tmp_path):
     truth, fit = rows[["v1", "v2", "v3", "z0"]].to_numpy(), rows[["fit_v1", "fit_v2", "fit_v3", "fit_z0"]].to_numpy()
     assert (np.abs(fit - truth)[:4] < [0.05, 0.05, 0.1, 0.1]).all(), pd.DataFrame(fit, index=rows.index)
     assert np.isnan(fit[4]).all() and rows["beads_fitted"].tolist() == [4, 4, 4, 4, 0]
+
+
+def one_bead_image(fitter, seed=0) -> np.ndarray:
+    """160 x 200 counts: one bead (path midpoint at row 100, column 100) on a background of 4."""
+    mu = torch.full((160, 200), 4.0)
+    mu[68:132, 68:132] += fitter.expected(bead(0.5, 0.3, 0.4, 0.1, 6000, 0, x=0, y=0))[0]
+    return torch.poisson(mu, generator=torch.Generator().manual_seed(seed)).numpy().astype(np.uint16)
+
+
+def test_images_without_an_isolated_particle_give_empty_tables_and_the_next_image_is_fitted(fitter, tmp_path, capsys):
+    """All zero, pure noise, and every streak overlapping another: an empty table each, one line
+    each, no traceback; the image after them is fitted."""
+    import pandas as pd
+    import tifffile
+
+    from blurflow import cli
+
+    rng = np.random.default_rng(1)
+    crowded = np.full((160, 200), 4.0, np.float32)
+    for y, x in ((80, 60), (80, 85), (80, 110)):  # three beads 25 px apart: every window holds another
+        crowded[y - 32 : y + 32, x - 32 : x + 32] += fitter.expected(bead(0.2, 0.1, 0.3, 0.1, 6000, 0, x=0, y=0))[0].numpy()
+    images = {"a_zero": np.zeros((128, 128), np.uint16), "b_noise": rng.poisson(5, (128, 128)).astype(np.uint16), "c_crowded": rng.poisson(crowded).astype(np.uint16), "d_bead": one_bead_image(fitter)}
+    for name, data in images.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", data)
+    assert cli.main(["particles", *(str(tmp_path / f"{n}.tif") for n in images)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "d_bead.tif: 1 particles fitted" in err
+    assert "c_crowded.tif: 0 particles fitted (left out in the first plane: 3 overlapping)" in err
+    for name in images:
+        table = pd.read_csv(tmp_path / f"{name}_particles.csv")
+        assert list(table.columns) == list(cli.PARTICLE_COLUMNS) and len(table) == (1 if name == "d_bead" else 0), name
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--window", "100000"], "--window must be an even number of pixels from 16 to 512"),
+        (["--window", "15"], "--window"),
+        (["--threshold", "0"], "--threshold must be a positive number"),
+        (["--threshold", "-1"], "--threshold"),
+        (["--threshold", "nan"], "--threshold"),
+        (["--offset", "nan"], "--offset must be a finite number"),
+    ],
+)
+def test_bad_particle_options_are_one_line_naming_the_option(tmp_path, capsys, args, option):
+    import tifffile
+
+    from blurflow import cli
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((128, 128), np.uint16))
+    assert cli.main(["particles", str(tmp_path / "a.tif"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0] and not list(tmp_path.glob("*_particles*"))
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"optics": {"foo": 1}}, "unknown config key optics.foo"),
+        ({"optics": {"na": "high"}}, "config key optics.na: 'high' is not of type 'number'"),
+        ({"motion": {"axial_scale_um": -3}}, "config key motion.axial_scale_um"),
+        ([1, 2], "is not a blurflow config"),
+    ],
+)
+def test_a_particles_config_is_checked_by_the_schema(tmp_path, capsys, section, message):
+    import tifffile
+    import yaml
+
+    from blurflow import cli
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((128, 128), np.uint16))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(section))
+    assert cli.main(["particles", str(tmp_path / "a.tif"), "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("blurflow: error: --config:") and message in err[0], err
+
+
+def test_a_window_larger_than_the_image_fails_that_image_alone(fitter, tmp_path, capsys):
+    import tifffile
+
+    from blurflow import cli
+
+    tifffile.imwrite(tmp_path / "a_small.tif", np.zeros((48, 200), np.uint16))
+    tifffile.imwrite(tmp_path / "b_bead.tif", one_bead_image(fitter))
+    assert cli.main(["particles", str(tmp_path / "a_small.tif"), str(tmp_path / "b_bead.tif"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"blurflow: error: {tmp_path / 'a_small.tif'}: the fit window (64 px) is larger than the image (48 x 200 px): use a smaller --window"]
+    assert (tmp_path / "b_bead_particles.csv").exists() and not (tmp_path / "a_small_particles.csv").exists()
+
+
+def test_an_offset_above_the_pixels_is_a_warning_and_a_flag(fitter, tmp_path, capsys):
+    import pandas as pd
+    import tifffile
+
+    from blurflow import cli
+
+    tifffile.imwrite(tmp_path / "bead.tif", one_bead_image(fitter))
+    assert cli.main(["particles", str(tmp_path / "bead.tif"), "--offset", "1e9"]) == 0
+    err = capsys.readouterr().err
+    assert "100.0% of the pixels are at or below the offset 1e+09: the image holds almost no signal" in err
+    table = pd.read_csv(tmp_path / "bead_particles.csv")
+    assert (table["flag"].str.contains("below_offset")).all()
+
+
+def test_merged_beads_are_flagged_and_not_reported_as_one_confident_particle(fitter, tmp_path, capsys):
+    """Twenty beads 14 px apart along a row merge into one blob far wider than a streak: a row
+    flagged 'merged' without numbers, not '1 particle fitted'; three beads within one window
+    are fitted as one, flagged 'poor_fit' (the deviance says the model does not explain them)."""
+    import pandas as pd
+    import tifffile
+
+    from blurflow import cli
+
+    kernel = fitter.expected(bead(0.1, 0.05, 0.2, 0.1, 6000, 0, x=0, y=0))[0].numpy()
+    chain, cluster = np.full((200, 400), 4.0, np.float32), np.full((200, 200), 4.0, np.float32)
+    for x in range(60, 60 + 20 * 14, 14):
+        chain[68:132, x - 32 : x + 32] += kernel
+    for y, x in ((96, 96), (100, 104), (105, 97)):  # one blob, within one window
+        cluster[y - 32 : y + 32, x - 32 : x + 32] += kernel
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "chain.tif", rng.poisson(chain).astype(np.uint16))
+    tifffile.imwrite(tmp_path / "cluster.tif", rng.poisson(cluster).astype(np.uint16))
+    assert cli.main(["particles", str(tmp_path / "chain.tif"), str(tmp_path / "cluster.tif")]) == 0
+    err = capsys.readouterr().err
+    assert "chain.tif: 0 particles fitted (left out in the first plane: 1 merged blobs wider than the window" in err
+    chain_table = pd.read_csv(tmp_path / "chain_particles.csv")
+    assert len(chain_table) == 1 and chain_table["flag"][0] == "merged" and chain_table[["v1", "v2", "v3", "z0_um"]].isna().all(axis=None)
+    assert 100 < chain_table["x_px"][0] < 300
+    cluster_table = pd.read_csv(tmp_path / "cluster_particles.csv")
+    assert len(cluster_table) == 1 and cluster_table["flag"][0] == "poor_fit" and "1 fits do not explain their window" in err

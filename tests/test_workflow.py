@@ -256,6 +256,48 @@ def test_a_forced_rerun_of_train_rewrites_the_same_model_and_log(built):
         assert untimed.equals(pd.read_csv(io.StringIO(log_before)).drop(columns=["minutes", "images_per_s"]))
 
 
+def test_a_failing_train_job_gives_the_finished_model_back(built, tmp_path):
+    """A train job that fails (here: a validation shard corrupted after the run, newer than the
+    model, so training runs again and cannot read it) leaves the last finished model and log in
+    place (update() outputs), not deleted."""
+    folder = tmp_path / "copy"
+    shutil.copytree(built, folder, symlinks=True)
+    model, log = folder / "results/model/model.pt", folder / "results/model/training_log.csv"
+    before, log_before = model.read_bytes(), log.read_text()
+    (folder / "results/shards/val/shard-0000.h5").write_bytes(b"not an HDF5 file")
+    run = snakemake("results/model/model.pt", "--configfile", "tiny.yaml", cwd=folder)
+    assert run.returncode != 0 and "rule train:" in run.stderr, run.stderr[-2000:]
+    assert model.read_bytes() == before and log.read_text() == log_before
+    assert "Restored previous version of results/model/model.pt" in run.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_cuda_device_without_a_gpu_stops_the_run_before_any_job(workdir):
+    (workdir / "device.yaml").write_text("train:\n  device: cuda\n")
+    run = snakemake("--configfile", "tiny.yaml", "device.yaml", cwd=workdir)
+    assert run.returncode != 0
+    assert "blurflow: config error: train.device: device 'cuda' asked for, but this machine has no CUDA GPU; use auto or cpu" in run.stderr
+    assert not (workdir / "results").exists() and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        ("KeyboardInterrupt()", "CRITICAL blurflow: interrupted"),
+        ("OSError(28, 'No space left on device', 'shard.h5')", "CRITICAL blurflow: failed: [Errno 28] No space left on device: 'shard.h5'"),
+    ],
+)
+def test_a_job_interrupted_or_refused_by_the_disk_ends_with_one_line(tmp_path, error, line):
+    code = (
+        "import types\nfrom blurflow import logs\n"
+        f"logs.job(types.SimpleNamespace(log=[{str(tmp_path / 'job.log')!r}], rule='x', input=[], output=[]))\nraise {error}\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].endswith(line), run.stderr
+    assert (tmp_path / "job.log").read_text().strip().splitlines()[-1].endswith(line)
+
+
 def test_the_pretrained_preset_scores_a_given_model_without_training(built, tmp_path):
     """The pretrained preset on the tiny config with the tiny run's model: no training job, and the
     same test sets and model give the same scores."""
@@ -291,29 +333,38 @@ def test_the_gpu_command_trains_for_its_minutes_and_scores_into_one_folder(tmp_p
     assert json.loads((tmp_path / "two_zone.json").read_text())["pixels"] > 0
 
 
-def test_the_gpu_training_driver_trains_without_snakemake_and_refuses_bad_configs(tmp_path):
-    """tools/gpu_train.py on the CPU with a tiny budget: sources built in the folder, the model and
-    its log beside them; sources of another seed in the folder, a bad config or shard data stop it
-    before anything is written."""
+def test_the_gpu_session_profiles_trains_and_scores_into_one_folder_and_refuses_bad_configs(tmp_path):
+    """tools/gpu_train.py on the CPU with a tiny budget: a profile, sources built in the folder, the
+    model and its log beside them, then the validation and test sets scored (the new model beside
+    a baseline, here itself); sources of another seed in the folder, a bad config or shard data
+    stop it before anything is written."""
     online = tmp_path / "online.yaml"
     online.write_text("train:\n  data: online\n")
+    out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "tools/gpu_train.py"), "0.05"]
-    run = subprocess.run([*command, str(tmp_path / "out"), str(ROOT / "tests/config/tiny.yaml"), str(online)], capture_output=True, text=True, check=False, timeout=900)
+    tiny = [str(ROOT / "tests/config/tiny.yaml"), str(online)]
+    quick = ["--profile-batches", "2", "--profile-steps", "1", "--baseline", str(out / "model.pt"), "--score-images", "2"]
+    run = subprocess.run([*command, str(out), *tiny, *quick], capture_output=True, text=True, check=False, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"sources", "model.pt", "training_log.csv", "checkpoint.pt"}
-    _, meta = load_model(tmp_path / "out/model.pt")
+    assert {p.name for p in out.iterdir()} == {"sources", "profile.json", "model.pt", "training_log.csv", "checkpoint.pt", "release_sources", "validation_sets"}
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["renderer_graph_breaks"] == 0 and profile["rows"][0]["batch"] == 2 and profile["rows"][0]["step_images_per_s"] > 0
+    _, meta = load_model(out / "model.pt")
     assert meta["train"]["max_minutes"] == 0.05 and meta["image_px"] == 64
-    assert len(pd.read_csv(tmp_path / "out/training_log.csv")) >= 1
+    assert len(pd.read_csv(out / "training_log.csv")) >= 1
+    scores = pd.read_csv(out / "validation_sets/scores.csv")
+    sets = {"two_zone", "two_zone_x2", "two_zone_x3", "cylinder", "texture_slope3", "texture_slope4", "two_zone_test", "cylinder_test"}
+    assert set(scores["set"]) == sets and len(scores) == 2 * len(sets) and scores["mean"].notna().all()
     reseeded = tmp_path / "seed.yaml"
     reseeded.write_text("seed: 7\n")
-    before = (tmp_path / "out/model.pt").stat().st_mtime_ns
-    run = subprocess.run([*command, str(tmp_path / "out"), str(ROOT / "tests/config/tiny.yaml"), str(online), str(reseeded)], capture_output=True, text=True, check=False, timeout=300)
+    before = (out / "model.pt").stat().st_mtime_ns
+    run = subprocess.run([*command, str(out), *tiny, str(reseeded), "--no-profile", "--no-score"], capture_output=True, text=True, check=False, timeout=300)
     assert run.returncode != 0 and "was built from another sources config or seed" in run.stderr, run.stderr[-2000:]
-    assert (tmp_path / "out/model.pt").stat().st_mtime_ns == before
+    assert (out / "model.pt").stat().st_mtime_ns == before
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: -1\n")
     for extra, message in ((bad, "gpu_train: bad config: config key train.lr"), (None, "gpu_train: needs train.data: online")):
-        configs = [str(ROOT / "tests/config/tiny.yaml"), str(online), str(extra)] if extra else [str(ROOT / "tests/config/tiny.yaml")]
+        configs = [*tiny, str(extra)] if extra else [str(ROOT / "tests/config/tiny.yaml")]
         run = subprocess.run([*command, str(tmp_path / "bad"), *configs], capture_output=True, text=True, check=False, timeout=300)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
         assert not (tmp_path / "bad").exists()

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-seconds", type=float, default=150)
     parser.add_argument("--score", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--baseline", type=Path, default=ROOT / "models/blurflow.pt", help="the model to score beside the new one")
+    parser.add_argument("--score-images", type=int, default=64, help="images per validation set (64: the shipping rule's sets)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files = [ROOT / "config.yaml", *args.configs]
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         val = source_file("val", blurflow_config.load([ROOT / "config.yaml", release]), out / "release_sources" / "val.h5")
         test = source_file("test", blurflow_config.load([ROOT / "config.yaml"]), out / "release_sources" / "test.h5")
         score = ["benchmarks/validation_sets.py", str(out / "model.pt"), str(args.baseline), "--sources", str(val), "--test-sources", str(test)]
-        run([*score, "--config", str(ROOT / "config.yaml"), str(release), "--sets", str(out / "validation_sets")], None, "the scores")
+        run([*score, "--config", str(ROOT / "config.yaml"), str(release), "--sets", str(out / "validation_sets"), "--images", str(args.score_images)], None, "the scores")
 
 
 if __name__ == "__main__":

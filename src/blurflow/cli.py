@@ -14,12 +14,13 @@ import torch
 from tqdm import tqdm
 
 from blurflow import __version__, config, logs
-from blurflow.files import atomic_path
+from blurflow.files import atomic_path, remove_stale_temporaries
 from blurflow.optics import Optics
 
 log = logging.getLogger("blurflow")
 CHANNELS = ("v1", "v2", "v3", "z0", "w")
 MIN_SIZE = 32  # px: the U-Net halves the image five times
+MAX_WINDOW = 512  # px: the largest particle fit window (a 512 px window's kernel bank alone takes gigabytes)
 
 
 class InputError(ValueError):
@@ -94,7 +95,7 @@ def is_output(path: Path) -> bool:
     try:
         if path.suffix.lower() == ".csv":
             with open(path) as f:
-                return f.readline().rstrip("\n") == ",".join(PARTICLE_COLUMNS)
+                return f.readline().startswith(",".join(PARTICLE_COLUMNS[:4]) + ",")
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -152,6 +153,7 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
     from blurflow.evaluate import predict_bands, tile_count
 
     planes = load_planes(path)
+    below_offset(path, planes, args)
     t, h, w = planes.shape
     tile = meta["image_px"]
     step = -(-max(h, w) // PREVIEW_PX)
@@ -190,14 +192,31 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
     return [tif, png]
 
 
+MODEL_SUFFIXES = (".pt", ".pth")  # a first input with one of these is the model, never an image
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  # what a folder given as input contributes
+
+
 def split_model(inputs: list[str]) -> tuple[Path | None, list[Path]]:
     """(model file or None, images) of ``[MODEL] IMAGE...``: the first input is the model when it
-    is a .pt file (or a folder, to say it is not a model); ``UsageError`` when no image follows."""
+    is a .pt / .pth file; a folder among the images stands for the image files in it (not its
+    subfolders); ``UsageError`` when no image follows the model, ``InputError`` for a folder
+    without images."""
     first = Path(inputs[0])
-    model, images = (first, inputs[1:]) if first.suffix == ".pt" or first.is_dir() else (None, inputs)
-    if not images:
+    model, given = (first, inputs[1:]) if first.suffix.lower() in MODEL_SUFFIXES else (None, inputs)
+    if not given:
         raise UsageError(f"IMAGE: no image given after the model {first}")
-    return model, [Path(p) for p in images]
+    images = []
+    for name in map(Path, given):
+        if name.suffix.lower() in MODEL_SUFFIXES:
+            raise UsageError(f"IMAGE: {name} is a model file; give the model first, then the images")
+        if name.is_dir():
+            found = sorted(p for p in name.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise InputError(f"{name} is a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+            images += found
+        else:
+            images.append(name)
+    return model, images
 
 
 def model_and_images(inputs: list[str]) -> tuple[Path, list[Path], bool]:
@@ -250,15 +269,15 @@ def predict_command(args: argparse.Namespace) -> int:
 
 def plan_images(image_paths: list[Path], args: argparse.Namespace, command: str) -> dict[Path, Path]:
     """Output stem of every image to process (blurflow's own outputs among them are skipped):
-    :func:`plan_outputs` under ``--out`` (created here; one line, exit 2 if it cannot be)."""
+    :func:`plan_outputs` under ``--out``, which is created when the first output is written (here
+    only checked: one line, exit 2, when a file stands where it or a folder above it would be)."""
     out_dir = Path(args.out) if args.out else None
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"--out: {out_dir} exists and is not a folder")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out: cannot create folder {out_dir}: {exc.strerror or exc}") from None
+        blocking = next((p for p in out_dir.absolute().parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise UsageError(f"--out: cannot create folder {out_dir}: {blocking} is a file")
     images = []
     for path in image_paths:
         if not is_output(path):
@@ -275,6 +294,8 @@ def run_images(plan: dict[Path, Path], process, args: argparse.Namespace, comman
     image, an unwritable folder or a full disk is one line for that image, and the others go on.
     Exit status 1 if any failed."""
     failed = 0
+    for folder in {stem.parent for stem in plan.values()}:  # what killed runs left in the output folders
+        remove_stale_temporaries(folder, [f"*{suffix}" for suffix in OUTPUTS[command]])
     for path, stem in logs.progress(plan.items(), enabled=not args.quiet and len(plan) > 1, desc=command, unit="image"):
         try:
             check_targets(stem, command)
@@ -288,6 +309,9 @@ def run_images(plan: dict[Path, Path], process, args: argparse.Namespace, comman
             where = exc.filename or stem.parent
             note(f"blurflow: error: {path}: cannot write its results to {where}: {exc.strerror or exc}")
             failed += 1
+        except (RuntimeError, ValueError, MemoryError) as exc:  # not foreseen: this image fails in one line, the others go on
+            note(f"blurflow: error: {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else 'failed'}")
+            failed += 1
     return 1 if failed else 0
 
 
@@ -295,18 +319,27 @@ PARTICLE_COLUMNS = (
     "particle", "plane", "x_px", "y_px", "x_um", "y_um", "x_std_px", "y_std_px", "dx_px", "dy_px",
     "v1", "v1_std", "v2", "v2_std", "v3", "v3_std", "z0_um", "z0_std_um", "speed_unit",
     "photons", "photons_std", "background", "background_std", "deviance", "direction_resolved", "crosses_focus", "at_bound", "converged",
+    "flag",
 )  # fmt: skip
+BELOW_OFFSET = 0.95  # an image with more of its pixels at or below the offset holds almost no signal: a warning, and a flag on its particles
+POOR_FIT = 2.0  # deviance per window pixel above which a fit does not explain its window (about 1 for a right model)
 
 
-def particle_table(fit, centres: np.ndarray, plane: int, scales, pixel_um: float, exposure_ms: float | None) -> list[dict]:
+def particle_table(
+    fit, centres: np.ndarray, plane: int, scales, pixel_um: float, exposure_ms: float | None, window: int, flag: str = "", merged: np.ndarray | None = None,
+) -> list[dict]:  # fmt: skip
     """One row per particle (PARTICLE_COLUMNS) in physical units: positions in px of the image
     (column x, row y) and um, of the path midpoint; dx, dy the lateral path over the exposure in
-    px; v1, v2, v3 in um per exposure, or um/s with ``exposure_ms``; z0 in um."""
+    px; v1, v2, v3 in um per exposure, or um/s with ``exposure_ms``; z0 in um. ``flag``: what is
+    wrong with the image (on every row); a fit whose deviance exceeds POOR_FIT per pixel of its
+    ``window`` is flagged 'poor_fit'. ``merged`` (M, 2) (row, col): blobs of several particles,
+    rows with their position, flag 'merged' and no numbers."""
     per = 1000 / exposure_ms if exposure_ms else 1.0
     lateral, axial = scales.lateral_scale_px * pixel_um * per, scales.axial_scale_um
     rows = []
     for i, ((cy, cx), p, sd) in enumerate(zip(centres, fit.params, fit.std)):
         x, y = cx + p[0], cy + p[1]
+        poor = "poor_fit" if fit.deviance[i] > POOR_FIT * window**2 else ""
         rows.append({
             "particle": i + 1, "plane": plane, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "x_std_px": sd[0], "y_std_px": sd[1],
             "dx_px": p[2] * scales.lateral_scale_px, "dy_px": p[3] * scales.lateral_scale_px,
@@ -314,8 +347,10 @@ def particle_table(fit, centres: np.ndarray, plane: int, scales, pixel_um: float
             "v3": p[4] * axial * per, "v3_std": sd[4] * axial * per, "z0_um": p[5] * axial, "z0_std_um": sd[5] * axial,
             "speed_unit": "um/s" if exposure_ms else "um/exposure", "photons": p[6], "photons_std": sd[6], "background": p[7], "background_std": sd[7],
             "deviance": fit.deviance[i], "direction_resolved": bool(fit.direction_resolved[i]), "crosses_focus": bool(fit.crosses_focus[i]),
-            "at_bound": bool(fit.at_bound[i]), "converged": bool(fit.converged[i]),
+            "at_bound": bool(fit.at_bound[i]), "converged": bool(fit.converged[i]), "flag": ";".join(f for f in (flag, poor) if f),
         })  # fmt: skip
+    for y, x in merged if merged is not None else ():
+        rows.append({"particle": len(rows) + 1, "plane": plane, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "flag": ";".join(f for f in (flag, "merged") if f)})
     return rows
 
 
@@ -327,12 +362,16 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     from blurflow import figures
     from blurflow.particles import detect, windows
 
-    planes = (load_planes(path) - args.offset) * args.gain
+    raw = load_planes(path)
+    if fitter.window > min(raw.shape[-2:]):
+        raise InputError(f"{path}: the fit window ({fitter.window} px) is larger than the image ({raw.shape[-2]} x {raw.shape[-1]} px): use a smaller --window")
+    flag = "below_offset" if below_offset(path, raw, args) else ""
+    planes = (raw - args.offset) * args.gain
     rows, first = [], None
     for i, plane in enumerate(planes):
         found = detect(plane, fitter.window, threshold=args.threshold)
         fit = fitter.fit(windows(plane, found.centres, fitter.window))
-        rows += particle_table(fit, found.centres, i, fitter.scales, fitter.optics.pixel_um, args.exposure_ms)
+        rows += particle_table(fit, found.centres, i, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, fitter.window, flag, found.merged)
         first = first or (found, rows[:])
     table = pd.DataFrame(rows, columns=list(PARTICLE_COLUMNS))
     csv, png = output_paths(stem, "particles")
@@ -340,9 +379,22 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
         table.to_csv(tmp_csv, index=False)
         figures.save_png(figures.particles_overlay(planes[0], first[0].labels, pd.DataFrame(first[1], columns=list(PARTICLE_COLUMNS))), tmp_png, SOFTWARE)
     if not args.quiet:
-        rejected = ", ".join(f"{n} at the {k}" if k == "border" else f"{n} overlapping" for k, n in first[0].rejected.items() if n)
-        note(f"blurflow: {path}: {len(table)} particles fitted" + (f" (left out in the first plane: {rejected})" if rejected else ""))
+        why = {"border": "at the border", "overlap": "overlapping", "merged": "merged blobs wider than the window (rows flagged 'merged')"}
+        rejected = ", ".join(f"{n} {why[k]}" for k, n in first[0].rejected.items() if n)
+        fitted = int((~table["flag"].fillna("").str.contains("merged")).sum())
+        note(f"blurflow: {path}: {fitted} particles fitted" + (f" (left out in the first plane: {rejected})" if rejected else ""))
+        poor = int(table["flag"].fillna("").str.contains("poor_fit").sum())
+        if poor:
+            note(f"blurflow: warning: {path}: {poor} fits do not explain their window (deviance > {POOR_FIT:g} per pixel; flagged 'poor_fit'): overlapping or unusual particles")
     return [csv, png]
+
+
+def below_offset(path: Path, planes: np.ndarray, args: argparse.Namespace) -> bool:
+    """Whether nearly all pixels (more than BELOW_OFFSET) are at or below ``--offset``: a warning line."""
+    share = float(np.mean(planes <= args.offset))
+    if share > BELOW_OFFSET and not args.quiet:
+        note(f"blurflow: warning: {path}: {share:.1%} of the pixels are at or below the offset {args.offset:g}: the image holds almost no signal (is --offset right?)")
+    return share > BELOW_OFFSET
 
 
 def particles_command(args: argparse.Namespace) -> int:
@@ -365,6 +417,11 @@ def particles_command(args: argparse.Namespace) -> int:
             user_config = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise UsageError(f"--config: cannot read {args.config}: {exc}") from None
+        if not isinstance(user_config, dict):
+            raise UsageError(f"--config: {args.config} is not a blurflow config (a YAML mapping of sections)")
+        error = config.schema_error(user_config)
+        if error:
+            raise UsageError(f"--config: {args.config}: {error}")
         optics_cfg, scales_cfg = user_config.get("optics", {}), user_config.get("motion", {})
     else:
         optics_cfg, scales_cfg = {}, {}
@@ -469,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exposure-ms", type=float, metavar="T", help="exposure time in ms: velocities in um/s")
     p.add_argument("--offset", type=float, default=0.0, help="camera offset subtracted from the pixel values (default 0)")
     p.add_argument("--gain", type=float, default=1.0, help="photo-electrons per pixel value after the offset (default 1)")
-    p.add_argument("--window", type=int, default=64, help="fit window in px, even (default 64): holds the longest streak")
+    p.add_argument("--window", type=int, default=64, help="fit window in px, even, 16-512 (default 64): holds the longest streak")
     p.add_argument("--threshold", type=float, default=5.0, help="detection threshold in noise standard deviations (default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=particles_command)
@@ -489,8 +546,14 @@ def _check(args: argparse.Namespace) -> None:
     if smooth is not None and not (np.isfinite(smooth) and smooth >= 0):
         raise UsageError(f"--smooth-px must be a number of pixels >= 0, got {smooth:g}")
     window = getattr(args, "window", 64)
-    if window < 16 or window % 2:
-        raise UsageError(f"--window must be an even number of pixels >= 16, got {window}")
+    if window < 16 or window > MAX_WINDOW or window % 2:
+        raise UsageError(f"--window must be an even number of pixels from 16 to {MAX_WINDOW}, got {window}")
+    threshold = getattr(args, "threshold", 5.0)
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise UsageError(f"--threshold must be a positive number of noise standard deviations, got {threshold:g}")
+    offset = getattr(args, "offset", 0.0)
+    if not np.isfinite(offset):
+        raise UsageError(f"--offset must be a finite number, got {offset:g}")
     if getattr(args, "batch", 1) < 1:
         raise UsageError(f"--batch must be a positive number of tiles, got {args.batch}")
 

@@ -280,9 +280,12 @@ def flow_overlay(image: np.ndarray, flow: np.ndarray, units: list[str], arrows: 
 
 def particles_overlay(image: np.ndarray, labels: np.ndarray, table) -> plt.Figure:
     """The image with the fitted streaks outlined and each particle's lateral path as an arrow from
-    its start to its end (a headless segment where the direction is not resolved), coloured by v3.
-    ``table`` has the columns of blurflow particles' CSV (x_px, y_px, dx_px, dy_px, v3, ...)."""
+    its start to its end (a headless segment where the direction is not resolved), coloured by v3;
+    a red cross where a row has no numbers (a blob of merged particles). ``table`` has the columns
+    of blurflow particles' CSV (x_px, y_px, dx_px, dy_px, v3, ...)."""
     h, w = image.shape
+    unfitted = table[~np.isfinite(table["v3"].to_numpy(dtype=float))]
+    table = table[np.isfinite(table["v3"].to_numpy(dtype=float))]
     fig, ax = plt.subplots(figsize=(8, 8 * h / max(w, 1) + 0.6), constrained_layout=True)
     lo, hi = _display_range(image)
     ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
@@ -298,7 +301,9 @@ def particles_overlay(image: np.ndarray, labels: np.ndarray, table) -> plt.Figur
             style = "-|>" if row.direction_resolved else "-"
             ax.annotate("", xy=(row.x_px + row.dx_px / 2, row.y_px + row.dy_px / 2), xytext=start, arrowprops={"arrowstyle": style, "color": colour, "lw": 1.5})
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), ax=ax, shrink=0.8, label=f"v3 ({unit}, away from focus)")
-    ax.set_title(f"{len(table)} particles: lateral path over the exposure (arrow: direction resolved)", fontsize=9)
+    if len(unfitted):
+        ax.plot(unfitted["x_px"], unfitted["y_px"], "x", color="red", markersize=10, mew=2)
+    ax.set_title(f"{len(table)} particles: lateral path over the exposure (arrow: direction resolved)" + (f"; {len(unfitted)} not fitted (x)" if len(unfitted) else ""), fontsize=9)
     ax.set_axis_off()
     return fig
 

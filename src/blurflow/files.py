@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from collections.abc import Iterator
@@ -20,17 +21,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the temporaries of ``path`` (``.NAME.tmpPID``) whose writer no longer runs, as a
-    killed process leaves them; returns what was removed."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp(\d+)")
+def remove_stale_temporaries(folder: Path, names: list[str]) -> list[Path]:
+    """Delete the temporaries (``.NAME.tmpPID``) in ``folder`` of the files matching the glob
+    patterns ``names`` whose writer no longer runs, as a killed process leaves them; returns what
+    was removed."""
     removed = []
-    if path.parent.is_dir():
-        for other in path.parent.glob(f".{path.name}.tmp*"):
-            match = pattern.fullmatch(other.name)
-            if match and not _alive(int(match.group(1))):
-                other.unlink(missing_ok=True)
-                removed.append(other)
+    if folder.is_dir():
+        for name in names:
+            for other in folder.glob(f".{name}.tmp*"):
+                match = re.fullmatch(r"\..+\.tmp(\d+)", other.name)
+                if match and not _alive(int(match.group(1))):
+                    other.unlink(missing_ok=True)
+                    removed.append(other)
     return removed
 
 
@@ -41,7 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     temporaries of ``path`` that a killed writer left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
+    remove_stale_temporaries(path.parent, [glob.escape(path.name)])
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp

@@ -15,7 +15,8 @@ from tqdm import tqdm
 def job(smk) -> logging.Logger:
     """Log a workflow job (the ``snakemake`` object of a rule script) to its log file and stderr:
     blurflow's log records, warnings and uncaught exceptions, a first line with the rule, its
-    inputs and outputs, and a last line with its wall time."""
+    inputs and outputs, and a last line with its wall time. Ctrl-C and a file system's refusal (a
+    full disk, a missing permission) end the job with one line; anything else with its traceback."""
     path = Path(smk.log[0])
     path.parent.mkdir(parents=True, exist_ok=True)
     handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(path, mode="w")]
@@ -26,7 +27,12 @@ def job(smk) -> logging.Logger:
 
     def excepthook(kind, value, tb):
         failed.append(kind)
-        log.critical("failed: %s: %s", kind.__name__, value, exc_info=(kind, value, tb))
+        if issubclass(kind, KeyboardInterrupt):
+            log.critical("interrupted")
+        elif issubclass(kind, OSError):
+            log.critical("failed: %s", value)
+        else:
+            log.critical("failed: %s: %s", kind.__name__, value, exc_info=(kind, value, tb))
 
     def finish():
         if not failed:

@@ -4,6 +4,7 @@ repository, and the ImageNet encoder weights (downloaded on request only, checke
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import tempfile
@@ -16,7 +17,18 @@ from blurflow import __version__, logs
 from blurflow.files import atomic_path
 from blurflow.model import FlowNet
 
-SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "models" / "blurflow.pt"  # the pretrained model in the repository (docs/model.md)
+
+def _shipped_model() -> Path:
+    """The shipped model (docs/model.md): package data ``blurflow.models`` (models/ of the
+    repository, installed with the package, editable or not), or models/ beside src/ where the
+    package runs from a checkout without being installed."""
+    try:
+        return Path(str(importlib.resources.files("blurflow.models") / "blurflow.pt"))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "models" / "blurflow.pt"
+
+
+SHIPPED_MODEL = _shipped_model()
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 IMAGENET_WEIGHTS = {  # torchvision's ImageNet-1k ResNet weights; the 8 hex digits of a name begin its SHA-256
     "resnet18": "resnet18-f37072fd.pth",

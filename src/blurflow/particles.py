@@ -225,6 +225,9 @@ class BeadFitter:
         ``iterations`` more."""
         counts = torch.as_tensor(counts, dtype=torch.float32).reshape(-1, self.window, self.window)
         b = counts.shape[0]
+        if b == 0:
+            empty, flags = np.zeros((0, len(PARAMS)), np.float32), np.zeros(0, bool)
+            return FitResult(empty, empty.copy(), np.zeros(0, np.float32), np.zeros(0, np.float32), flags, flags, flags, flags)
         starts = self._starts(counts)
         s = starts.shape[1]
         repeated = counts[:, None].expand(b, s, self.window, self.window).reshape(b * s, self.window, self.window)
@@ -260,21 +263,24 @@ def canonical(theta: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Detection:
     """Isolated streaks found in an image: ``centres`` (N, 2) integer (row, col) of each fit
-    window's centre, ``labels`` (H, W) int32 of the streaks kept (1..N, 0 elsewhere), and
-    ``rejected`` {reason: count} for streaks left out."""
+    window's centre, ``labels`` (H, W) int32 of the streaks kept (1..N, 0 elsewhere),
+    ``rejected`` {reason: count} for streaks left out, and ``merged`` (M, 2) float (row, col)
+    centroids of blobs wider than the fit window: several particles that no single streak explains."""
 
     centres: np.ndarray
     labels: np.ndarray
     rejected: dict[str, int]
+    merged: np.ndarray
 
 
 def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold: float = 5.0, min_area_px: int = 6) -> Detection:
     """Isolated streaks in a camera image (H, W): the image smoothed by a Gaussian of ``sigma_px``
     minus its background (median over blocks of ``window`` px, interpolated), thresholded at
     ``threshold`` noise standard deviations (median absolute deviation of the smoothed residual);
-    the connected components of at least ``min_area_px`` pixels are streaks. A streak is kept when
-    a ``window`` px window centred on it lies inside the image (else 'border') and holds no pixel of
-    another streak (else 'overlap', for both)."""
+    the connected components of at least ``min_area_px`` pixels are streaks. A component wider than
+    the window (its largest extent) is several particles merged (else 'merged'); a streak is kept
+    when a ``window`` px window centred on it lies inside the image (else 'border') and holds no
+    pixel of another streak (else 'overlap', for both)."""
     from scipy import ndimage
     from skimage import measure, transform
 
@@ -289,9 +295,13 @@ def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold
     labels = measure.label(residual > threshold * noise)
     regions = [r for r in measure.regionprops(labels, intensity_image=np.clip(residual, 0, None)) if r.area >= min_area_px]
     half = window // 2
-    rejected = {"border": 0, "overlap": 0}
-    keep, centres = [], []
+    rejected = {"border": 0, "overlap": 0, "merged": 0}
+    keep, centres, merged = [], [], []
     for region in regions:
+        if region.feret_diameter_max > window:
+            rejected["merged"] += 1
+            merged.append(region.centroid_weighted)
+            continue
         cy, cx = (round(c) for c in region.centroid_weighted)
         if cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
             rejected["border"] += 1
@@ -306,7 +316,7 @@ def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold
     kept = np.zeros_like(labels, dtype=np.int32)
     for i, label in enumerate(keep, 1):
         kept[labels == label] = i
-    return Detection(np.array(centres, dtype=np.int64).reshape(-1, 2), kept, rejected)
+    return Detection(np.array(centres, dtype=np.int64).reshape(-1, 2), kept, rejected, np.array(merged, dtype=np.float64).reshape(-1, 2))
 
 
 def windows(image: np.ndarray, centres: np.ndarray, window: int) -> torch.Tensor:

@@ -16,6 +16,19 @@ if workflow.is_main_process:  # once, before any job; jobs re-read the Snakefile
     except ValueError as exc:
         sys.exit(f"blurflow: config error: {exc}")
 
+
+onstart:
+    # before any job, where the jobs run on this machine: the device a training job asks for
+    training = {"train", "study_train"} & {
+        j.rule.name for j in workflow.dag.needrun_jobs()
+    }
+    if workflow.local_exec and training:
+        try:
+            blurflow_config.pick_device(config["train"]["device"])
+        except ValueError as exc:
+            sys.exit(f"blurflow: config error: train.device: {exc}")
+
+
 MODEL = "results/model/model.pt"
 TRAINING_LOG = "results/model/training_log.csv"
 CONDA_ENV = "../../envs/blurflow.yaml"

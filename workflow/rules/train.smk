@@ -34,9 +34,10 @@ else:
             weights=config["train"]["pretrained_weights"] or [],
             init=config["train"]["init_model"] or [],
         output:
-            model=MODEL,
+            # update(): a job that fails gets the finished model and log of the last run back
+            model=update(MODEL),
             log=report(
-                TRAINING_LOG,
+                update(TRAINING_LOG),
                 caption="../report/training_log.rst",
                 category="Training",
             ),
