@@ -89,7 +89,7 @@ def _write(
     def render(b: int, n: int) -> dict[str, torch.Tensor]:
         rng = sample_rng((seed, key, b))
         draws = syn.draws.draw(n, rng)
-        given = {k: torch.from_numpy(np.ascontiguousarray(v)).to(syn.device) for k, v in batch(draws, rng, b * size).items()}
+        given = {k: torch.from_numpy(np.array(v)).to(syn.device) for k, v in batch(draws, rng, b * size).items()}
         return syn.batch(draws, check=True, **given)
 
     write_samples(path, render, count, n_max, {**describe(syn), "seed": seed, **attrs}, batch=size, progress=progress, desc=desc)
