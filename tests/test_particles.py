@@ -73,10 +73,13 @@ def test_motion_psf_offset_and_its_gradient():
     assert k.shape == (1, 3, 64, 64) and torch.allclose(k[:, 1], dx, atol=1e-4 * dx.abs().max())
 
 
-def test_detection_keeps_isolated_streaks_and_rejects_border_and_overlap(fitter):
+def test_detection_groups_neighbours_leaves_out_the_border_and_the_joint_fit_finds_each_bead(fitter):
     """A 300 x 400 image with four beads: one isolated, one too near the border for its window,
-    two whose windows hold each other's streak. Detection keeps the first; its fit finds the bead
-    at its true position and motion."""
+    two whose windows hold each other's streak. Detection keeps three, the two as neighbours (one
+    group); fitted together each is found at its true position and motion, and its std is
+    larger than it would be alone (the neighbour's streak takes some of its information)."""
+    from blurflow.particles import fit_frames
+
     beads = torch.cat([bead(0.4, 0.3, 0.5, 0.3, 9000, 0, x=0, y=0), bead(0.5, 0.0, 0.2, 0.2, 9000, 0, x=0, y=0),
                        bead(-0.3, 0.6, 0.6, 0.2, 9000, 0, x=0, y=0), bead(0.2, 0.2, 0.3, 0.5, 9000, 0, x=0, y=0)])  # fmt: skip
     centres = [(100, 100), (250, 370), (200, 250), (220, 290)]  # (row, col) of each path midpoint
@@ -88,10 +91,35 @@ def test_detection_keeps_isolated_streaks_and_rejects_border_and_overlap(fitter)
         mu[rows, cols] += kernel[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left]
     image = torch.poisson(mu, generator=torch.Generator().manual_seed(0)).numpy()
     found = detect(image, 64)
-    assert found.centres.tolist() == [[100, 100]] and found.rejected == {"border": 1, "overlap": 2, "merged": 0}
-    assert found.labels.max() == 1 and found.labels[100, 100] == 1
-    fit = fitter.fit(windows(image, found.centres, 64))
-    assert np.abs(fit.params[0, :2]).max() < 0.3 and np.abs(fit.params[0, 2:6] - [0.4, 0.3, 0.5, 0.3]).max() < 0.1
+    assert found.centres.tolist() == [[100, 100], [200, 250], [220, 290]] and found.rejected == {"border": 1, "merged": 0}
+    assert found.neighbours.tolist() == [[1, 2], [2, 1]] and found.groups().tolist() == [0, 1, 1]
+    assert found.labels.max() == 3 and found.labels[100, 100] == 1 and found.unfitted[250, 370] and not found.unfitted[100, 100]
+    particles = fit_frames(fitter, [image], [found])
+    assert particles.neighbours.tolist() == [0, 1, 1] and particles.group.tolist() == [0, 1, 1]
+    truth = beads[[0, 2, 3]].numpy()
+    fit = particles.fit
+    position = fit.params[:, :2] + found.centres[:, ::-1] - np.array(centres)[[0, 2, 3]][:, ::-1]
+    assert np.abs(position).max() < 0.3 and np.abs(fit.params[:, 2:6] - truth[:, 2:6]).max() < 0.1
+    alone = fitter.cramer_rao(torch.from_numpy(fit.params[1:]))[1].numpy()
+    assert np.allclose(fit.std[1:, 2:6], alone[:, 2:6], rtol=0.02)  # 40 px apart: the streaks barely touch
+
+
+def test_the_joint_std_grows_where_a_neighbours_streak_covers_the_particles():
+    """Two beads whose streaks cross: each one's Cramér-Rao std from the joint Fisher information is
+    larger than alone (a neighbour explains some of its pixels); far apart, the same as alone."""
+    from blurflow.particles import joint_std
+
+    fitter = BeadFitter(Optics(), SCALES, 64)
+    theta = torch.cat([bead(0.5, 0.0, 0.3, 0.2, 6000, 3, x=0, y=0), bead(0.0, 0.5, 0.3, 0.2, 6000, 3, x=0, y=0)])
+    alone = fitter.cramer_rao(theta)[1].numpy()
+    weight = torch.ones(2, 64 * 64)
+    for gap, grows in ((3, True), (60, False)):
+        centres = np.array([[100, 100], [100 + gap, 100]])
+        std = joint_std(fitter, theta, centres, np.zeros(2, int), np.array([[0, 1], [1, 0]]), weight, np.array([0, 1]))
+        if grows:
+            assert (std[:, :6] > 1.1 * alone[:, :6]).any(1).all()
+        else:
+            assert np.allclose(std[:, :6], alone[:, :6], rtol=0.02)
 
 
 def test_blurflow_particles_writes_a_table_in_physical_units_and_an_overlay(fitter, tmp_path, capsys):
@@ -213,9 +241,10 @@ def one_bead_image(fitter, seed=0) -> np.ndarray:
     return torch.poisson(mu, generator=torch.Generator().manual_seed(seed)).numpy().astype(np.uint16)
 
 
-def test_images_without_an_isolated_particle_give_empty_tables_and_the_next_image_is_fitted(fitter, tmp_path, capsys):
-    """All zero, pure noise, and every streak overlapping another: an empty table each, one line
-    each, no traceback; the image after them is fitted."""
+def test_images_without_a_particle_give_empty_tables_and_neighbours_are_fitted_together(fitter, tmp_path, capsys):
+    """All zero and pure noise: an empty table each, one line each, no traceback; three beads
+    whose windows hold each other's streaks: fitted together, each at its motion; the image after
+    them is fitted."""
     import pandas as pd
     import tifffile
 
@@ -231,10 +260,13 @@ def test_images_without_an_isolated_particle_give_empty_tables_and_the_next_imag
     assert cli.main(["particles", *(str(tmp_path / f"{n}.tif") for n in images)]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and "d_bead.tif: 1 particles fitted" in err
-    assert "c_crowded.tif: 0 particles fitted (left out in the first plane: 3 overlapping)" in err
+    assert "c_crowded.tif: 3 particles fitted, 3 of them with their neighbours" in err
     for name in images:
         table = pd.read_csv(tmp_path / f"{name}_particles.csv")
-        assert list(table.columns) == list(cli.PARTICLE_COLUMNS) and len(table) == (1 if name == "d_bead" else 0), name
+        assert list(table.columns) == list(cli.PARTICLE_COLUMNS) and len(table) == {"c_crowded": 3, "d_bead": 1}.get(name, 0), name
+    crowded = pd.read_csv(tmp_path / "c_crowded_particles.csv")
+    assert crowded["group"].nunique() == 1 and sorted(crowded["neighbours"]) == [1, 1, 2]
+    assert np.allclose(crowded["dx_px"], 0.2 * 24, atol=0.3) and np.allclose(crowded["dy_px"], 0.1 * 24, atol=0.3)  # v3, z0: the density benchmark
 
 
 @pytest.mark.parametrize(
@@ -328,7 +360,7 @@ def test_merged_beads_are_flagged_and_not_reported_as_one_confident_particle(fit
     tifffile.imwrite(tmp_path / "cluster.tif", rng.poisson(cluster).astype(np.uint16))
     assert cli.main(["particles", str(tmp_path / "chain.tif"), str(tmp_path / "cluster.tif")]) == 0
     err = capsys.readouterr().err
-    assert "chain.tif: 0 particles fitted (left out in the first plane: 1 merged blobs wider than the window" in err
+    assert "chain.tif: 0 particles fitted (left out: 1 merged blobs wider than the window" in err
     chain_table = pd.read_csv(tmp_path / "chain_particles.csv")
     assert len(chain_table) == 1 and chain_table["flag"][0] == "merged" and chain_table[["v1", "v2", "v3", "z0_um"]].isna().all(axis=None)
     assert 100 < chain_table["x_px"][0] < 300

@@ -25,7 +25,8 @@ for estimates at a bound or not converged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import h5py
@@ -43,8 +44,9 @@ FD_STEP = torch.tensor([2e-3, 2e-3, 2e-3, 2e-3])  # finite-difference steps of v
 @dataclass
 class FitResult:
     """Per particle (arrays of length B): ``params`` (B, 8) in PARAMS order, ``std`` (B, 8)
-    Cramér-Rao standard deviations, ``deviance``, ``log_likelihood``, ``direction_resolved``,
-    ``at_bound``, ``converged``, ``crosses_focus`` (the path passes through the focal plane)."""
+    Cramér-Rao standard deviations, ``deviance`` (over the ``pixels`` of the window that count),
+    ``log_likelihood``, ``direction_resolved``, ``at_bound``, ``converged``, ``crosses_focus``
+    (the path passes through the focal plane)."""
 
     params: np.ndarray
     std: np.ndarray
@@ -54,6 +56,12 @@ class FitResult:
     at_bound: np.ndarray
     converged: np.ndarray
     crosses_focus: np.ndarray
+    pixels: np.ndarray
+
+    def poor_fit(self) -> np.ndarray:
+        """(B,) whether the deviance exceeds POOR_FIT per counted pixel: the motion PSF of one
+        particle does not explain the window (crossing or unusual particles)."""
+        return self.deviance > POOR_FIT * np.maximum(self.pixels, 1)
 
 
 class BeadFitter:
@@ -110,22 +118,24 @@ class BeadFitter:
             self._bank = (params, self.psf(params).reshape(len(rows), -1))
         return self._bank
 
-    def _starts(self, counts: torch.Tensor) -> torch.Tensor:
-        """Start parameters (B, S, 8): for each window, the best bank match, the best match of
-        the other v3 class (< or >= 0.3), and the best's reversed direction."""
+    def _starts(self, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Start parameters (B, S, 8): for each window (counts less any known light), the best
+        bank match, the best match of the other v3 class (< or >= 0.3), and the best's reversed
+        direction; pixels of weight 0 do not count."""
         b, w = counts.shape[0], self.window
         flat = counts.reshape(b, -1)
-        background = flat.quantile(0.2, dim=1).clamp(min=1e-3)
-        signal = (flat - background[:, None]).clamp(min=0)
+        background = torch.where(weight.reshape(b, -1) > 0, flat, torch.nan).nanquantile(0.2, dim=1).nan_to_num(1e-3).clamp(min=1e-3)
+        signal = (flat - background[:, None]).clamp(min=0) * weight.reshape(b, -1)
         grid = torch.arange(w, dtype=torch.float32) - w // 2
         total = signal.sum(1).clamp(min=1)
         cx = (signal.reshape(b, w, w).sum(1) * grid).sum(1) / total
         cy = (signal.reshape(b, w, w).sum(2) * grid).sum(1) / total
         shift = (-cy.round().long(), -cx.round().long())
         centred = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(counts, *shift)]).reshape(b, -1)
+        mask = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(weight, *shift)]).reshape(b, -1)
         params, kernels = self.bank()
         # weighted least squares of counts ~ b + A k per bank kernel (weights 1 / (counts + 1), Pearson)
-        wt = 1 / (centred + 1)
+        wt = mask / (centred + 1)
         sw, swn = wt.sum(1, keepdim=True), (wt * centred).sum(1, keepdim=True)
         swk, swkk, swnk = wt @ kernels.T, wt @ (kernels**2).T, (wt * centred) @ kernels.T
         det = (sw * swkk - swk**2).clamp(min=1e-12)
@@ -171,46 +181,53 @@ class BeadFitter:
         jac[:, 7] = 1.0
         return mu, jac
 
-    def cramer_rao(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cramer_rao(self, theta: torch.Tensor, known: torch.Tensor | float = 0.0, weight: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(expected counts (B, window**2), Cramér-Rao standard deviations (B, 8)): the square roots
-        of the diagonal of the inverse Poisson Fisher information at ``theta`` (B, 8)."""
+        of the diagonal of the inverse Poisson Fisher information at ``theta`` (B, 8), with
+        ``known`` light (B, window**2) in the windows and pixel ``weight`` (0: not counted)."""
         mu, jac = self._jacobian(theta)
-        fisher = torch.einsum("bpn,bqn->bpq", jac / mu[:, None], jac)
+        mu = mu + known
+        fisher = torch.einsum("bpn,bqn->bpq", jac * (weight / mu)[:, None], jac)
         cov = torch.linalg.pinv(fisher.double()).float()
         return mu, torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()
 
     @staticmethod
-    def log_likelihood(counts: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-        """Poisson log-likelihood (B,) without the counts-only term."""
-        return (counts * mu.clamp(min=1e-9).log() - mu).flatten(1).sum(1)
+    def log_likelihood(counts: torch.Tensor, mu: torch.Tensor, weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Poisson log-likelihood (B,) of counts and expected counts (B, window**2) without the
+        counts-only term, pixels weighted by ``weight``."""
+        return (weight * (counts * mu.clamp(min=1e-9).log() - mu)).sum(1)
 
-    def refine(self, counts: torch.Tensor, theta: torch.Tensor, iterations: int = 30, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Levenberg-Marquardt Fisher scoring from ``theta`` (B, 8); returns (theta, log-likelihood,
-        converged (B,) bool)."""
+    def refine(
+        self, counts: torch.Tensor, theta: torch.Tensor, iterations: int = 30, tol: float = 1e-4, known: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Levenberg-Marquardt Fisher scoring from ``theta`` (B, 8) on counts (B, window**2) with
+        ``known`` light (B, window**2, default none) and pixel ``weight`` (B, window**2, default 1);
+        returns (theta, log-likelihood, converged (B,) bool)."""
+        known = torch.zeros_like(counts) if known is None else known
+        weight = torch.ones_like(counts) if weight is None else weight
         theta = self._clamp(theta.clone())
-        mu = self.expected(theta)
-        ll = self.log_likelihood(counts, mu)
+        ll = self.log_likelihood(counts, self.expected(theta).flatten(1) + known, weight)
         damping = torch.full((theta.shape[0],), 1e-2)
         converged = torch.zeros(theta.shape[0], dtype=torch.bool)
         for _ in range(iterations):
             active = (~converged).nonzero()[:, 0]
             if not len(active):
                 break
-            t, n = theta[active], counts[active].flatten(1)
+            t, n, wt, extra = theta[active], counts[active], weight[active], known[active]
             m, jac = self._jacobian(t)
-            fish = torch.einsum("bpn,bqn->bpq", jac / m[:, None], jac)
-            grad = torch.einsum("bpn,bn->bp", jac, (n - m) / m)
+            m = m + extra
+            fish = torch.einsum("bpn,bqn->bpq", jac * (wt / m)[:, None], jac)
+            grad = torch.einsum("bpn,bn->bp", jac, (n - m) * wt / m)
             scale = torch.diagonal(fish, dim1=1, dim2=2).clamp(min=1e-12)
             system = fish + damping[active, None, None] * torch.diag_embed(scale)
             step = torch.linalg.solve(system, grad[..., None])[..., 0]
             trial = self._clamp(t + step)
-            trial_mu = self.expected(trial)
-            trial_ll = self.log_likelihood(counts[active], trial_mu)
+            trial_ll = self.log_likelihood(n, self.expected(trial).flatten(1) + extra, wt)
             better = trial_ll > ll[active]
             gain = (trial_ll - ll[active]).abs()
             done = better & (gain < tol * (1 + ll[active].abs()) * 1e-3 + tol)
             theta[active] = torch.where(better[:, None], trial, t)
-            mu[active] = torch.where(better[:, None, None], trial_mu, mu[active])
             ll[active] = torch.where(better, trial_ll, ll[active])
             damping[active] = torch.where(better, damping[active] / 3, damping[active] * 10).clamp(1e-6, 1e8)
             converged[active] = done | (damping[active] >= 1e8)
@@ -219,35 +236,51 @@ class BeadFitter:
     # --- the whole fit ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def fit(self, counts: torch.Tensor, screen: int = 3, iterations: int = 30) -> FitResult:
-        """Fit every window of ``counts`` (B, window, window), camera counts (photo-electrons):
-        every start is refined for ``screen`` iterations, the most likely one per window for up to
-        ``iterations`` more."""
-        counts = torch.as_tensor(counts, dtype=torch.float32).reshape(-1, self.window, self.window)
+    def fit(
+        self, counts: torch.Tensor, screen: int = 3, iterations: int = 30, known: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+    ) -> FitResult:  # fmt: skip
+        """Fit every window of ``counts`` (B, window, window), camera counts (photo-electrons), with
+        ``known`` light (B, window, window: the neighbours' streaks, default none) added to the
+        model and pixel ``weight`` (B, window, window; 0: the pixel does not count, default 1).
+        Without ``start`` (B, 8) every start of the coarse search is refined for ``screen``
+        iterations, the most likely one per window for up to ``iterations`` more; with it, only
+        the refinement from it."""
+        w = self.window
+        counts = torch.as_tensor(counts, dtype=torch.float32).reshape(-1, w * w)
         b = counts.shape[0]
         if b == 0:
             empty, flags = np.zeros((0, len(PARAMS)), np.float32), np.zeros(0, bool)
-            return FitResult(empty, empty.copy(), np.zeros(0, np.float32), np.zeros(0, np.float32), flags, flags, flags, flags)
-        starts = self._starts(counts)
-        s = starts.shape[1]
-        repeated = counts[:, None].expand(b, s, self.window, self.window).reshape(b * s, self.window, self.window)
-        theta, ll, _ = self.refine(repeated, starts.reshape(b * s, 8), screen)
-        pick = ll.reshape(b, s).argmax(1) + torch.arange(b) * s
-        theta, ll, converged = self.refine(counts, theta[pick], iterations)
-        m, std = self.cramer_rao(theta)
+            return FitResult(empty, empty.copy(), np.zeros(0, np.float32), np.zeros(0, np.float32), flags, flags, flags, flags, np.zeros(0, np.float32))
+        known = torch.zeros_like(counts) if known is None else torch.as_tensor(known, dtype=torch.float32).reshape(b, -1)
+        weight = torch.ones_like(counts) if weight is None else torch.as_tensor(weight, dtype=torch.float32).reshape(b, -1)
+        if start is None:
+            starts = self._starts((counts - known).clamp(min=0).reshape(b, w, w), weight.reshape(b, w, w))
+            s = starts.shape[1]
+
+            def repeat(x: torch.Tensor) -> torch.Tensor:
+                return x[:, None].expand(b, s, w * w).reshape(b * s, w * w)
+
+            theta, ll, _ = self.refine(repeat(counts), starts.reshape(b * s, 8), screen, known=repeat(known), weight=repeat(weight))
+            start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
+        theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
+        m, std = self.cramer_rao(theta, known, weight)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
         theta = canonical(theta)
-        z_start, z_end = theta[:, 5], theta[:, 5] + theta[:, 4]
-        sharper_gap = z_end.abs() - z_start.abs()
-        resolved = (sharper_gap > 2 * std[:, 4]) & (torch.hypot(theta[:, 2], theta[:, 3]) > 2 * std[:, 2:4].norm(dim=1))
-        n = counts.flatten(1)
-        deviance = 2 * (torch.where(n > 0, n * (n / m).log(), torch.zeros_like(n)) - (n - m)).sum(1)
+        deviance = 2 * (weight * (torch.where(counts > 0, counts * (counts / m).log(), torch.zeros_like(counts)) - (counts - m))).sum(1)
         return FitResult(
-            params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(),
-            direction_resolved=resolved.numpy(), at_bound=at_bound.any(1).numpy(), converged=converged.numpy(),
-            crosses_focus=(z_start < 0).numpy(),
+            params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(), direction_resolved=resolved(theta, std).numpy(),
+            at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=(theta[:, 5] < 0).numpy(), pixels=weight.sum(1).numpy(),
         )  # fmt: skip
+
+
+def resolved(theta: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Whether the direction of each path (B,) is resolved by the fit (canonical ``theta`` and
+    its ``std``, (B, 8)): its ends differ in sharpness by more than 2 std of v3, and it moves
+    laterally by more than 2 std."""
+    z_start, z_end = theta[:, 5], theta[:, 5] + theta[:, 4]
+    return (z_end.abs() - z_start.abs() > 2 * std[:, 4]) & (torch.hypot(theta[:, 2], theta[:, 3]) > 2 * std[:, 2:4].norm(dim=1))
 
 
 def canonical(theta: torch.Tensor) -> torch.Tensor:
@@ -262,25 +295,44 @@ def canonical(theta: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Detection:
-    """Isolated streaks found in an image: ``centres`` (N, 2) integer (row, col) of each fit
-    window's centre, ``labels`` (H, W) int32 of the streaks kept (1..N, 0 elsewhere),
-    ``rejected`` {reason: count} for streaks left out, and ``merged`` (M, 2) float (row, col)
-    centroids of blobs wider than the fit window: several particles that no single streak explains."""
+    """The streaks found in an image: ``centres`` (N, 2) integer (row, col) of each fit window's
+    centre, ``labels`` (H, W) int32 of the streaks kept (1..N, 0 elsewhere), ``neighbours`` (P, 2)
+    pairs (i, j) of kept streaks where j has pixels in i's window (both ways), ``unfitted`` (H, W)
+    bool: the pixels of light that no fit explains (streaks at the border, merged blobs), grown by
+    MASK_GROWTH_PX; ``rejected`` {reason: count} for streaks left out and ``merged`` (M, 2) float
+    (row, col) centroids of blobs wider than the fit window: several particles that no single
+    streak explains."""
 
     centres: np.ndarray
     labels: np.ndarray
+    neighbours: np.ndarray
+    unfitted: np.ndarray
     rejected: dict[str, int]
     merged: np.ndarray
 
+    def groups(self) -> np.ndarray:
+        """(N,) the connected group of each streak under the neighbour relation (0, 1, ...):
+        streaks of one group are fitted together."""
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
+        n = len(self.centres)
+        graph = coo_matrix((np.ones(len(self.neighbours)), (self.neighbours[:, 0], self.neighbours[:, 1])), shape=(n, n))
+        return connected_components(graph, directed=False)[1] if n else np.zeros(0, np.int64)
+
+
+MASK_GROWTH_PX = 3  # px around a streak's detected pixels that its light still reaches (PSF tails)
+POOR_FIT = 2.0  # deviance per counted window pixel above which a fit does not explain its window (about 1 for a right model)
+
 
 def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold: float = 5.0, min_area_px: int = 6) -> Detection:
-    """Isolated streaks in a camera image (H, W): the image smoothed by a Gaussian of ``sigma_px``
-    minus its background (median over blocks of ``window`` px, interpolated), thresholded at
-    ``threshold`` noise standard deviations (median absolute deviation of the smoothed residual);
-    the connected components of at least ``min_area_px`` pixels are streaks. A component wider than
-    the window (its largest extent) is several particles merged (else 'merged'); a streak is kept
-    when a ``window`` px window centred on it lies inside the image (else 'border') and holds no
-    pixel of another streak (else 'overlap', for both)."""
+    """Streaks in a camera image (H, W): the image smoothed by a Gaussian of ``sigma_px`` minus its
+    background (median over blocks of ``window`` px, interpolated), thresholded at ``threshold``
+    noise standard deviations (median absolute deviation of the smoothed residual); the connected
+    components of at least ``min_area_px`` pixels are streaks. A component wider than the window
+    (its largest extent) is several particles merged ('merged'); a streak is kept when a
+    ``window`` px window centred on it lies inside the image (else 'border'). Kept streaks whose
+    windows hold each other's pixels are neighbours (fitted together, blurflow.particles.fit_frames)."""
     from scipy import ndimage
     from skimage import measure, transform
 
@@ -295,28 +347,35 @@ def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold
     labels = measure.label(residual > threshold * noise)
     regions = [r for r in measure.regionprops(labels, intensity_image=np.clip(residual, 0, None)) if r.area >= min_area_px]
     half = window // 2
-    rejected = {"border": 0, "overlap": 0, "merged": 0}
-    keep, centres, merged = [], [], []
+    rejected = {"border": 0, "merged": 0}
+    keep, centres, merged, lost = [], [], [], []
     for region in regions:
+        cy, cx = (round(c) for c in region.centroid_weighted)
         if region.feret_diameter_max > window:
             rejected["merged"] += 1
             merged.append(region.centroid_weighted)
-            continue
-        cy, cx = (round(c) for c in region.centroid_weighted)
-        if cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
+            lost.append(region.label)
+        elif cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
             rejected["border"] += 1
-            continue
-        inside = labels[cy - half : cy + half, cx - half : cx + half]
-        others = np.setdiff1d(np.unique(inside), [0, region.label])
-        if any(o in {r.label for r in regions} for o in others):
-            rejected["overlap"] += 1
-            continue
-        keep.append(region.label)
-        centres.append((cy, cx))
-    kept = np.zeros_like(labels, dtype=np.int32)
-    for i, label in enumerate(keep, 1):
-        kept[labels == label] = i
-    return Detection(np.array(centres, dtype=np.int64).reshape(-1, 2), kept, rejected, np.array(merged, dtype=np.float64).reshape(-1, 2))
+            lost.append(region.label)
+        else:
+            keep.append(region.label)
+            centres.append((cy, cx))
+    index = np.zeros(labels.max() + 1, np.int32)
+    index[keep] = np.arange(1, len(keep) + 1)
+    kept = index[labels]
+    pairs = [
+        (i, int(j) - 1)
+        for i, (cy, cx) in enumerate(centres)
+        for j in np.unique(kept[cy - half : cy + half, cx - half : cx + half])
+        if j and j - 1 != i
+    ]  # fmt: skip
+    pairs = {p for pair in pairs for p in (pair, pair[::-1])}
+    unfitted = ndimage.binary_dilation(np.isin(labels, lost), iterations=MASK_GROWTH_PX) if lost else np.zeros((h, w), bool)
+    return Detection(
+        np.array(centres, dtype=np.int64).reshape(-1, 2), kept, np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2), unfitted, rejected,
+        np.array(merged, dtype=np.float64).reshape(-1, 2),
+    )  # fmt: skip
 
 
 def windows(image: np.ndarray, centres: np.ndarray, window: int) -> torch.Tensor:
@@ -324,6 +383,118 @@ def windows(image: np.ndarray, centres: np.ndarray, window: int) -> torch.Tensor
     (row, col): pixel (window // 2, window // 2) of a window is its centre."""
     half = window // 2
     return torch.from_numpy(np.stack([image[y - half : y + half, x - half : x + half] for y, x in centres]).astype(np.float32)) if len(centres) else torch.zeros(0, window, window)
+
+
+@dataclass
+class Particles:
+    """The particles fitted in a stack of frames, one row per particle: ``frame`` (N,), window
+    ``centres`` (N, 2) (row, col), ``group`` (N,): particles fitted together share it (numbered
+    across the stack), ``neighbours`` (N,): how many other particles' streaks reach its window,
+    and the fit (``fit``: the joint estimate; its std from the joint Fisher information of the
+    particle and its neighbours)."""
+
+    frame: np.ndarray
+    centres: np.ndarray
+    group: np.ndarray
+    neighbours: np.ndarray
+    fit: FitResult
+
+
+def place(patches: np.ndarray, centres: np.ndarray, pairs: np.ndarray, window: int) -> np.ndarray:
+    """(N, window, window): for each window i, the sum of the patches j (N, window, window, each
+    in its own window centred at centres[j]) of the pairs (i, j), where they reach window i."""
+    out = np.zeros((len(centres), window, window), np.float32)
+    for i, j in pairs:
+        dy, dx = centres[j] - centres[i]
+        if abs(dy) >= window or abs(dx) >= window:
+            continue
+        ys, xs = slice(max(dy, 0), window + min(dy, 0)), slice(max(dx, 0), window + min(dx, 0))  # in window i
+        yj, xj = slice(max(-dy, 0), window + min(-dy, 0)), slice(max(-dx, 0), window + min(-dx, 0))  # in window j
+        out[i, ys, xs] += patches[j, yj, xj]
+    return out
+
+
+@torch.no_grad()
+def fit_frames(fitter: BeadFitter, frames: Sequence[np.ndarray], found: Sequence[Detection], rounds: int = 4, tol: float = 1e-3) -> Particles:
+    """Fit the particles of every frame (camera counts) with its detection, all frames in one
+    batch. A particle alone in its window is fitted alone; neighbours (streaks reaching each
+    other's windows) are fitted together: first each alone with the others' pixels left out, then
+    each with the others' current streaks as known light in its window, in turn, until no motion
+    parameter moves by ``tol`` or after ``rounds``. Light that no fit explains (border streaks,
+    merged blobs) never counts. The std of a particle with neighbours comes from the joint
+    Fisher information of it and its neighbours over their windows (:func:`joint_std`)."""
+    from scipy import ndimage
+
+    w, half = fitter.window, fitter.window // 2
+    counts, unfitted, others, pairs, frame, centres, group = [], [], [], [], [], [], []
+    first = groups = 0
+    for f, (image, det) in enumerate(zip(frames, found)):
+        k = len(det.centres)
+        own = np.stack([det.labels[y - half : y + half, x - half : x + half] for y, x in det.centres]) if k else np.zeros((0, w, w), np.int32)
+        streaks = (own > 0) & (own != np.arange(1, k + 1)[:, None, None])  # the other particles' pixels in each window
+        others.append(ndimage.binary_dilation(streaks, np.ones((1, 3, 3), bool), iterations=MASK_GROWTH_PX) if k else streaks)
+        counts.append(windows(image, det.centres, w))
+        unfitted.append(windows(det.unfitted.astype(np.float32), det.centres, w))
+        centres.append(det.centres)
+        frame.append(np.full(k, f))
+        pairs.append(det.neighbours + first)
+        group.append(det.groups() + groups)
+        first, groups = first + k, groups + (int(group[-1].max()) + 1 if k else 0)
+    counts, weight = torch.cat(counts), 1 - torch.cat(unfitted)
+    centres, frame, pairs, group = np.concatenate(centres), np.concatenate(frame), np.concatenate(pairs), np.concatenate(group)
+    n = len(centres)
+    fit = fitter.fit(counts, weight=weight * torch.from_numpy(~np.concatenate(others)))  # each alone, its neighbours' pixels left out
+    grouped = np.unique(pairs[:, 0])
+    theta = torch.from_numpy(fit.params)
+    for _ in range(rounds if len(grouped) else 0):
+        known = torch.from_numpy(place((fitter.expected(theta) - theta[:, 7, None, None]).numpy(), centres, pairs, w))
+        again = fitter.fit(counts[grouped], iterations=10, known=known[grouped], weight=weight[grouped], start=theta[grouped])
+        moved = float(np.abs(again.params[:, 2:6] - theta[grouped, 2:6].numpy()).max())
+        theta[grouped] = torch.from_numpy(again.params)
+        for name in (f.name for f in fields(FitResult)):
+            getattr(fit, name)[grouped] = getattr(again, name)
+        if moved < tol:
+            break
+    if len(grouped):
+        fit.std[grouped] = joint_std(fitter, theta, centres, frame, pairs, weight, grouped)
+        fit.direction_resolved[grouped] = resolved(theta[grouped], torch.from_numpy(fit.std[grouped])).numpy()
+    return Particles(frame, centres, group, np.bincount(pairs[:, 0], minlength=n), fit)
+
+
+def joint_std(
+    fitter: BeadFitter, theta: torch.Tensor, centres: np.ndarray, frame: np.ndarray, pairs: np.ndarray, weight: torch.Tensor, index: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """Cramér-Rao standard deviations (len(index), 8) of the particles ``index`` with neighbours:
+    the Poisson Fisher information of the particle's and its neighbours' parameters (position,
+    motion, photons each; one background for all) over the pixels of their windows that count
+    (``weight``), where the expected counts are the background plus every one of their streaks.
+    A neighbour's streak over the particle's shows in its std: what the neighbour could explain
+    is no longer the particle's alone."""
+    w = fitter.window
+    mu_all, jac_all = fitter._jacobian(theta)
+    signal = (mu_all - theta[:, 7, None]).reshape(-1, w, w).numpy()
+    jac_all = jac_all[:, :7].reshape(-1, 7, w, w).numpy()
+    weight = weight.reshape(-1, w, w).numpy()
+    out = np.zeros((len(index), 8), np.float32)
+    for row, i in enumerate(index):
+        members = np.concatenate([[i], pairs[pairs[:, 0] == i, 1]])
+        corner = centres[members].min(0) - w // 2
+        size = centres[members].max(0) - centres[members].min(0) + w
+        mu = np.zeros(size, np.float64)
+        seen = np.zeros(size, np.float64)
+        jac = np.zeros((7 * len(members) + 1, *size), np.float64)
+        for k, m in enumerate(members):
+            y, x = centres[m] - w // 2 - corner
+            mu[y : y + w, x : x + w] += signal[m]
+            seen[y : y + w, x : x + w] = np.maximum(seen[y : y + w, x : x + w], weight[m])
+            jac[7 * k : 7 * k + 7, y : y + w, x : x + w] = jac_all[m]
+        mu += float(theta[members, 7].mean())
+        jac[-1] = 1.0
+        flat = jac.reshape(len(jac), -1) * np.sqrt(seen.reshape(-1) / mu.reshape(-1))
+        cov = np.linalg.pinv(flat @ flat.T)
+        std = np.sqrt(np.clip(np.diagonal(cov), 0, None))
+        out[row, :7], out[row, 7] = std[:7], std[-1]
+    return out
 
 
 TRAINING_VARIANCE = {"v1": 1 / 3, "v2": 1 / 3, "v3": 1 / 12, "z0": 1 / 12}  # of uniform [-1, 1], [-1, 1], [0, 1], [0, 1]
