@@ -385,24 +385,23 @@ class MotionPSF(torch.nn.Module):
         ratio = torch.polar(ones, -2 * math.pi * a / kf)
         acc = torch.zeros_like(phase)  # sum of OTF(z_k) * shift_k
         acc_slope = torch.zeros_like(phase)  # sum of dOTF/dz(z_k) * shift_k, per table row
-        if gradient:  # the same sums weighted by each step's time t_k (exposure units, 0 at the midpoint)
-            acc_t, acc_slope_t = torch.zeros_like(phase), torch.zeros_like(phase)
         zero, last = self._table.shape[0] - 1, self._table.shape[0] - 3  # the zero row; the last row a step starts from
         # every step's table row and position between rows at once, (B, total)
         k = torch.arange(total, device=a.device)
-        time = (k + 0.5) / kf - 0.5
-        z = (params[:, 3:4] + params[:, 2:3] * (time + 0.5)) * self.scales.axial_scale_um
+        z = (params[:, 3:4] + params[:, 2:3] * (k + 0.5) / kf) * self.scales.axial_scale_um
         u = ((z - self.z_lo) / self.dz).clamp(0, last + 1)
         rows = torch.where(k < steps[:, None], u.floor().long().clamp(max=last), zero)
         within = (u - rows).to(torch.complex64)[..., None]
-        time = time.to(torch.complex64)[..., None]
+        if gradient:  # the same sums weighted by each step's time t_k (exposure units, 0 at the midpoint)
+            acc_t, acc_slope_t = torch.zeros_like(phase), torch.zeros_like(phase)
+            time = ((k + 0.5) / kf - 0.5).to(torch.complex64)[..., None]
         if shrink:  # kernels with more than k steps: one read for the whole loop
             active = (params.shape[0] - torch.cumsum(torch.bincount(steps, minlength=total + 1), 0)).tolist()
         for k in range(total):
             n = active[k] if shrink else params.shape[0]  # (all, when static)
             j = rows[:n, k]
             slope = self._slope[j]
-            value = self._table[j].addcmul_(within[:n, k], slope)
+            value = self._table[j] + within[:n, k] * slope
             acc[:n].addcmul_(value, phase[:n])
             acc_slope[:n].addcmul_(slope, phase[:n])
             if gradient:
@@ -411,7 +410,6 @@ class MotionPSF(torch.nn.Module):
                 acc_slope_t[:n].addcmul_(slope, timed)
             phase[:n].mul_(ratio[:n])
         rows_per_z = self.scales.axial_scale_um / self.dz  # table rows per unit of z0
-        rho = (params[:, 2] * rows_per_z).to(torch.complex64)[:, None]  # rows per exposure
         # Exact integral over each step of (OTF + slope * tau) * exp(-i 2 pi a tau), |tau| <= h/2.
         h = 1 / kf
         x = a * h
@@ -419,28 +417,29 @@ class MotionPSF(torch.nn.Module):
         safe = torch.where(small, 1, x)
         sinc = torch.sinc(x)
         dsinc = torch.where(small, -(math.pi**2) * x / 3, (torch.cos(math.pi * x) - sinc) / safe)
-        out = acc * (h * sinc) + acc_slope * rho * ((1j * h**2 / (2 * math.pi)) * dsinc)
-        if gradient:
+        within_step = (1j * h**2 / (2 * math.pi)) * dsinc
+        if gradient:  # d/da of the step integral, a the phase cycles; d/dz0 and d/dv3 through the table's slope
             d2sinc = torch.where(small, -(math.pi**2) / 3, -(math.pi**2) * sinc - 2 * dsinc / safe)
+            rho = (params[:, 2] * rows_per_z).to(torch.complex64)[:, None]  # rows per exposure
             by_a = -2j * math.pi * acc_t * (h * sinc) + acc * (h**2 * dsinc) + rho * (acc_slope_t * (h**2 * dsinc) + acc_slope * ((1j * h**3 / (2 * math.pi)) * d2sinc))
-            lateral = self.scales.lateral_scale_px
             by_z0 = rows_per_z * acc_slope * (h * sinc)
-            by_v3 = rows_per_z * ((acc_slope_t + 0.5 * acc_slope) * (h * sinc) + acc_slope * ((1j * h**2 / (2 * math.pi)) * dsinc))
-            out = torch.stack([out, by_a * (lateral * self._fx), by_a * (lateral * self._fy), by_v3, by_z0], 1)
+            by_v3 = rows_per_z * ((acc_slope_t + 0.5 * acc_slope) * (h * sinc) + acc_slope * within_step)
+        acc_slope.mul_((params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)[:, None])  # rows per exposure
+        acc.mul_(h * sinc).addcmul_(acc_slope, within_step)
+        if gradient:
+            lateral = self.scales.lateral_scale_px
+            acc = torch.stack([acc, by_a * (lateral * self._fx), by_a * (lateral * self._fy), by_v3, by_z0], 1)
         if offset is not None:
             shift = torch.polar(ones, -2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy))
-            out = out * (shift[:, None] if gradient else shift)
-        return out
+            acc.mul_(shift[:, None] if gradient else shift)
+        return acc
 
     def _image(self, acc: torch.Tensor) -> torch.Tensor:
         """Kernels (B, size, size) on the camera grid from fine-grid OTF samples (B, support):
         each camera-grid frequency sums the fine samples that fold onto it (a gather, in a fixed
         order: deterministic on every device)."""
         b = acc.shape[0]
-        padded = torch.cat([acc, acc.new_zeros(b, 1)], 1)
-        coarse = padded.index_select(1, self._fold[:, 0])
-        for column in range(1, self._fold.shape[1]):  # a fixed order of sums
-            coarse += padded.index_select(1, self._fold[:, column])
+        coarse = torch.cat([acc, acc.new_zeros(b, 1)], 1)[:, self._fold].sum(-1)
         kern = torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))
         return torch.fft.fftshift(kern, dim=(-2, -1))
 
