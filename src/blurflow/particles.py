@@ -239,18 +239,27 @@ class BeadFitter:
                 stale[need] = False
             f, g = fish[active], grad[active]
             scale = torch.diagonal(f, dim1=1, dim2=2).clamp(min=1e-12)
-            step = torch.linalg.solve(f + damping[active, None, None] * torch.diag_embed(scale), g[..., None])[..., 0]
+            system = f + damping[active, None, None] * torch.diag_embed(scale)
+            step = torch.linalg.solve(system, g[..., None])[..., 0]
+            # a parameter at a bound that the step would push beyond is held (its row and column out), and the rest solved again
+            th = theta[active]
+            free = ~(((th <= self.lower + 1e-6) & (step < 0)) | ((th >= self.upper - 1e-6) & (step > 0)))
+            g = g * free
+            system = system * (free[:, :, None] & free[:, None, :]) + torch.diag_embed(scale * ~free)
+            step = torch.linalg.solve(system, g[..., None])[..., 0]
             gain = (step * g).sum(1)  # about twice the predicted gain
             small = gain < 2 * tol
             go = active[~small]
             trial = self._clamp(theta[go] + step[~small])
             trial_ll = self.log_likelihood(counts[go], self.expected(trial).flatten(1) + known[go], weight[go])
-            better = trial_ll > ll[go]
+            ll_before = ll[go]
+            better = trial_ll > ll_before
             done = better & (trial_ll - ll[go] < tol)
             theta[go] = torch.where(better[:, None], trial, theta[go])
             ll[go] = torch.where(better, trial_ll, ll[go])
             stale[go] = better
-            damping[go] = torch.where(better, damping[go] / 3, damping[go] * 10).clamp(1e-6, 1e8)
+            ratio = (trial_ll - ll_before) / (0.5 * gain[~small])  # achieved over predicted gain
+            damping[go] = torch.where(better, damping[go] * torch.where(ratio > 0.75, 1 / 3, torch.where(ratio < 0.25, 2.0, 1.0)), damping[go] * 10).clamp(1e-6, 1e8)
             converged[active[small]] = True
             converged[go] = done | (damping[go] >= 1e8) | (~better & (gain[~small] < 2 * NEAR))
         return theta, ll, converged
@@ -546,20 +555,21 @@ class _Stack:
 
 def _fit_groups(fitter: BeadFitter, stack: _Stack, index: np.ndarray, rounds: int, tol: float, previous: FitResult | None = None) -> FitResult:
     """The fits of the particles ``index`` of ``stack`` (whole groups): each alone with its
-    neighbours' pixels left out, then with the neighbours' current streaks as known light in its
-    window, in turn (the first time also from the coarse search's starts), until no motion
-    parameter moves by ``tol`` of its std or after ``rounds``; the std of a particle with
-    neighbours from their joint Fisher information (:func:`joint_std`). With ``previous`` (fits
-    of ``index``, NaN where there is none) those with a fit start the rounds from it."""
+    neighbours' pixels left out (up to FIRST_ITERATIONS), then those that touch another with
+    their neighbours' current streaks as known light in the window, in turn (the first time also
+    from the coarse search's starts), until no motion parameter moves by ``tol`` of its std or
+    after ``rounds``. With ``previous`` (fits of ``index``, NaN where there is none) those with a
+    fit start the rounds from it."""
     local = np.full(len(stack.centres), -1)
     local[index] = np.arange(len(index))
     pairs = local[stack.pairs[np.isin(stack.pairs[:, 0], index)]]
     touching = local[stack.touching[np.isin(stack.touching[:, 0], index)]]
     counts, weight, centres = stack.counts[index], stack.weight[index], stack.centres[index]
     fresh = np.ones(len(index), bool) if previous is None else np.isnan(previous.params[:, 0])
-    fit = previous or fitter.fit(counts, weight=weight * torch.from_numpy(~stack.others[index]).flatten(1))
+    alone = weight * torch.from_numpy(~stack.others[index]).flatten(1)
+    fit = previous or fitter.fit(counts, iterations=FIRST_ITERATIONS, weight=alone)
     if previous is not None:
-        fit.update(fresh, fitter.fit(counts[fresh], weight=(weight * torch.from_numpy(~stack.others[index]).flatten(1))[fresh]))
+        fit.update(fresh, fitter.fit(counts[fresh], iterations=FIRST_ITERATIONS, weight=alone[fresh]))
     grouped = np.unique(touching[:, 0])
     theta = torch.from_numpy(fit.params)
     for r in range(rounds if len(grouped) else 0):
@@ -570,17 +580,29 @@ def _fit_groups(fitter: BeadFitter, stack: _Stack, index: np.ndarray, rounds: in
         fit.update(grouped, again)
         if moved < tol:
             break
-    stuck = grouped[~fit.converged[grouped]]  # out of the rounds' iterations: on to convergence, the neighbours held
-    if len(stuck):
-        known = torch.from_numpy(place((fitter.expected(theta) - theta[:, 7, None, None]).numpy(), centres, pairs, fitter.window))
-        fit.update(stuck, fitter.fit(counts[stuck], iterations=20, known=known[stuck], weight=weight[stuck], start=theta[stuck]))
-        theta[stuck] = torch.from_numpy(fit.params[stuck])
-    if len(grouped):
-        fit.std[grouped] = joint_std(fitter, theta, centres, touching, weight, grouped)
-        fit.direction_resolved[grouped] = resolved(theta[grouped], torch.from_numpy(fit.std[grouped])).numpy()
     return fit
 
 
+def _finish(fitter: BeadFitter, stack: _Stack, fit: FitResult) -> None:
+    """Fits short of convergence go on (up to 25 iterations, their neighbours' light held: alone
+    with the other streaks' pixels left out, or with the light of those that touch known); then
+    the std of every particle that touches another comes from their joint Fisher information
+    (:func:`joint_std`). In place."""
+    grouped = np.zeros(len(stack.centres), bool)
+    grouped[stack.touching[:, 0]] = True
+    weight = torch.where(torch.from_numpy(grouped)[:, None], stack.weight, stack.weight * torch.from_numpy(~stack.others).flatten(1))
+    theta = torch.from_numpy(fit.params)
+    stuck = np.flatnonzero(~fit.converged)
+    if len(stuck):
+        _, known = stack.signals(fitter, theta)
+        fit.update(stuck, fitter.fit(stack.counts[stuck], iterations=25, known=torch.from_numpy(known[stuck]), weight=weight[stuck], start=theta[stuck]))
+    index = np.flatnonzero(grouped)
+    if len(index):
+        fit.std[index] = joint_std(fitter, torch.from_numpy(fit.params), stack.centres, stack.touching, stack.weight, index)
+        fit.direction_resolved[index] = resolved(torch.from_numpy(fit.params[index]), torch.from_numpy(fit.std[index])).numpy()
+
+
+FIRST_ITERATIONS = 10  # of a particle's first fit: those that need more (often two streaks as one) wait for the split (fit_frames)
 SPLIT_SIGMA = 4.0  # smoothed Pearson residual, in its noise std, above which light is left unexplained
 SPLIT_SHARE = 0.15  # share of the particle's photons that unexplained light must hold to be another particle
 
@@ -668,6 +690,7 @@ def fit_frames(
         fit = fit.take(np.maximum(kept, 0))
         fit.params[kept < 0] = np.nan
         fit.update(redo, _fit_groups(fitter, stack, redo, rounds, tol, previous=fit.take(redo)))
+    _finish(fitter, stack, fit)
     return Particles(stack.frame, stack.centres, stack.group, np.bincount(stack.touching[:, 0], minlength=len(stack.centres)), fit, found)
 
 
