@@ -45,7 +45,8 @@ CHUNK = 64  # kernels computed at once: their sums stay in the processor's cache
 @dataclass
 class FitResult:
     """Per particle (arrays of length B): ``params`` (B, 8) in PARAMS order, ``std`` (B, 8)
-    Cramér-Rao standard deviations, ``deviance`` (over the ``pixels`` of the window that count),
+    Cramér-Rao standard deviations times the square root of ``dispersion`` (the quasi-Poisson
+    std: a camera whose noise exceeds Poisson's widens it by as much), ``deviance`` (over the ``pixels`` of the window that count),
     ``log_likelihood``, ``direction_resolved``, ``at_bound``, ``converged``, ``crosses_focus``
     (the path passes through the focal plane), ``dispersion``: variance over mean of the counts
     about the fit where the particle adds less than 1 % of its peak (1 for Poisson counts; a
@@ -333,6 +334,7 @@ class BeadFitter:
         signal = m - known - theta[:, 7, None]
         quiet = (weight * (signal < 0.01 * signal.amax(1, keepdim=True))).clamp(max=1)
         dispersion = ((quiet * (counts - m) ** 2).sum(1) / (quiet * m).sum(1).clamp(min=1e-6)).clamp(min=1)
+        std = std * dispersion.sqrt()[:, None]  # quasi-Poisson: noise beyond Poisson widens the bound by as much
         return FitResult(
             params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(), direction_resolved=resolved(theta, std).numpy(),
             at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=(theta[:, 5] < 0).numpy(), pixels=weight.sum(1).numpy(),
@@ -587,7 +589,7 @@ def _finish(fitter: BeadFitter, stack: _Stack, fit: FitResult) -> None:
     """Fits short of convergence go on (up to 25 iterations, their neighbours' light held: alone
     with the other streaks' pixels left out, or with the light of those that touch known); then
     the std of every particle that touches another comes from their joint Fisher information
-    (:func:`joint_std`). In place."""
+    (:func:`joint_std`, times the square root of the particle's dispersion). In place."""
     grouped = np.zeros(len(stack.centres), bool)
     grouped[stack.touching[:, 0]] = True
     weight = torch.where(torch.from_numpy(grouped)[:, None], stack.weight, stack.weight * torch.from_numpy(~stack.others).flatten(1))
@@ -598,7 +600,7 @@ def _finish(fitter: BeadFitter, stack: _Stack, fit: FitResult) -> None:
         fit.update(stuck, fitter.fit(stack.counts[stuck], iterations=25, known=torch.from_numpy(known[stuck]), weight=weight[stuck], start=theta[stuck]))
     index = np.flatnonzero(grouped)
     if len(index):
-        fit.std[index] = joint_std(fitter, torch.from_numpy(fit.params), stack.centres, stack.touching, stack.weight, index)
+        fit.std[index] = joint_std(fitter, torch.from_numpy(fit.params), stack.centres, stack.touching, stack.weight, index) * np.sqrt(fit.dispersion[index])[:, None]
         fit.direction_resolved[index] = resolved(torch.from_numpy(fit.params[index]), torch.from_numpy(fit.std[index])).numpy()
 
 
