@@ -32,4 +32,7 @@ rule all:
         rules.fig4_cylinder.output.figure,
         rules.table1.output.figure,
         rules.crb_map.output.figure,
-        rules.bead_metrics.output.figure,
+        expand(
+            "results/figures/fit_vs_truth_{beadset}.png",
+            beadset=["beads", "beads_dense"],
+        ),

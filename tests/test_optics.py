@@ -326,7 +326,7 @@ def test_kernels_equal_those_of_ec4be71(max_steps):
     psf = MotionPSF(OPTICS, SCALES, size=32, max_steps=max_steps)
     assert rel_err(psf(torch.from_numpy(ref["params"])), torch.from_numpy(ref["kernels"])) < 1e-6
     fit = MotionPSF(OPTICS, SCALES, 32, z_range_um=(-8.0, 8.0), lateral_step_px=2.0, max_steps=max_steps)
-    grads = fit(torch.from_numpy(ref["fit_params"]), offset_px=torch.from_numpy(ref["fit_offsets"]), offset_gradient=True)
+    grads = fit(torch.from_numpy(ref["fit_params"]), offset_px=torch.from_numpy(ref["fit_offsets"]), gradient=True)
     for i in range(3):
         assert rel_err(grads[:, i], torch.from_numpy(ref["fit_kernels"][:, i])) < 1e-6
 

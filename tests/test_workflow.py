@@ -144,7 +144,7 @@ def test_an_interrupted_run_resumes_with_the_plain_command(workdir):
 
 FIGURES = (
     "psf_gallery", "training_samples", "training_curve", "fig2_two_zone", "fig3_cylinder_sketch",
-    "fig4_cylinder", "table1", "scatter_two_zone", "scatter_cylinder", "crb_map", "fit_vs_truth",
+    "fig4_cylinder", "table1", "scatter_two_zone", "scatter_cylinder", "crb_map", "fit_vs_truth_beads", "fit_vs_truth_beads_dense",
 )  # fmt: skip
 
 
@@ -171,6 +171,9 @@ def test_pipeline_builds_end_to_end_on_the_tiny_config(built):
     beads = json.loads((results / "metrics/beads.json").read_text())
     assert beads["fit"]["beads"] == beads["network"]["beads"] == 1 and "within_2_std" in beads["fit"]
     assert len(pd.read_csv(results / "particles/beads.csv")) == 1
+    dense = json.loads((results / "metrics/beads_dense.json").read_text())
+    assert dense["network"]["beads"] == 3 and 0 < dense["fit"]["fraction_fitted"] <= 1 and dense["fit"]["beads"] == round(3 * dense["fit"]["fraction_fitted"])
+    assert pd.read_csv(results / "particles/beads_dense.csv")["image"].tolist() == [0, 0, 0]
     table1 = pd.read_csv(results / "tables/table1.csv")
     assert list(table1["case"]) == list("abcde") and table1[["pred_v1", "pred_v3"]].notna().all().all()
     assert (results / "tables/table1.md").read_text().startswith("| case")

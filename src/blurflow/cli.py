@@ -95,7 +95,7 @@ def is_output(path: Path) -> bool:
     try:
         if path.suffix.lower() == ".csv":
             with open(path) as f:
-                return f.readline().startswith(",".join(PARTICLE_COLUMNS[:4]) + ",")
+                return f.readline().startswith(",".join(PARTICLE_COLUMNS[:5]) + ",")
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -316,76 +316,82 @@ def run_images(plan: dict[Path, Path], process, args: argparse.Namespace, comman
 
 
 PARTICLE_COLUMNS = (
-    "particle", "plane", "x_px", "y_px", "x_um", "y_um", "x_std_px", "y_std_px", "dx_px", "dy_px",
+    "particle", "frame", "x", "y", "mass", "x_px", "y_px", "x_um", "y_um", "x_std_px", "y_std_px", "dx_px", "dy_px",
     "v1", "v1_std", "v2", "v2_std", "v3", "v3_std", "z0_um", "z0_std_um", "speed_unit",
     "photons", "photons_std", "background", "background_std", "deviance", "direction_resolved", "crosses_focus", "at_bound", "converged",
-    "flag",
+    "group", "neighbours", "flag",
 )  # fmt: skip
 BELOW_OFFSET = 0.95  # an image with more of its pixels at or below the offset holds almost no signal: a warning, and a flag on its particles
-POOR_FIT = 2.0  # deviance per window pixel above which a fit does not explain its window (about 1 for a right model)
 
 
-def particle_table(
-    fit, centres: np.ndarray, plane: int, scales, pixel_um: float, exposure_ms: float | None, window: int, flag: str = "", merged: np.ndarray | None = None,
-) -> list[dict]:  # fmt: skip
-    """One row per particle (PARTICLE_COLUMNS) in physical units: positions in px of the image
-    (column x, row y) and um, of the path midpoint; dx, dy the lateral path over the exposure in
-    px; v1, v2, v3 in um per exposure, or um/s with ``exposure_ms``; z0 in um. ``flag``: what is
-    wrong with the image (on every row); a fit whose deviance exceeds POOR_FIT per pixel of its
-    ``window`` is flagged 'poor_fit'. ``merged`` (M, 2) (row, col): blobs of several particles,
-    rows with their position, flag 'merged' and no numbers."""
+def particle_table(particles, found: list, scales, pixel_um: float, exposure_ms: float | None, flag: str = "") -> list[dict]:
+    """One row per particle (PARTICLE_COLUMNS) of blurflow.particles.fit_frames' ``particles`` in
+    physical units: ``frame`` (the plane of a stack: a time series), positions in px of the image
+    (column x, row y; ``x``, ``y`` and ``mass`` = photons as trackpy reads them) and um, of the
+    path midpoint; dx, dy the lateral path over the exposure in px; v1, v2, v3 in um per exposure,
+    or um/s with ``exposure_ms``; z0 in um; ``group``: particles fitted together share it,
+    ``neighbours``: streaks reaching its window. ``flag``: what is wrong with the image (on every
+    row); a fit whose deviance exceeds POOR_FIT per counted pixel is flagged 'poor_fit'; the
+    merged blobs of the detections ``found`` (one per frame) get rows with their position, flag
+    'merged' and no numbers."""
     per = 1000 / exposure_ms if exposure_ms else 1.0
     lateral, axial = scales.lateral_scale_px * pixel_um * per, scales.axial_scale_um
-    rows = []
-    for i, ((cy, cx), p, sd) in enumerate(zip(centres, fit.params, fit.std)):
+    fit, rows = particles.fit, []
+    poor_fits = fit.poor_fit()
+    for i, ((cy, cx), p, sd) in enumerate(zip(particles.centres, fit.params, fit.std)):
         x, y = cx + p[0], cy + p[1]
-        poor = "poor_fit" if fit.deviance[i] > POOR_FIT * window**2 else ""
+        poor = "poor_fit" if poor_fits[i] else ""
         rows.append({
-            "particle": i + 1, "plane": plane, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "x_std_px": sd[0], "y_std_px": sd[1],
+            "particle": i + 1, "frame": int(particles.frame[i]), "x": x, "y": y, "mass": p[6],
+            "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "x_std_px": sd[0], "y_std_px": sd[1],
             "dx_px": p[2] * scales.lateral_scale_px, "dy_px": p[3] * scales.lateral_scale_px,
             "v1": p[2] * lateral, "v1_std": sd[2] * lateral, "v2": p[3] * lateral, "v2_std": sd[3] * lateral,
             "v3": p[4] * axial * per, "v3_std": sd[4] * axial * per, "z0_um": p[5] * axial, "z0_std_um": sd[5] * axial,
             "speed_unit": "um/s" if exposure_ms else "um/exposure", "photons": p[6], "photons_std": sd[6], "background": p[7], "background_std": sd[7],
             "deviance": fit.deviance[i], "direction_resolved": bool(fit.direction_resolved[i]), "crosses_focus": bool(fit.crosses_focus[i]),
-            "at_bound": bool(fit.at_bound[i]), "converged": bool(fit.converged[i]), "flag": ";".join(f for f in (flag, poor) if f),
+            "at_bound": bool(fit.at_bound[i]), "converged": bool(fit.converged[i]), "group": int(particles.group[i]),
+            "neighbours": int(particles.neighbours[i]), "flag": ";".join(f for f in (flag, poor) if f),
         })  # fmt: skip
-    for y, x in merged if merged is not None else ():
-        rows.append({"particle": len(rows) + 1, "plane": plane, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "flag": ";".join(f for f in (flag, "merged") if f)})
+    for f, det in enumerate(found):
+        for y, x in det.merged:
+            rows.append({
+                "particle": len(rows) + 1, "frame": f, "x": x, "y": y, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um,
+                "flag": ";".join(g for g in (flag, "merged") if g),
+            })  # fmt: skip
     return rows
 
 
 def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> list[Path]:
-    """Detect and fit the isolated beads of every plane of one image; write
-    ``<stem>_particles.csv`` (PARTICLE_COLUMNS) and ``<stem>_particles.png`` (the first plane)."""
+    """Detect and fit the beads of every plane of one image (a stack is a time series: one kernel
+    bank, one batch across its frames, neighbours fitted together); write
+    ``<stem>_particles.csv`` (PARTICLE_COLUMNS) and ``<stem>_particles.png`` (the first frame)."""
     import pandas as pd
 
     from blurflow import figures
-    from blurflow.particles import detect, windows
+    from blurflow.particles import POOR_FIT, detect, fit_frames
 
     raw = load_planes(path)
     if fitter.window > min(raw.shape[-2:]):
         raise InputError(f"{path}: the fit window ({fitter.window} px) is larger than the image ({raw.shape[-2]} x {raw.shape[-1]} px): use a smaller --window")
     flag = "below_offset" if below_offset(path, raw, args) else ""
     planes = (raw - args.offset) * args.gain
-    rows, first = [], None
-    for i, plane in enumerate(planes):
-        found = detect(plane, fitter.window, threshold=args.threshold)
-        fit = fitter.fit(windows(plane, found.centres, fitter.window))
-        rows += particle_table(fit, found.centres, i, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, fitter.window, flag, found.merged)
-        first = first or (found, rows[:])
-    table = pd.DataFrame(rows, columns=list(PARTICLE_COLUMNS))
+    found = [detect(plane, fitter.window, threshold=args.threshold) for plane in planes]
+    table = pd.DataFrame(particle_table(fit_frames(fitter, planes, found), found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag), columns=list(PARTICLE_COLUMNS))
     csv, png = output_paths(stem, "particles")
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         table.to_csv(tmp_csv, index=False)
-        figures.save_png(figures.particles_overlay(planes[0], first[0].labels, pd.DataFrame(first[1], columns=list(PARTICLE_COLUMNS))), tmp_png, SOFTWARE)
+        figures.save_png(figures.particles_overlay(planes[0], found[0].labels, table[table["frame"] == 0]), tmp_png, SOFTWARE)
     if not args.quiet:
-        why = {"border": "at the border", "overlap": "overlapping", "merged": "merged blobs wider than the window (rows flagged 'merged')"}
-        rejected = ", ".join(f"{n} {why[k]}" for k, n in first[0].rejected.items() if n)
-        fitted = int((~table["flag"].fillna("").str.contains("merged")).sum())
-        note(f"blurflow: {path}: {fitted} particles fitted" + (f" (left out in the first plane: {rejected})" if rejected else ""))
-        poor = int(table["flag"].fillna("").str.contains("poor_fit").sum())
+        why = {"border": "at the border", "merged": "merged blobs wider than the window (rows flagged 'merged')"}
+        rejected = {k: sum(d.rejected[k] for d in found) for k in why}
+        left = ", ".join(f"{n} {why[k]}" for k, n in rejected.items() if n)
+        flags = table["flag"].fillna("")
+        jointly = int((table["neighbours"].fillna(0) > 0).sum())
+        frames = f" in {len(planes)} frames" if len(planes) > 1 else ""
+        note(f"blurflow: {path}: {int((~flags.str.contains('merged')).sum())} particles fitted{frames}" + (f", {jointly} of them with their neighbours" if jointly else "") + (f" (left out: {left})" if left else ""))
+        poor = int(flags.str.contains("poor_fit").sum())
         if poor:
-            note(f"blurflow: warning: {path}: {poor} fits do not explain their window (deviance > {POOR_FIT:g} per pixel; flagged 'poor_fit'): overlapping or unusual particles")
+            note(f"blurflow: warning: {path}: {poor} fits do not explain their window (deviance > {POOR_FIT:g} per pixel; flagged 'poor_fit'): crossing or unusual particles")
     return [csv, png]
 
 

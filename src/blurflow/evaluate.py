@@ -282,9 +282,10 @@ def table1_rows(testset: str | Path, predictions: str | Path, fits: str | Path |
 
 
 def bead_estimates(testset: str | Path, predictions: str | Path) -> np.ndarray:
-    """The network's estimate of every bead of a bead test set (image by image, bead by bead):
-    its predicted (v1, v2, v3, z0) averaged over the valid pixels of the bead's region (all the
-    region's pixels when none is valid). (M, 4) float64, canonical."""
+    """The network's estimate of every bead of a bead test set (image by image, bead by bead; the
+    beads of the grid, or each image's own list on the dense set): its predicted (v1, v2, v3, z0)
+    averaged over the valid pixels of the bead's region (all the region's pixels when none is
+    valid). (M, 4) float64, canonical."""
     ds = ShardDataset([testset])
     with h5py.File(predictions) as f:
         pred = f["pred"][()].astype(np.float64)
@@ -292,7 +293,8 @@ def bead_estimates(testset: str | Path, predictions: str | Path) -> np.ndarray:
     for i in range(len(pred)):
         item = ds[i]
         region, valid = item["region"].numpy(), item["valid"][0].numpy() > 0.5
-        for r in range(len(ds.attrs["bead_rows"])):
+        rows = ds.attrs["bead_rows"][i] if isinstance(ds.attrs["bead_rows"][0], list) else ds.attrs["bead_rows"]
+        for r in range(len(rows)):
             mask = (region == r) & valid
             mask = mask if mask.any() else region == r
             out.append(pred[i, :4][:, mask].mean(1))

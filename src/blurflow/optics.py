@@ -334,41 +334,49 @@ class MotionPSF(torch.nn.Module):
             raise ValueError(f"a path needs {steps} time steps, more than the {self.max_steps} of this PSF operator (max_steps)")
 
     def forward(
-        self, params: torch.Tensor, step_factor: int = 1, chunk: int | None = None, offset_px: torch.Tensor | None = None,
-        offset_gradient: bool = False, check: bool = True,
+        self, params: torch.Tensor, step_factor: int = 1, chunk: int | None = None, offset_px: torch.Tensor | None = None, gradient: bool = False,
+        check: bool = True,
     ) -> torch.Tensor:  # fmt: skip
         """Kernels (B, size, size) float32 for params (B, 4) = (v1, v2, v3, z0), normalised units,
         computed ``chunk`` kernels at a time (all at once by default). ``offset_px`` (B, 2): (x, y)
         shift of the path midpoint from the kernel origin, px (exact, applied before the kernel is
-        sampled on the camera grid). With ``offset_gradient``, (B, 3, size, size): the kernels and
-        their derivatives by the x and y offsets (per px). ``check``: :meth:`check` the params first."""
+        sampled on the camera grid). With ``gradient``, (B, 7, size, size): the kernels and their
+        derivatives by the x and y offsets (per px) and by v1, v2, v3, z0 (analytic: the sums over
+        time steps carry the step's time and the table's slope along; a step count or table row
+        that changes with the parameters is held). ``check``: :meth:`check` the params first."""
         params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, 4)
         if check:
             self.check(params)
         offset = None if offset_px is None else torch.as_tensor(offset_px, dtype=torch.float32, device=self.device).reshape(-1, 2)
         steps = self.n_steps(params, step_factor)
         if self.max_steps is not None:  # static: every kernel in one pass, in its own place
-            return self._from_otf(self._kernels(params, steps, offset, self.max_steps * step_factor), offset_gradient)
-        out = torch.empty(params.shape[0], 3 if offset_gradient else 1, self.size, self.size, device=self.device)
+            return self._from_otf(self._kernels(params, steps, offset, self.max_steps * step_factor, gradient=gradient), gradient)
+        out = torch.empty(params.shape[0], 7 if gradient else 1, self.size, self.size, device=self.device)
         order = torch.argsort(steps, descending=True, stable=True)  # the loop below shrinks to the kernels still stepping
         for start in range(0, params.shape[0], chunk or max(1, params.shape[0])):
             idx = order[start : start + (chunk or params.shape[0])]
-            acc = self._kernels(params[idx], steps[idx], None if offset is None else offset[idx], int(steps[idx[0]]), shrink=True)
-            out[idx] = self._from_otf(acc, offset_gradient).reshape(len(idx), -1, self.size, self.size)
-        return out if offset_gradient else out[:, 0]
+            acc = self._kernels(params[idx], steps[idx], None if offset is None else offset[idx], int(steps[idx[0]]), shrink=True, gradient=gradient)
+            out[idx] = self._from_otf(acc, gradient).reshape(len(idx), -1, self.size, self.size)
+        return out if gradient else out[:, 0]
 
-    def _from_otf(self, acc: torch.Tensor, offset_gradient: bool) -> torch.Tensor:
-        """Kernels (B, size, size) from fine-grid OTF samples, or (B, 3, size, size) with their
-        offset derivatives (d/ds of exp(-2 pi i f s) is -2 pi i f: the same sum, weighted)."""
-        if not offset_gradient:
+    def _from_otf(self, acc: torch.Tensor, gradient: bool) -> torch.Tensor:
+        """Kernels (B, size, size) from fine-grid OTF samples (B, support), or (B, 7, size, size)
+        from (B, 5, support) (the kernel's and its motion derivatives' samples) with the offset
+        derivatives (d/ds of exp(-2 pi i f s) is -2 pi i f: the same sum, weighted)."""
+        if not gradient:
             return self._image(acc)
-        return torch.stack([self._image(acc), self._image(acc * (-2j * math.pi * self._fx)), self._image(acc * (-2j * math.pi * self._fy))], 1)
+        b = acc.shape[0]
+        parts = torch.cat([acc[:, :1], acc[:, :1] * (-2j * math.pi * self._fx), acc[:, :1] * (-2j * math.pi * self._fy), acc[:, 1:]], 1)
+        return self._image(parts.reshape(b * 7, -1)).reshape(b, 7, self.size, self.size)
 
-    def _kernels(self, params: torch.Tensor, steps: torch.Tensor, offset: torch.Tensor | None, total: int, shrink: bool = False) -> torch.Tensor:
+    def _kernels(
+        self, params: torch.Tensor, steps: torch.Tensor, offset: torch.Tensor | None, total: int, shrink: bool = False, gradient: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
         """Fine-grid OTF samples (B, support) of the kernels, shifted by ``offset`` (px), in
         ``total`` time steps; a kernel's steps beyond its own count read the table's zero row.
         ``shrink`` (params sorted by descending step count): each step touches only the kernels
-        that still need it, which reads their number back to the host."""
+        that still need it, whose numbers are read back to the host once. With ``gradient``,
+        (B, 5, support): the kernel's and its derivatives' by v1, v2, v3, z0."""
         kf = steps.to(torch.float32)[:, None]
         d = params[:, :2] * self.scales.lateral_scale_px  # (dx, dy) px over the exposure
         a = d[:, :1] * self._fx + d[:, 1:2] * self._fy  # cycles of phase over the exposure
@@ -378,27 +386,52 @@ class MotionPSF(torch.nn.Module):
         acc = torch.zeros_like(phase)  # sum of OTF(z_k) * shift_k
         acc_slope = torch.zeros_like(phase)  # sum of dOTF/dz(z_k) * shift_k, per table row
         zero, last = self._table.shape[0] - 1, self._table.shape[0] - 3  # the zero row; the last row a step starts from
-        active = params.shape[0] - torch.cumsum(torch.bincount(steps, minlength=total + 1), 0) if shrink else None
+        # every step's table row and position between rows at once, (B, total)
+        k = torch.arange(total, device=a.device)
+        z = (params[:, 3:4] + params[:, 2:3] * (k + 0.5) / kf) * self.scales.axial_scale_um
+        u = ((z - self.z_lo) / self.dz).clamp(0, last + 1)
+        rows = torch.where(k < steps[:, None], u.floor().long().clamp(max=last), zero)
+        within = (u - rows).to(torch.complex64)[..., None]
+        if gradient:  # the same sums weighted by each step's time t_k (exposure units, 0 at the midpoint)
+            acc_t, acc_slope_t = torch.zeros_like(phase), torch.zeros_like(phase)
+            time = ((k + 0.5) / kf - 0.5).to(torch.complex64)[..., None]
+        if shrink:  # kernels with more than k steps: one read for the whole loop
+            active = (params.shape[0] - torch.cumsum(torch.bincount(steps, minlength=total + 1), 0)).tolist()
         for k in range(total):
-            n = int(active[k]) if shrink else params.shape[0]  # kernels with more than k steps (all, when static)
-            p = params[:n]
-            z = (p[:, 3] + p[:, 2] * (k + 0.5) / steps[:n]) * self.scales.axial_scale_um
-            u = ((z - self.z_lo) / self.dz).clamp(0, last + 1)
-            j = u.floor().long().clamp(max=last)
-            j = torch.where(steps[:n] > k, j, zero)
+            n = active[k] if shrink else params.shape[0]  # (all, when static)
+            j = rows[:n, k]
             slope = self._slope[j]
-            acc[:n].addcmul_(self._table[j] + (u - j).to(torch.complex64)[:, None] * slope, phase[:n])
+            value = self._table[j] + within[:n, k] * slope
+            acc[:n].addcmul_(value, phase[:n])
             acc_slope[:n].addcmul_(slope, phase[:n])
+            if gradient:
+                timed = phase[:n] * time[:n, k]
+                acc_t[:n].addcmul_(value, timed)
+                acc_slope_t[:n].addcmul_(slope, timed)
             phase[:n].mul_(ratio[:n])
-        acc_slope.mul_((params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)[:, None])  # rows per exposure
+        rows_per_z = self.scales.axial_scale_um / self.dz  # table rows per unit of z0
         # Exact integral over each step of (OTF + slope * tau) * exp(-i 2 pi a tau), |tau| <= h/2.
         h = 1 / kf
         x = a * h
         small = x.abs() < 1e-3
-        dsinc = torch.where(small, -(math.pi**2) * x / 3, (torch.cos(math.pi * x) - torch.sinc(x)) / torch.where(small, 1, x))
-        acc.mul_(h * torch.sinc(x)).addcmul_(acc_slope, (1j * h**2 / (2 * math.pi)) * dsinc)
+        safe = torch.where(small, 1, x)
+        sinc = torch.sinc(x)
+        dsinc = torch.where(small, -(math.pi**2) * x / 3, (torch.cos(math.pi * x) - sinc) / safe)
+        within_step = (1j * h**2 / (2 * math.pi)) * dsinc
+        if gradient:  # d/da of the step integral, a the phase cycles; d/dz0 and d/dv3 through the table's slope
+            d2sinc = torch.where(small, -(math.pi**2) / 3, -(math.pi**2) * sinc - 2 * dsinc / safe)
+            rho = (params[:, 2] * rows_per_z).to(torch.complex64)[:, None]  # rows per exposure
+            by_a = -2j * math.pi * acc_t * (h * sinc) + acc * (h**2 * dsinc) + rho * (acc_slope_t * (h**2 * dsinc) + acc_slope * ((1j * h**3 / (2 * math.pi)) * d2sinc))
+            by_z0 = rows_per_z * acc_slope * (h * sinc)
+            by_v3 = rows_per_z * ((acc_slope_t + 0.5 * acc_slope) * (h * sinc) + acc_slope * within_step)
+        acc_slope.mul_((params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)[:, None])  # rows per exposure
+        acc.mul_(h * sinc).addcmul_(acc_slope, within_step)
+        if gradient:
+            lateral = self.scales.lateral_scale_px
+            acc = torch.stack([acc, by_a * (lateral * self._fx), by_a * (lateral * self._fy), by_v3, by_z0], 1)
         if offset is not None:
-            acc.mul_(torch.polar(ones, -2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy)))
+            shift = torch.polar(ones, -2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy))
+            acc.mul_(shift[:, None] if gradient else shift)
         return acc
 
     def _image(self, acc: torch.Tensor) -> torch.Tensor:

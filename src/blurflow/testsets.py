@@ -40,7 +40,8 @@ TABLE1_PAPER = {  # the paper's predictions
     "e": (0.10, 0.35, 0.98, 0.06),
 }
 PAPER_R2 = {"two_zone": 0.92, "cylinder": 0.91}
-TESTSET_KEYS = {"two_zone": 10, "cylinder": 11, "table1": 12, "beads": 13}  # seed-key prefixes, apart from training
+TESTSET_KEYS = {"two_zone": 10, "cylinder": 11, "table1": 12, "beads": 13, "beads_dense": 14}  # seed-key prefixes, apart from training
+DENSE_SPACING_PX = 8  # least distance between the path midpoints of the dense bead set's beads
 
 
 def straight_split(size: int, rng: np.random.Generator, count: int) -> np.ndarray:
@@ -197,3 +198,52 @@ def write_beads(
         return {"sharp": np.broadcast_to(sharp, (n, *sharp.shape)), "regions": np.broadcast_to(regions, (n, *regions.shape))}
 
     _write(path, syn, TESTSET_KEYS["beads"], count, per_side**2, {"testset": "beads", **_bead_attrs(centres)}, batch, progress, "beads")
+
+
+def dense_window(image_px: int) -> int:
+    """The particle fit's window on the dense bead set: half the image, at most 64 px."""
+    return min(64, image_px // 2)
+
+
+def dense_positions(image_px: int, count: int, rng: np.random.Generator, spacing: float = DENSE_SPACING_PX) -> np.ndarray:
+    """(count, 2) integer (row, col) path midpoints, uniform where a fit window
+    (:func:`dense_window`) fits in the image, at least ``spacing`` px apart."""
+    half = dense_window(image_px) // 2
+    out: list[np.ndarray] = []
+    for _ in range(1000 * count):
+        if len(out) == count:
+            break
+        p = rng.integers(half, image_px - half, 2)
+        if all(np.hypot(*(p - q)) >= spacing for q in out):
+            out.append(p)
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def write_beads_dense(path, sources, setup: Setup, image_px: int, count: int, per_128px: float, progress: bool = True) -> None:
+    """Dense bead test set: ``count`` images of ``image_px``, each with round(per_128px x
+    (image_px / 128)^2) one-pixel beads (at least one) at random path midpoints
+    (:func:`dense_positions`), each bead its own region (the pixels nearest to it) with its own
+    motion drawn in the training ranges with v2 >= 0 (signed labels, as in :func:`write_beads`);
+    the training camera. The midpoints of every image are stored (``bead_rows``, ``bead_cols``:
+    one list per image) for blurflow.particles.fit_dense_testset."""
+    syn = _synthesizer(sources, setup, image_px)  # the sources are not used: beads are the sources
+    beads = max(1, round(per_128px * (image_px / 128) ** 2))
+    offset = (syn.canvas_px - image_px) // 2
+    grid = np.arange(syn.canvas_px) - offset
+    where = [dense_positions(image_px, beads, sample_rng((setup.seed, TESTSET_KEYS["beads_dense"], i, 1))) for i in range(count)]
+
+    def batch(draws: dict, rng: np.random.Generator, first: int) -> dict:
+        n = len(draws["tile"])
+        motions = syn.draws.motions((n, beads), rng)
+        motions[motions[..., 1] < 0, :2] *= -1
+        draws["params"] = motions
+        sharp = np.zeros((n, image_px, image_px), np.float32)
+        regions = np.zeros((n, syn.canvas_px, syn.canvas_px), np.int64)
+        for k, pos in enumerate(where[first : first + n]):
+            sharp[k, pos[:, 0], pos[:, 1]] = 1.0
+            distance = (grid[None, :, None] - pos[:, 0, None, None]) ** 2 + (grid[None, None, :] - pos[:, 1, None, None]) ** 2
+            regions[k] = distance.argmin(0)
+        return {"sharp": sharp, "regions": regions}
+
+    attrs = {"testset": "beads_dense", "bead_rows": json.dumps([p[:, 0].tolist() for p in where]), "bead_cols": json.dumps([p[:, 1].tolist() for p in where]), "window": dense_window(image_px)}
+    _write(path, syn, TESTSET_KEYS["beads_dense"], count, beads, attrs, batch, progress, "dense beads")

@@ -9,7 +9,7 @@ rule predict:
     benchmark:
         "results/benchmarks/predict/{testset}.tsv"
     wildcard_constraints:
-        testset="two_zone|cylinder|table1|beads",
+        testset="two_zone|cylinder|table1|beads|beads_dense",
     conda:
         GPU_CONDA_ENV
     threads: 2
@@ -27,7 +27,7 @@ rule predict:
             },
             [
                 {"testset": name}
-                for name in ("two_zone", "cylinder", "table1", "beads")
+                for name in ("two_zone", "cylinder", "table1", "beads", "beads_dense")
             ],
         ),
     script:
@@ -79,7 +79,7 @@ rule particles_fit:
     benchmark:
         "results/benchmarks/particles/{testset}.tsv"
     wildcard_constraints:
-        testset="table1|beads",
+        testset="table1|beads|beads_dense",
     conda:
         CONDA_ENV
     threads: 2
@@ -93,27 +93,29 @@ rule particles_fit:
 
 rule bead_metrics:
     input:
-        testset="results/testsets/beads.h5",
-        predictions="results/predictions/beads.h5",
-        fits="results/particles/beads.csv",
+        testset="results/testsets/{beadset}.h5",
+        predictions="results/predictions/{beadset}.h5",
+        fits="results/particles/{beadset}.csv",
     output:
-        json="results/metrics/beads.json",
+        json="results/metrics/{beadset}.json",
         csv=report(
-            "results/metrics/beads.csv",
+            "results/metrics/{beadset}.csv",
             caption="../report/fit_vs_truth.rst",
             category="Scores",
-            subcategory="beads",
+            subcategory="{beadset}",
         ),
         figure=report(
-            "results/figures/fit_vs_truth.png",
+            "results/figures/fit_vs_truth_{beadset}.png",
             caption="../report/fit_vs_truth.rst",
             category="Scores",
-            subcategory="beads",
+            subcategory="{beadset}",
         ),
     log:
-        "logs/metrics/beads.log",
+        "logs/metrics/{beadset}.log",
     benchmark:
-        "results/benchmarks/metrics/beads.tsv"
+        "results/benchmarks/metrics/{beadset}.tsv"
+    wildcard_constraints:
+        beadset="beads|beads_dense",
     conda:
         CONDA_ENV
     threads: 1

@@ -1,7 +1,10 @@
-"""Score the particle fit and the network on the bead test set (rule bead_metrics)."""
+"""Score the particle fit and the network on a bead test set (rule bead_metrics): the fit on the
+beads it fitted (all of them, beads; those detected, matched and converged, beads_dense), the
+network on every bead."""
 
 import json
 
+import numpy as np
 import pandas as pd
 
 from blurflow import evaluate, figures, logs, particles
@@ -14,10 +17,11 @@ attrs = ShardDataset([snakemake.input.testset]).attrs
 scales, pixel_um = MotionScales.from_config(attrs["scales"]), Optics.from_config(attrs["optics"]).pixel_um
 truth = table[[f"true_{c}" for c in particles.COMPONENTS]].to_numpy()
 network = evaluate.bead_estimates(snakemake.input.testset, snakemake.input.predictions)
-fit = table[list(particles.COMPONENTS)].to_numpy()
-std = table[[f"std_{c}" for c in particles.COMPONENTS]].to_numpy()
+fitted = table["fitted"].to_numpy(bool) if "fitted" in table else np.ones(len(table), bool)
+fit = table[list(particles.COMPONENTS)].to_numpy()[fitted]
+std = table[[f"std_{c}" for c in particles.COMPONENTS]].to_numpy()[fitted]
 scores = {
-    "fit": particles.bead_scores(truth, fit, scales, pixel_um, std, table.direction_resolved.to_numpy()),
+    "fit": {"fraction_fitted": float(fitted.mean()), **particles.bead_scores(truth[fitted], fit, scales, pixel_um, std, table.direction_resolved.to_numpy(bool)[fitted])},
     "network": particles.bead_scores(truth, network, scales, pixel_um),
 }
 with open(snakemake.output.json, "w") as f:
@@ -26,4 +30,5 @@ rows = [{"method": m, "component": c, "r2": s["r2"][c], "mae_um": s["mae_um"][c]
 pd.DataFrame(rows).to_csv(snakemake.output.csv, index=False)
 for method, s in scores.items():
     log.info("%s on %d beads: R2 |v1| %.3f, |v2| %.3f, v3 %.3f, z0 %.3f", method, s["beads"], *(s["r2"][c] for c in particles.COMPONENTS))
+log.info("fraction of the beads fitted: %.3f", scores["fit"]["fraction_fitted"])
 figures.fit_vs_truth(table, network).savefig(snakemake.output.figure, dpi=110)

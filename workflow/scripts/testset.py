@@ -1,4 +1,4 @@
-"""Generate one test set: two_zone, cylinder, table1 or beads (rule testset)."""
+"""Generate one test set: two_zone, cylinder, table1, beads or beads_dense (rule testset)."""
 
 from blurflow import logs, testsets
 from blurflow.config import Setup, unflatten
@@ -15,5 +15,8 @@ elif name == "cylinder":
     testsets.write_cylinder(*common, count=cyl["count"], speed=cyl["speed"], z0=cyl["z0"], direction_deg=cyl["direction_deg"])
 elif name == "beads":
     testsets.write_beads(*common, count=t["beads"]["count"], per_side=t["beads"]["per_side"])
+elif name == "beads_dense":
+    dense = t["beads_dense"]
+    testsets.write_beads_dense(*common[:3], dense["image_px"], count=dense["count"], per_128px=dense["per_128px"])
 else:
     testsets.write_table1(*common, repeats=t["table1"]["repeats"], per_side=t["table1"]["per_side"])
