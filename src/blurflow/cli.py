@@ -375,8 +375,9 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
         raise InputError(f"{path}: the fit window ({fitter.window} px) is larger than the image ({raw.shape[-2]} x {raw.shape[-1]} px): use a smaller --window")
     flag = "below_offset" if below_offset(path, raw, args) else ""
     planes = (raw - args.offset) * args.gain
-    found = [detect(plane, fitter.window, threshold=args.threshold) for plane in planes]
-    table = pd.DataFrame(particle_table(fit_frames(fitter, planes, found), found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag), columns=list(PARTICLE_COLUMNS))
+    fitted = fit_frames(fitter, planes, [detect(plane, fitter.window, threshold=args.threshold) for plane in planes])
+    found = fitted.detections  # with the streaks that were split
+    table = pd.DataFrame(particle_table(fitted, found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag), columns=list(PARTICLE_COLUMNS))
     csv, png = output_paths(stem, "particles")
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         table.to_csv(tmp_csv, index=False)
