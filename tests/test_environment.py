@@ -90,7 +90,7 @@ def test_paper_preset_builds_its_dag_quickly():
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=120)
     assert run.returncode == 0, run.stderr
     stats = dict(re.findall(r"^(\w+)\s+(\d+)$", run.stdout, re.MULTILINE))
-    assert stats["synthesize_shard"] == "410" and stats["train"] == "1" and stats["predict"] == "4"  # two-zone, cylinder, Table 1, beads
+    assert stats["synthesize_shard"] == "410" and stats["train"] == "1" and stats["predict"] == "5"  # two-zone, cylinder, Table 1, beads, dense beads
 
 
 def test_a_wheel_carries_the_shipped_model_and_predicts_out_of_the_box(tmp_path):
