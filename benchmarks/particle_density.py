@@ -36,10 +36,8 @@ from blurflow.particles import BeadFitter, bead_scores, detect, fit_frames, matc
 def frames_and_truth(setup: Setup, size: int, density: float, frames: int, seed: int, folder: Path) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     """Frames (camera counts), true midpoints (one (M, 2) array per frame) and motions (M_total, 4)
     of a dense bead set (blurflow.testsets.write_beads_dense) of ``frames`` images of ``size`` px."""
-    with h5py.File(folder / "blank.h5", "w") as f:  # the writer wants sources; the beads replace them
-        f["images"] = np.zeros((1, size, size), np.uint16)
     path = folder / f"dense_{density:g}.h5"
-    testsets.write_beads_dense(path, folder / "blank.h5", replace(setup, seed=seed), size, frames, density, progress=False)
+    testsets.write_beads_dense(path, replace(setup, seed=seed), size, frames, density, progress=False)
     with h5py.File(path) as f:
         images, params = list(f["image"][()].astype(np.float32)), f["params"][()]
         rows, cols = json.loads(f.attrs["bead_rows"]), json.loads(f.attrs["bead_cols"])

@@ -207,6 +207,32 @@ def test_the_cramer_rao_map_falls_with_photons_and_a_deeper_axial_scale_shows_v3
     assert by[(20, 1000)]["window_px"] > by[(10, 1000)]["window_px"]
 
 
+def test_the_dense_bead_set_needs_no_sources_and_is_fitted_bead_by_bead(tmp_path):
+    """The dense bead set of 256 px (larger than the default run's 256 px source tiles would
+    allow for other sets: it needs none): per image its beads' midpoints at least 8 px apart where
+    a 64 px window fits, one motion per bead; fit_dense_testset gives one row per bead, matched
+    fits within 3 px and with their motion, the rest NaN."""
+    from blurflow import particles, testsets
+    from blurflow.data import ShardDataset
+    from blurflow.synthesis import SynthesisConfig
+
+    torch.set_num_threads(2)
+    cfg = SynthesisConfig(photons=(15000, 20000), background_sigma=(0, 2))
+    testsets.write_beads_dense(tmp_path / "dense.h5", Setup(Optics(), SCALES, 64, cfg, seed=0), 256, 2, 1.0, progress=False)
+    ds = ShardDataset([tmp_path / "dense.h5"])
+    assert ds.attrs["window"] == 64 and len(ds) == 2 and ds[0]["image"].shape == (1, 256, 256)
+    for rows, cols in zip(ds.attrs["bead_rows"], ds.attrs["bead_cols"]):
+        where = np.stack([rows, cols], 1)
+        assert len(where) == 4 and (where >= 32).all() and (where < 224).all()
+        assert min(np.hypot(*(a - b)) for i, a in enumerate(where) for b in where[:i]) >= 8
+    table = particles.fit_dense_testset(tmp_path / "dense.h5")
+    assert len(table) == 8 and table["fitted"].sum() >= 6
+    fitted = table[table["fitted"]]
+    error = np.abs(fitted[["v3", "z0"]].to_numpy() - fitted[["true_v3", "true_z0"]].to_numpy())
+    assert np.allclose(fitted["v2"].abs(), fitted["true_v2"].abs(), atol=0.05) and np.median(error) < 0.1
+    assert table.loc[~table["fitted"], "v1"].isna().all()
+
+
 def test_beads_of_the_training_synthesis_are_fitted_where_and_as_they_were_made(tmp_path, fitter):
     """The bead test set (rendered by the training synthesis: its kernel size, time steps and camera)
     against the fit (its own window and steps): positions, photons and motions agree."""

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -219,14 +222,19 @@ def dense_positions(image_px: int, count: int, rng: np.random.Generator, spacing
     return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
-def write_beads_dense(path, sources, setup: Setup, image_px: int, count: int, per_128px: float, progress: bool = True) -> None:
+def write_beads_dense(path, setup: Setup, image_px: int, count: int, per_128px: float, progress: bool = True) -> None:
     """Dense bead test set: ``count`` images of ``image_px``, each with round(per_128px x
     (image_px / 128)^2) one-pixel beads (at least one) at random path midpoints
     (:func:`dense_positions`), each bead its own region (the pixels nearest to it) with its own
     motion drawn in the training ranges with v2 >= 0 (signed labels, as in :func:`write_beads`);
     the training camera. The midpoints of every image are stored (``bead_rows``, ``bead_cols``:
-    one list per image) for blurflow.particles.fit_dense_testset."""
-    syn = _synthesizer(sources, setup, image_px)  # the sources are not used: beads are the sources
+    one list per image) for blurflow.particles.fit_dense_testset. No sources: the beads are the
+    scene (the renderer is given one blank tile of the image's size)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        blank = Path(tmp) / "blank.h5"
+        with h5py.File(blank, "w") as f:
+            f["images"] = np.zeros((1, image_px, image_px), np.uint16)
+        syn = _synthesizer(blank, setup, image_px)
     beads = max(1, round(per_128px * (image_px / 128) ** 2))
     offset = (syn.canvas_px - image_px) // 2
     grid = np.arange(syn.canvas_px) - offset

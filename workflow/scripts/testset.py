@@ -17,6 +17,6 @@ elif name == "beads":
     testsets.write_beads(*common, count=t["beads"]["count"], per_side=t["beads"]["per_side"])
 elif name == "beads_dense":
     dense = t["beads_dense"]
-    testsets.write_beads_dense(*common[:3], dense["image_px"], count=dense["count"], per_128px=dense["per_128px"])
+    testsets.write_beads_dense(snakemake.output.h5, Setup.from_config(c), dense["image_px"], count=dense["count"], per_128px=dense["per_128px"])
 else:
     testsets.write_table1(*common, repeats=t["table1"]["repeats"], per_side=t["table1"]["per_side"])
