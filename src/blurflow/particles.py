@@ -551,8 +551,14 @@ class _Stack:
     def signals(self, fitter: BeadFitter, theta: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(each particle's own light, the light of its neighbours' streaks in its window), both
         (N, w, w) float32, for parameters ``theta`` (N, 8)."""
-        own = (fitter.expected(theta) - theta[:, 7, None, None]).numpy()
-        return own, place(own, self.centres, self.pairs, fitter.window)
+        return _light(fitter, theta, self.centres, self.pairs)
+
+
+def _light(fitter: BeadFitter, theta: torch.Tensor, centres: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each particle's own light, the light of its neighbours ``pairs`` in its window), both
+    (N, w, w) float32, for parameters ``theta`` (N, 8) of windows centred on ``centres``."""
+    own = (fitter.expected(theta) - theta[:, 7, None, None]).numpy()
+    return own, place(own, centres, pairs, fitter.window)
 
 
 def _fit_groups(fitter: BeadFitter, stack: _Stack, index: np.ndarray, rounds: int, tol: float, previous: FitResult | None = None) -> FitResult:
@@ -575,7 +581,7 @@ def _fit_groups(fitter: BeadFitter, stack: _Stack, index: np.ndarray, rounds: in
     grouped = np.unique(touching[:, 0])
     theta = torch.from_numpy(fit.params)
     for r in range(rounds if len(grouped) else 0):
-        known = torch.from_numpy(place((fitter.expected(theta) - theta[:, 7, None, None]).numpy(), centres, pairs, fitter.window))
+        known = torch.from_numpy(_light(fitter, theta, centres, pairs)[1])
         again = fitter.fit(counts[grouped], iterations=6, known=known[grouped], weight=weight[grouped], start=theta[grouped], also=r == 0 and previous is None)
         moved = float((np.abs(again.params[:, 2:6] - theta[grouped, 2:6].numpy()) / np.maximum(again.std[:, 2:6], 1e-6)).max())
         theta[grouped] = torch.from_numpy(again.params)
@@ -636,7 +642,7 @@ def _split(fitter: BeadFitter, stack: _Stack, fit: FitResult, found: list[Detect
     ids = np.arange(1, n + 1)
     area = ndimage.sum_labels(np.ones_like(counts), blobs, ids)
     excess = ndimage.sum_labels(counts - mu, blobs, ids)
-    owner = ndimage.maximum(np.arange(len(counts))[:, None, None] * np.ones((1, w, w), int), blobs, ids).astype(int)
+    owner = np.array([box[0].start for box in ndimage.find_objects(blobs)])  # the window (plane) of each blob
     strong = (area >= 6) & (excess >= SPLIT_SHARE * fit.params[owner, 6])
     for i in np.unique(owner[strong]):
         best = ids[strong & (owner == i)][np.argmax(excess[strong & (owner == i)])]
@@ -651,8 +657,8 @@ def _split(fitter: BeadFitter, stack: _Stack, fit: FitResult, found: list[Detect
         det.centres[label - 1] = _centre(rest, half, image_shape[f])
         det.centres = np.concatenate([det.centres, _centre(new, half, image_shape[f])[None]])
         split[i] = True
-    for det in found:
-        det.neighbours, det.touching = neighbour_pairs(det.labels, det.centres, w)
+    for f in np.unique(stack.frame[split]):
+        found[f].neighbours, found[f].touching = neighbour_pairs(found[f].labels, found[f].centres, w)
     return split
 
 
