@@ -103,16 +103,10 @@ class BeadFitter:
 
     # --- the forward model -----------------------------------------------------------------
 
-    def expected(self, theta: torch.Tensor, gradient: bool = False) -> torch.Tensor:
-        """Expected counts (B, window, window) for parameters (B, 8) in PARAMS order; with
-        ``gradient`` (B, 7, window, window): also their derivatives by x, y, v1, v2, v3, z0 and
-        the photons (where the kernel is clamped at 0, by the position and motion alone)."""
-        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], gradient=gradient, chunk=CHUNK)
-        amp, bg = theta[:, 6, None, None], theta[:, 7, None, None]
-        if gradient:
-            kernel = kernels[:, :1].clamp(min=0)
-            return torch.cat([bg[:, None] + amp[:, None] * kernel, amp[:, None] * kernels[:, 1:], kernel], 1)
-        return bg + amp * kernels.clamp(min=0)
+    def expected(self, theta: torch.Tensor) -> torch.Tensor:
+        """Expected counts (B, window, window) for parameters (B, 8) in PARAMS order."""
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=CHUNK)
+        return theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0)
 
     def simulate(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Poisson camera counts (B, window, window) float32 for parameters (B, 8)."""
@@ -183,13 +177,15 @@ class BeadFitter:
 
     def _jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expected counts (B, window**2), d mu / d theta (B, 8, window**2)), analytic
-        (blurflow.optics.MotionPSF with ``gradient``)."""
+        (blurflow.optics.MotionPSF with ``gradient``; where the kernel is clamped at 0, by the
+        position and motion alone), written into one tensor."""
         b = theta.shape[0]
-        at = self.expected(theta, gradient=True).reshape(b, 8, -1)
-        jac = torch.empty(b, 8, at.shape[2])
-        jac[:, :7] = at[:, 1:]
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], gradient=True, chunk=CHUNK).reshape(b, 7, -1)
+        jac = torch.empty(b, 8, kernels.shape[2])
+        torch.mul(theta[:, 6, None, None], kernels[:, 1:], out=jac[:, :6])
+        torch.clamp(kernels[:, 0], min=0, out=jac[:, 6])
         jac[:, 7] = 1.0
-        return at[:, 0], jac
+        return theta[:, 7, None] + theta[:, 6, None] * jac[:, 6], jac
 
     def cramer_rao(self, theta: torch.Tensor, known: torch.Tensor | float = 0.0, weight: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """(expected counts (B, window**2), Cramér-Rao standard deviations (B, 8)): the square roots
