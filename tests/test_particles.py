@@ -422,6 +422,30 @@ def test_merged_beads_are_flagged_and_not_reported_as_one_confident_particle(fit
     assert np.allclose(cluster_table["dx_px"], 0.1 * 24, atol=0.3) and np.allclose(cluster_table["dy_px"], 0.05 * 24, atol=0.3)
 
 
+def test_two_beads_side_by_side_that_one_streak_explains_are_fitted_as_two(fitter, monkeypatch):
+    """Two beads 5 px apart across their parallel streaks: detected as one streak whose one-particle
+    fit leaves no streak of residual (a wider, deeper streak explains them about as well); the pair
+    trial fits two in its window, gains far more than a second particle's noise and splits it:
+    each bead at its midpoint and motion. Without the trial (an unreachable gain) they stay one."""
+    from blurflow import particles
+
+    kernel = fitter.expected(bead(0.5, 0.1, 0.3, 0.3, 6000, 0, x=0, y=0))[0].numpy()
+    image = np.full((128, 128), 4.0, np.float32)
+    for y in (62, 67):
+        image[y - 32 : y + 32, 32:96] += kernel
+    counts = np.random.default_rng(0).poisson(image).astype(np.float32)
+    found = detect(counts, 64)
+    assert len(found.centres) == 1
+    parts = particles.fit_frames(fitter, [counts], [found])
+    order = np.argsort(parts.centres[:, 0])
+    midpoints = (parts.centres + parts.fit.params[:, [1, 0]])[order]
+    assert len(parts.centres) == 2 and np.allclose(midpoints, [[62, 64], [67, 64]], atol=0.5), midpoints
+    assert np.allclose(parts.fit.params[:, 2:4], [0.5, 0.1], atol=0.03) and np.allclose(parts.fit.params[:, 4:6], 0.3, atol=0.1)
+    assert parts.fit.converged.all() and not parts.fit.poor_fit().any() and parts.group.tolist() == [0, 0]
+    monkeypatch.setattr(particles, "PAIR_GAIN", np.inf)
+    assert len(particles.fit_frames(fitter, [counts], [found]).centres) == 1
+
+
 def test_a_stack_is_a_time_series_that_trackpy_links(fitter, tmp_path):
     """Three frames of two beads moving across the field: one table with a frame column, x, y and
     mass as trackpy reads them; trackpy.link joins each bead's fits into one track."""

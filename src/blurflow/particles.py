@@ -134,7 +134,7 @@ class BeadFitter:
         """Start parameters (B, 2, 8): for each window (counts less any known light), the best
         bank match and the best match of the other v3 class (< or >= 0.3); pixels of weight 0
         do not count. (A start in the wrong direction ends at v3 = 0, where
-        :meth:`_leave_still_depth` tries both.)"""
+        :meth:`_probe` tries both.)"""
         b, w = counts.shape[0], self.window
         flat = counts.reshape(b, -1)
         background = torch.where(weight.reshape(b, -1) > 0, flat, torch.nan).nanquantile(0.2, dim=1).nan_to_num(1e-3).clamp(min=1e-3)
@@ -261,30 +261,33 @@ class BeadFitter:
             converged[go] = done | (damping[go] >= 1e8) | (~better & (gain[~small] < 2 * NEAR))
         return theta, ll, converged
 
-    def _leave_still_depth(
+    def _probe(
         self, counts: torch.Tensor, theta: torch.Tensor, ll: torch.Tensor, converged: torch.Tensor, known: torch.Tensor, weight: torch.Tensor,
         iterations: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Fits that end with no axial motion (v3 < STILL_V3) are refined again from axial motions
-        PROBE_V3 about the same mean depth, in both lateral directions, and the most likely kept:
-        at v3 = 0 the derivative by v3 is half that by z0 (the path's depth spread enters at
-        second order), so Fisher scoring cannot leave it by itself, and a fit that started in the
-        wrong direction ends there."""
-        still = (theta[:, 4] < STILL_V3).nonzero()[:, 0]
-        if not len(still):
+        """Fits that end where Fisher scoring cannot leave a wrong answer are refined again from
+        other starts, in both lateral directions, and the most likely kept. Without axial motion
+        (v3 < STILL_V3): from v3 = PROBE_V3 about the same mean depth (at v3 = 0 the derivative by
+        v3 is half that by z0, so a fit that started in the wrong direction ends there). Through
+        focus (z0 < 0 < z0 + v3): from v3 = STILL_V3 at the path's root-mean-square depth (a path
+        through focus blurs about as one that stays at that depth, two optima apart)."""
+        z0, v3 = theta[:, 5], theta[:, 4]
+        still, through = (v3 < STILL_V3).nonzero()[:, 0], ((z0 < 0) & (z0 + v3 > 0)).nonzero()[:, 0]
+        which = torch.cat([still, through])
+        if not len(which):
             return theta, ll, converged
-        n = 2 * len(PROBE_V3)
-        probes = theta[still, None].repeat(1, n, 1)
-        v3 = torch.tensor(PROBE_V3).repeat(2)
-        probes[:, len(PROBE_V3) :, 2:4] *= -1  # either direction: at v3 = 0 the two are one image
-        probes[:, :, 5] += (probes[:, :, 4] - v3) / 2
-        probes[:, :, 4] = v3
+        probes = theta[which, None].repeat(1, 2, 1)
+        probes[:, 1, 2:4] *= -1  # either direction: at v3 = 0 the two are one image
+        rms = (z0[through] ** 2 + z0[through] * v3[through] + v3[through] ** 2 / 3).sqrt()
+        depth = torch.cat([z0[still] + (v3[still] - PROBE_V3) / 2, rms - STILL_V3 / 2])
+        probes[:, :, 4] = torch.cat([torch.full((len(still),), PROBE_V3), torch.full((len(through),), STILL_V3)])[:, None]
+        probes[:, :, 5] = depth[:, None]
         tried, tried_ll, tried_ok = self.refine(
-            counts[still].repeat_interleave(n, 0), probes.reshape(-1, 8), iterations, known=known[still].repeat_interleave(n, 0), weight=weight[still].repeat_interleave(n, 0),
+            counts[which].repeat_interleave(2, 0), probes.reshape(-1, 8), iterations, known=known[which].repeat_interleave(2, 0), weight=weight[which].repeat_interleave(2, 0),
         )  # fmt: skip
-        best = tried_ll.reshape(-1, n).argmax(1) + torch.arange(len(still)) * n
-        better = tried_ll[best] > ll[still]
-        theta[still[better]], ll[still[better]], converged[still[better]] = tried[best[better]], tried_ll[best[better]], tried_ok[best[better]]
+        best = tried_ll.reshape(-1, 2).argmax(1) + torch.arange(len(which)) * 2
+        better = tried_ll[best] > ll[which]
+        theta[which[better]], ll[which[better]], converged[which[better]] = tried[best[better]], tried_ll[best[better]], tried_ok[best[better]]
         return theta, ll, converged
 
     # --- the whole fit ---------------------------------------------------------------------
@@ -321,7 +324,7 @@ class BeadFitter:
             theta, ll, _ = self.refine(repeat(counts), starts.reshape(b * s, 8), screen, known=repeat(known), weight=repeat(weight))
             start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
         theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
-        theta, ll, converged = self._leave_still_depth(counts, theta, ll, converged, known, weight, iterations)
+        theta, ll, converged = self._probe(counts, theta, ll, converged, known, weight, iterations)
         m, std = self.cramer_rao(theta, known, weight)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
@@ -387,7 +390,7 @@ class Detection:
 
 
 NEAR = 0.05  # log-likelihood gain a rejected step must promise for the fit to go on (BeadFitter.refine)
-STILL_V3, PROBE_V3 = 0.05, (0.4,)  # fits with less axial motion than STILL_V3 are tried again from these (BeadFitter._leave_still_depth)
+STILL_V3, PROBE_V3 = 0.05, 0.4  # fits with less axial motion than STILL_V3 are tried again from PROBE_V3 (BeadFitter._probe)
 TOUCH_PX = 12  # px between two streaks' detected pixels within which their light is fitted together (defocus tails)
 MASK_GROWTH_PX = 3  # px around a streak's detected pixels that its light still reaches (PSF tails)
 POOR_FIT = 2.0  # deviance per counted window pixel above which a fit does not explain its window (about 1 for a right model)
@@ -611,19 +614,74 @@ SPLIT_SIGMA = 4.0  # smoothed Pearson residual, in its noise std, above which li
 SPLIT_SHARE = 0.15  # share of the particle's photons that unexplained light must hold to be another particle
 
 
-def _split(fitter: BeadFitter, stack: _Stack, fit: FitResult, found: list[Detection], image_shape: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Split the streaks whose fit leaves a streak's worth of light unexplained: where the
-    residual (Pearson, smoothed by a 1.5 px Gaussian) of a particle's own detected pixels exceeds
-    SPLIT_SIGMA of its noise over at least 6 px and holds SPLIT_SHARE of the particle's photons,
-    those pixels (grown by 2 px) become a new streak with its own window, and the rest stays the
-    particle's, re-centred. ``found`` is updated in place; returns (N,) whether each particle of
-    ``stack`` was split."""
+PAIR_GAIN = 50.0  # log-likelihood gain, per unit of the window's dispersion, at which two particles explain a streak better than one
+PAIR_DEVIANCE = 1.1  # deviance per counted pixel and unit of dispersion above which a one-particle fit is tried as two
+
+
+def _pair_trial(
+    fitter: BeadFitter, counts: torch.Tensor, weight: torch.Tensor, known: torch.Tensor, theta: torch.Tensor, own: np.ndarray, rounds: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Two particles fitted in each window of ``counts`` (P, w*w) with pixel ``weight`` and
+    ``known`` light (P, w*w), against its one-particle fit ``theta`` (P, 8) and its streak's
+    pixels ``own`` (P, w, w) bool. Three starts: the streak's pixels split in two across either
+    of its axes (of its light's second moments), each half's best bank match with the other
+    half's pixels left out; and the one-particle fit with the best bank match of the light it
+    leaves. From
+    each, each particle is refined with the other's light known, ``rounds`` times; the more likely
+    pair is kept. Returns (P,) the log-likelihood gain of two particles over one, the pair (P, 2,
+    8) and (P, w, w) bool: the streak's pixels where the second particle's light exceeds the
+    first's."""
+    p, w = len(theta), fitter.window
+    one_mu = fitter.expected(theta).flatten(1) + known
+    light = (counts - known - theta[:, 7, None]).clamp(min=0).reshape(p, w, w).numpy() * own
+    rows, cols = np.mgrid[:w, :w]
+    mass = light.sum((1, 2)) + 1e-9
+    cy, cx = (light * rows).sum((1, 2)) / mass, (light * cols).sum((1, 2)) / mass
+    dy, dx = rows - cy[:, None, None], cols - cx[:, None, None]
+    syy, sxx, sxy = ((light * dy * dy).sum((1, 2)), (light * dx * dx).sum((1, 2)), (light * dx * dy).sum((1, 2)))
+    angle = 0.5 * np.arctan2(2 * sxy, sxx - syy)[:, None, None] + np.array([0, np.pi / 2])[:, None, None, None]  # (2, P, 1, 1): the streak's axes
+    second = own & (dx * np.cos(angle) + dy * np.sin(angle) > 0)  # (2, P, w, w): the halves across each axis
+    halves = torch.from_numpy(np.stack([~second, ~(own & ~second)], 1).reshape(4 * p, -1).astype(np.float32))  # (axis, member, window)
+    free = (counts - known).clamp(min=0)
+    split = fitter._starts(free.repeat(4, 1).reshape(-1, w, w), (weight.repeat(4, 1) * halves).reshape(-1, w, w))[:, 0]
+    extra = fitter._starts((counts - one_mu).clamp(min=0).reshape(-1, w, w), weight.reshape(-1, w, w))[:, 0]
+    kept = theta.clone()
+    kept[:, 6] = (theta[:, 6] - extra[:, 6]).clamp(min=0.5 * theta[:, 6])
+    pair = torch.cat([split, kept, extra])  # (6P, 8): (start, member, window): (halves, halves, one plus the rest) x (first, second)
+    counts6, known6, weight6 = counts.repeat(6, 1), known.repeat(6, 1), weight.repeat(6, 1)
+    for _ in range(rounds):
+        signal = (fitter.expected(pair) - pair[:, 7, None, None]).reshape(3, 2, p, -1)
+        pair = fitter.refine(counts6, pair, 6, known=known6 + signal.flip(1).reshape(6 * p, -1), weight=weight6)[0]  # the partner's light known
+    signal = (fitter.expected(pair) - pair[:, 7, None, None]).reshape(3, 2, p, -1)
+    pair = pair.reshape(3, 2, p, 8)
+    two = torch.stack([fitter.log_likelihood(counts, pair[c, 0, :, 7, None] + signal[c].sum(0) + known, weight) for c in range(3)])
+    best, every = two.argmax(0), torch.arange(p)
+    pair, signal = pair[best, :, every], signal[best, :, every]  # (P, 2, ...): the more likely start's pair
+    gain = two.max(0).values - fitter.log_likelihood(counts, one_mu, weight)
+    return gain.numpy(), pair.numpy(), own & (signal[:, 1] > signal[:, 0]).reshape(p, w, w).numpy()
+
+
+def _split(
+    fitter: BeadFitter, stack: _Stack, fit: FitResult, found: list[Detection], image_shape: Sequence[tuple[int, int]], settled: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:  # fmt: skip
+    """Split the streaks that hold two particles: where the residual (Pearson, smoothed by a
+    1.5 px Gaussian) of a particle's own detected pixels exceeds SPLIT_SIGMA of its noise over at
+    least 6 px and holds SPLIT_SHARE of the particle's photons, those pixels (grown by 2 px)
+    become a new streak; but where two particles fitted in its window (:func:`_pair_trial`, for
+    fits that explain their window poorly, PAIR_DEVIANCE, or did not converge, and are not
+    ``settled``: (N,) bool, unchanged since the last pass) gain PAIR_GAIN times its dispersion in
+    log-likelihood over one, each with SPLIT_SHARE of their photons, the pixels where the
+    second's light is the larger become the new streak, and the pair's fits the two streaks'
+    starts. The new streak gets its own window, and the rest stays the particle's, re-centred.
+    ``found`` is updated in place; returns (N,) whether each particle of ``stack`` was split, and
+    the starts {(frame, label): parameters (8,) in the label's window}."""
     from scipy import ndimage
 
     w, half = fitter.window, fitter.window // 2
     split = np.zeros(len(stack.centres), bool)
+    starts: dict[tuple[int, int], np.ndarray] = {}
     if not len(split):
-        return split
+        return split, starts
     theta = torch.from_numpy(fit.params)
     own_light, known = stack.signals(fitter, theta)
     mu = own_light + known + fit.params[:, 7, None, None]
@@ -633,29 +691,42 @@ def _split(fitter: BeadFitter, stack: _Stack, fit: FitResult, found: list[Detect
     quiet = np.where(seen, pearson, np.nan).reshape(len(counts), -1)
     noise = np.nan_to_num(1.4826 * np.nanmedian(np.abs(quiet - np.nanmedian(quiet, 1, keepdims=True)), 1), nan=np.inf)
     blobs, n = ndimage.label(stack.own & seen & (pearson > SPLIT_SIGMA * noise[:, None, None]), np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))]))
-    if not n:
-        return split
-    ids = np.arange(1, n + 1)
-    area = ndimage.sum_labels(np.ones_like(counts), blobs, ids)
-    excess = ndimage.sum_labels(counts - mu, blobs, ids)
-    owner = np.array([box[0].start for box in ndimage.find_objects(blobs)])  # the window (plane) of each blob
-    strong = (area >= 6) & (excess >= SPLIT_SHARE * fit.params[owner, 6])
-    for i in np.unique(owner[strong]):
-        best = ids[strong & (owner == i)][np.argmax(excess[strong & (owner == i)])]
+    new: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # particle -> (the new streak's pixels in its window, the pair's fits)
+    if n:
+        ids = np.arange(1, n + 1)
+        area = ndimage.sum_labels(np.ones_like(counts), blobs, ids)
+        excess = ndimage.sum_labels(counts - mu, blobs, ids)
+        owner = np.array([box[0].start for box in ndimage.find_objects(blobs)])  # the window (plane) of each blob
+        strong = (area >= 6) & (excess >= SPLIT_SHARE * fit.params[owner, 6])
+        for i in np.unique(owner[strong]):
+            best = ids[strong & (owner == i)][np.argmax(excess[strong & (owner == i)])]
+            new[int(i)] = ndimage.binary_dilation(blobs[i] == best, iterations=2) & stack.own[i], None
+    poor = (fit.deviance > PAIR_DEVIANCE * fit.dispersion * np.maximum(fit.pixels, 1)) | ~fit.converged
+    trial = np.flatnonzero(poor & (True if settled is None else ~settled))
+    if len(trial):
+        gain, pair, second = _pair_trial(fitter, stack.counts[trial], stack.weight[trial], torch.from_numpy(known[trial]).flatten(1), theta[trial], stack.own[trial])
+        share = pair[:, :, 6].min(1) / pair[:, :, 6].sum(1)
+        for k in np.flatnonzero((gain > PAIR_GAIN * fit.dispersion[trial]) & (share >= SPLIT_SHARE)):
+            new[int(trial[k])] = second[k], pair[k]  # the fitted pair's partition before the residual's
+    for i, (pixels, pair) in sorted(new.items()):
         f = stack.frame[i]
         det, (cy, cx), label = found[f], stack.centres[i], i - np.searchsorted(stack.frame, f) + 1
-        new = np.zeros(image_shape[f], bool)
-        new[cy - half : cy + half, cx - half : cx + half] = ndimage.binary_dilation(blobs[i] == best, iterations=2) & stack.own[i]
-        rest = (det.labels == label) & ~new
-        if rest.sum() < 6:
+        streak = np.zeros(image_shape[f], bool)
+        streak[cy - half : cy + half, cx - half : cx + half] = pixels
+        remaining = (det.labels == label) & ~streak
+        if remaining.sum() < 6 or streak.sum() < 6:
             continue
-        det.labels[new] = len(det.centres) + 1
-        det.centres[label - 1] = _centre(rest, half, image_shape[f])
-        det.centres = np.concatenate([det.centres, _centre(new, half, image_shape[f])[None]])
+        det.labels[streak] = len(det.centres) + 1
+        det.centres[label - 1] = _centre(remaining, half, image_shape[f])
+        det.centres = np.concatenate([det.centres, _centre(streak, half, image_shape[f])[None]])
         split[i] = True
+        for member, where in zip(() if pair is None else pair, (label, len(det.centres))):
+            start = member.copy()
+            start[[1, 0]] += (cy, cx) - det.centres[where - 1]  # the midpoint's offset from the new window's centre
+            starts[(int(f), int(where))] = start
     for f in np.unique(stack.frame[split]):
         found[f].neighbours, found[f].touching = neighbour_pairs(found[f].labels, found[f].centres, w)
-    return split
+    return split, starts
 
 
 def _centre(pixels: np.ndarray, half: int, shape: tuple[int, int]) -> np.ndarray:
@@ -674,14 +745,16 @@ def fit_frames(
     other's windows) are fitted together (:func:`_fit_groups`). Light that no fit explains
     (border streaks, merged blobs) never counts. Streaks that touch are detected as one: up to
     ``splits`` times, a streak whose fit leaves another streak's worth of its light unexplained
-    is split in two (:func:`_split`) and its group fitted again. The detections returned
+    is split in two, or one whose fit explains it poorly and which two particles explain much
+    better (:func:`_split`), and its group fitted again. The detections returned
     (``Particles.detections``) are copies of ``found`` with the split streaks."""
     found = [replace(d, labels=d.labels.copy(), centres=d.centres.copy()) for d in found]
     shapes = [np.shape(f) for f in frames]
     stack = _Stack.of(frames, found, fitter.window)
     fit = _fit_groups(fitter, stack, np.arange(len(stack.centres)), rounds, tol)
+    settled = None
     for _ in range(splits):
-        split = _split(fitter, stack, fit, found, shapes)
+        split, starts = _split(fitter, stack, fit, found, shapes, settled)
         if not split.any():
             break
         old = stack
@@ -693,7 +766,10 @@ def fit_frames(
         redo = np.flatnonzero(np.isin(stack.group, stack.group[kept < 0]))
         fit = fit.take(np.maximum(kept, 0))
         fit.params[kept < 0] = np.nan
+        for (f, label), start in starts.items():  # a fitted pair's members start from their fits
+            fit.params[np.searchsorted(stack.frame, f) + label - 1] = start
         fit.update(redo, _fit_groups(fitter, stack, redo, rounds, tol, previous=fit.take(redo)))
+        settled = ~np.isin(np.arange(len(stack.frame)), redo)
     _finish(fitter, stack, fit)
     return Particles(stack.frame, stack.centres, stack.group, np.bincount(stack.touching[:, 0], minlength=len(stack.centres)), fit, found)
 
