@@ -34,9 +34,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from blurflow import sources, train
-from blurflow.config import Setup, compile_enabled, load, pick_device
 from blurflow.data import OnlineData
-from blurflow.synthesis import Synthesizer
+from blurflow.devices import compile_enabled, pick_device
+from blurflow.schema import load
+from blurflow.synthesis import Setup, Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

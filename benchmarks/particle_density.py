@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from blurflow import testsets
-from blurflow.config import Setup
 from blurflow.particles import BeadFitter, bead_scores, detect, fit_frames, match
+from blurflow.synthesis import Setup
 
 
 def frames_and_truth(setup: Setup, size: int, density: float, frames: int, seed: int, folder: Path) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:

@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from blurflow.optics import MotionScales, Optics
-from blurflow.particles import BeadFitter, bead_scores, canonical, paper_sign
+from blurflow.optics import MotionScales, Optics, paper_sign
+from blurflow.particles import BeadFitter, bead_scores, canonical
 
 
 def random_beads(n: int, seed: int) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch
 import yaml
 
 from blurflow import cli, testsets
-from blurflow.config import Setup
 from blurflow.particles import BeadFitter
+from blurflow.synthesis import Setup
 
 
 def main() -> None:

@@ -1,12 +1,12 @@
 """The same test images drawn by the per-image renderer (commits before 2c73a92) and rendered by
 this one: what the batched renderer changes, with the draws held fixed.
 
-For every two-zone or cylinder set in OLD_SETS (written by benchmarks/validation_sets.py with the
+For every two-zone or cylinder set in OLD_SETS (written by tools/validation_sets.py with the
 old tree's code), the old tree (a git worktree, OLD) replays its test-set writer's per-image draws
 (the crop, region map, motions and camera of each image, from the same seed keys) into an .npz;
 this tree renders those very draws (blurflow.synthesis.Synthesizer.batch with the crops and region
 maps given) with its own camera noise into NEW_SETS, under the same file names, so that
-``benchmarks/validation_sets.py MODEL --sets NEW_SETS`` scores a model on them. Only the noise
+``tools/validation_sets.py MODEL --sets NEW_SETS`` scores a model on them. Only the noise
 draws (one per batch instead of one per image) and float rounding differ.
 
     python benchmarks/renderer_parity.py /tmp/old OLD_SETS NEW_SETS --sources results/sources/val.h5 \
@@ -26,13 +26,15 @@ import numpy as np
 import torch
 
 from blurflow import synthesis, testsets
-from blurflow.config import Setup, load
+from blurflow.schema import load
+from blurflow.synthesis import Setup
 
 REPLAY = """
 import json, sys
 import h5py, numpy as np
 from blurflow import testsets
-from blurflow.config import Setup, load
+from blurflow.schema import load
+from blurflow.synthesis import Setup
 from blurflow.synthesis import sample_rng
 path, sources, out = sys.argv[1:4]
 setup = Setup.from_config(load(sys.argv[4:]))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from blurflow import sources, synthesis
-from blurflow.config import Setup
+from blurflow.synthesis import Setup
 
 STAGES = {  # (module, function) of blurflow -> stage
     ("synthesis", "draw"): "draws (numpy)",

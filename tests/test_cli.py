@@ -443,3 +443,21 @@ def test_the_dihedral_mean_follows_the_model_file_unless_an_option_says(tmp_path
     loaded, _ = load_model(path)
     w = {d: predict(loaded, counts, tile=64, dihedral=d)[0, 4].numpy() for d in (False, True)}
     assert np.allclose(runs["on"][4], w[True], atol=1e-5) and np.allclose(runs["off"][4], w[False], atol=1e-5)
+
+
+def test_measurability_prints_the_ideal_r2_per_case_and_a_missing_config_is_one_line(tmp_path, capsys):
+    """``blurflow measurability``: four lines (the synthesis ranges and the cylinder, at 64 and 32 px
+    windows), R² within [0, 1], a smoother texture (a steeper slope) measuring v3 worse."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = os.path.join(root, "config.yaml")
+
+    def v3(args: list[str]) -> float:
+        assert cli.main(["measurability", config, *args]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [line.split(":")[0] for line in lines] == [f"{c}, {w} px window" for w in (64, 32) for c in ("synthesis ranges", "cylinder")]
+        return float(lines[0].split("v3 ")[1].split(",")[0])
+
+    natural, smooth = v3([]), v3(["--slope", "4"])
+    assert 0 <= smooth < natural <= 1
+    assert cli.main(["measurability", str(tmp_path / "none.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"blurflow: error: {tmp_path / 'none.yaml'}: no such config file"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from blurflow import config as blurflow_config
+from blurflow import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_TO_PACKAGE = {  # top-level module -> distribution name (conda-forge name where it differs)
@@ -80,7 +80,7 @@ def test_the_slurm_profile_leaves_resources_to_the_rules_and_gpu_rules_ask_for_a
         assert "gpu=GPU_REQUEST" in rule_blocks()[rule].replace(" ", "")
     assert "gpu=0" in rule_blocks()["synthesize_shard"].replace(" ", "")
     cpu = yaml.safe_load((ROOT / "workflow/presets/cpu_nodes.yaml").read_text())
-    assert blurflow_config.gpu_request(cpu) == 0 and blurflow_config.gpu_request({"train": {"device": "auto"}}) == 1
+    assert pipeline.gpu_request(cpu) == 0 and pipeline.gpu_request({"train": {"device": "auto"}}) == 1
     local = yaml.safe_load((ROOT / "profiles/local/config.yaml").read_text())
     assert local["cores"] == "all" and "gpu=1" in local["resources"]
 

@@ -10,11 +10,12 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from blurflow import data, sources, synthesis, train
-from blurflow.config import Setup, load
 from blurflow.evaluate import FlowMetrics
 from blurflow.model import FlowNet, decode, deepen, encode, loss_fn, normalise
 from blurflow.modelfile import load_model, save_model
 from blurflow.optics import MotionScales, Optics, canonical_sign
+from blurflow.schema import load
+from blurflow.synthesis import Setup
 from blurflow.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

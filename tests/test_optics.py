@@ -8,9 +8,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from blurflow.config import Setup, defaults, load
 from blurflow.measurability import ideal_r2, report, texture_cramer_rao
 from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign, noll_to_nm, psf3d, zernike
+from blurflow.schema import defaults, load
+from blurflow.synthesis import Setup
 
 OPTICS = Optics()
 SCALES = MotionScales(lateral_scale_px=8.0, axial_scale_um=5.0)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from blurflow.config import Setup
 from blurflow.optics import MotionPSF, MotionScales, Optics
 from blurflow.particles import BeadFitter, canonical, detect, windows
+from blurflow.synthesis import Setup
 
 SCALES = MotionScales(24, 10)
 

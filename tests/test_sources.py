@@ -12,7 +12,7 @@ import tifffile
 from PIL import Image
 
 from blurflow import sources
-from blurflow.config import config_hash
+from blurflow.schema import config_hash
 
 CFG = {
     "kind": "skimage",

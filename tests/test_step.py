@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from blurflow import sources, synthesis, train
-from blurflow.config import Setup
 from blurflow.data import OnlineData
 from blurflow.optics import MotionScales, Optics
+from blurflow.synthesis import Setup
 
 SETUP = Setup(Optics(), MotionScales(6, 10), 16, synthesis.SynthesisConfig(image_px=32, regions=(1, 3), source_zoom=(1, 2), smooth_flow=0.3), seed=2)
 CFG = train.TrainConfig(encoder_depth=3, decoder_channels=(16, 8, 4))

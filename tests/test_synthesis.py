@@ -11,9 +11,9 @@ import torch
 
 from blurflow import camera, data, sources, synthesis, testsets
 from blurflow.camera import CameraNoise
-from blurflow.config import Setup
 from blurflow.data import ShardDataset
 from blurflow.optics import MotionScales, Optics
+from blurflow.synthesis import Setup
 
 OPTICS, SCALES = Optics(), MotionScales(8, 10)
 CFG = synthesis.SynthesisConfig(image_px=64, regions=(1, 3))

@@ -18,8 +18,9 @@ import logging
 import torch
 
 from blurflow import data, train
-from blurflow.config import load, pick_device
+from blurflow.devices import pick_device
 from blurflow.modelfile import load_model, save_model
+from blurflow.schema import load
 
 
 def main() -> None:

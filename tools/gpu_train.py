@@ -10,7 +10,7 @@ tools), everything written to OUTDIR:
    training_log.csv and checkpoint.pt (a second call resumes);
 3. scores (``--no-score`` skips them) of the new model and ``--baseline`` (the shipped model) on the
    six validation sets that choose shipped models and on the default run's test sets
-   (``benchmarks/validation_sets.py`` with workflow/presets/release.yaml's validation sources and
+   (``tools/validation_sets.py`` with workflow/presets/release.yaml's validation sources and
    config.yaml's test sources, built in OUTDIR) -> OUTDIR/validation_sets/scores.csv.
 
     python tools/gpu_train.py 6 /tmp/gpu workflow/presets/release_deep.yaml workflow/presets/release_gpu.yaml
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from blurflow import config as blurflow_config
-from blurflow import sources, train
+from blurflow import pipeline, schema, sources, train
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("gpu_train")
@@ -33,10 +32,10 @@ log = logging.getLogger("gpu_train")
 
 def source_file(split: str, config: dict, path: Path) -> Path:
     """The sources of ``split`` of ``config`` at ``path``: built unless there, refused if built from another config."""
-    cfg = blurflow_config.for_sources(config, split)
+    cfg = pipeline.for_sources(config, split)
     if not path.exists():
         sources.write_split(split, cfg, config["seed"], ROOT / "resources", path)
-    elif sources.recorded_hash(path) != blurflow_config.config_hash(cfg, config["seed"]):
+    elif sources.recorded_hash(path) != schema.config_hash(cfg, config["seed"]):
         sys.exit(f"gpu_train: {path} was built from another sources config or seed: remove it or choose another OUTDIR")
     return path
 
@@ -66,14 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     files = [ROOT / "config.yaml", *args.configs]
-    config = blurflow_config.load(files)
+    config = schema.load(files)
     config["train"]["max_minutes"] = args.minutes
-    error = blurflow_config.schema_error(config)
+    error = schema.schema_error(config)
     if error:
         sys.exit(f"gpu_train: bad config: {error}")
     if config["train"]["data"] != "online":
         sys.exit("gpu_train: needs train.data: online (images are synthesised on the training device; shards need the workflow)")
-    for warning in blurflow_config.check(config):
+    for warning in pipeline.check(config):
         log.warning(warning)
     torch.set_num_threads(config["train"]["threads"])
     out = args.outdir
@@ -82,16 +81,16 @@ def main(argv: list[str] | None = None) -> None:
         profile = ["benchmarks/gpu_step.py", "--config", *map(str, files), "--batches", *map(str, args.profile_batches)]
         run([*profile, "--steps", str(args.profile_steps), "--repeats", "1", "--no-counts", "--out", str(out / "profile.json")], args.profile_seconds, "the profile")
     rows = train.run_config(
-        blurflow_config.for_training(config), config["train"], [split_files["train"]], [split_files["val"]],
+        pipeline.for_training(config), config["train"], [split_files["train"]], [split_files["val"]],
         out / "model.pt", out / "training_log.csv", out / "checkpoint.pt",
     )  # fmt: skip
     last = rows[-1]
     print(f"gpu_train: {last['samples']} images in {last['minutes']:.1f} min, validation R2 {last['val_r2_mean']:.3f}: wrote {out / 'model.pt'}", flush=True)
     if args.score and (out / "model.pt").exists():
         release = ROOT / "workflow/presets/release.yaml"
-        val = source_file("val", blurflow_config.load([ROOT / "config.yaml", release]), out / "release_sources" / "val.h5")
-        test = source_file("test", blurflow_config.load([ROOT / "config.yaml"]), out / "release_sources" / "test.h5")
-        score = ["benchmarks/validation_sets.py", str(out / "model.pt"), str(args.baseline), "--sources", str(val), "--test-sources", str(test)]
+        val = source_file("val", schema.load([ROOT / "config.yaml", release]), out / "release_sources" / "val.h5")
+        test = source_file("test", schema.load([ROOT / "config.yaml"]), out / "release_sources" / "test.h5")
+        score = ["tools/validation_sets.py", str(out / "model.pt"), str(args.baseline), "--sources", str(val), "--test-sources", str(test)]
         run([*score, "--config", str(ROOT / "config.yaml"), str(release), "--sets", str(out / "validation_sets"), "--images", str(args.score_images)], None, "the scores")
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blurflow import __version__, config, logs
+from blurflow import __version__, devices, logs, schema
 from blurflow.files import atomic_path, remove_stale_temporaries
 from blurflow.optics import Optics
 
@@ -246,7 +246,7 @@ def predict_command(args: argparse.Namespace) -> int:
     model_path, image_paths, shipped = model_and_images(args.inputs)
     plan = plan_images(image_paths, args, "predict")
     try:
-        device = config.pick_device(args.device)
+        device = devices.pick_device(args.device)
     except ValueError as exc:
         raise UsageError(f"--device: {exc}") from None
     try:
@@ -426,7 +426,7 @@ def particles_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--config: cannot read {args.config}: {exc}") from None
         if not isinstance(user_config, dict):
             raise UsageError(f"--config: {args.config} is not a blurflow config (a YAML mapping of sections)")
-        error = config.schema_error(user_config)
+        error = schema.schema_error(user_config)
         if error:
             raise UsageError(f"--config: {args.config}: {error}")
         optics_cfg, scales_cfg = user_config.get("optics", {}), user_config.get("motion", {})
@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", metavar="[MODEL] IMAGE", nargs="+", help="MODEL: a model file (.pt) whose optics and blur scales to use; IMAGE: TIFF, PNG or JPEG in camera counts")
     p.add_argument("--config", metavar="YAML", help="a blurflow config file: its optics and motion sections")
-    default = {**config.defaults("optics"), **config.defaults("motion")}
+    default = {**schema.defaults("optics"), **schema.defaults("motion")}
     for name, what in (("na", "numerical aperture"), ("n", "immersion refractive index"), ("wavelength_um", "emission wavelength in um"),
                        ("magnification", "magnification"), ("camera_pixel_um", "camera pixel in um"),
                        ("lateral_scale_px", "L: px of lateral motion per unit v"), ("axial_scale_um", "A: um of axial motion per unit v3")):  # fmt: skip
@@ -538,10 +538,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=particles_command)
 
+    p = sub.add_parser(
+        "measurability",
+        help="the ideal R² of each component for a textured sample (Cramér-Rao bound)",
+        description=(
+            "Print the ideal R² of (|v1|, |v2|, v3, z0) that the Cramér-Rao bound allows from one window of a random texture "
+            "blurred by the motion PSF, for the synthesis ranges (the two-zone test's motions) and the cylinder test's flow "
+            "profile, at 64 and 32 px windows (blurflow.measurability)."
+        ),
+    )
+    p.add_argument("configs", nargs="*", default=["config.yaml"], metavar="CONFIG", help="config files, later ones overlay earlier ones (default config.yaml)")
+    p.add_argument("--slope", type=float, help="spectral slope of the texture (default 2: natural images; smooth microscopy images 4-5)")
+    p.add_argument("--contrast", type=float, help="texture standard deviation / photons (default 0.2)")
+    p.set_defaults(func=measurability_command)
+
     p = sub.add_parser("info", help="show what a model file holds", description="Print the metadata of a model file as JSON.")
     p.add_argument("model", metavar="MODEL", nargs="?", help="model file (default: the shipped model, models/blurflow.pt)")
     p.set_defaults(func=info_command)
     return parser
+
+
+def measurability_command(args: argparse.Namespace) -> int:
+    """``blurflow measurability``: the texture Cramér-Rao report of the config files' setup."""
+    from blurflow.measurability import report
+    from blurflow.synthesis import Setup
+
+    for path in args.configs:
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: no such config file")
+    config = schema.load(args.configs)
+    error = schema.schema_error(config)
+    if error:
+        raise UsageError(error)
+    texture = {k: v for k, v in (("slope", args.slope), ("contrast", args.contrast)) if v is not None}
+    for case, r2 in report(Setup.from_config(config), config["testsets"]["cylinder"], **texture).items():
+        scored = [v for v in r2.values() if not np.isnan(v)]
+        print(f"{case}: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()) + f"; mean {np.mean(scored):.2f}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -24,8 +24,8 @@ import h5py
 import numpy as np
 import torch
 
-from blurflow.config import Setup, compile_enabled
-from blurflow.synthesis import RENDER_BATCH, Synthesizer, batch_key
+from blurflow.devices import compile_enabled
+from blurflow.synthesis import RENDER_BATCH, Setup, Synthesizer, batch_key
 
 
 def label_maps(region: torch.Tensor, params: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,8 @@ from blurflow import logs
 from blurflow.data import ShardDataset
 from blurflow.files import atomic_path
 from blurflow.model import FlowNet, decode, raw_outputs, smooth_outputs, smoothing_reach
-from blurflow.optics import COMPONENTS, Optics
+from blurflow.optics import COMPONENTS, Optics, paper_sign
+from blurflow.testsets import TABLE1, TABLE1_PAPER
 
 log = logging.getLogger(__name__)
 ORIENTATION_MIN_SPEED = 0.1
@@ -248,9 +249,6 @@ def table1_rows(testset: str | Path, predictions: str | Path, fits: str | Path |
     CSV of blurflow.particles.fit_testset on the same test set), the particle fit averaged over the
     case's beads (``fit_*``, lateral sign as in the paper where the direction is not resolved;
     NaN for the texture case)."""
-    from blurflow.particles import paper_sign
-    from blurflow.testsets import TABLE1, TABLE1_PAPER
-
     ds = ShardDataset([testset])
     cases = ds.attrs["cases"]
     with h5py.File(predictions) as f:

@@ -11,24 +11,22 @@ sum_f grad log mu(f) grad log mu(f)^T over the window's independent frequencies.
 phases of a random texture carry no information, so the bound holds for any estimator that treats the
 sample as such a texture; an estimator that knows more of the sample (beads) can do better.
 
-``python -m blurflow.measurability [CONFIG ...] [--slope S] [--contrast C]`` (default config.yaml;
-later files overlay earlier ones, as snakemake's --configfile) prints the ideal R^2 for the
-synthesis ranges (the two-zone test's motions) and for the cylinder test's flow profile, for a
-texture of that spectral slope (default 2, natural images; smooth microscopy images 4-5) and
-contrast (default 0.2).
+``blurflow measurability [CONFIG ...] [--slope S] [--contrast C]`` (default config.yaml; later
+files overlay earlier ones, as snakemake's --configfile) prints the ideal R^2 for the synthesis
+ranges (the two-zone test's motions) and for the cylinder test's flow profile, for a texture of
+that spectral slope (default 2, natural images; smooth microscopy images 4-5) and contrast
+(default 0.2).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 
-from blurflow.config import Setup, load
 from blurflow.optics import MotionPSF, MotionScales, Optics
+from blurflow.synthesis import Setup
 from blurflow.testsets import cylinder_params
 
 LATERAL_STEP = 2e-3  # central-difference step of v1 and v2, normalised units
@@ -109,15 +107,3 @@ def report(
             r2 = ideal_r2(params.abs(), std)
             out[f"{name}, {window} px window"] = dict(zip(("|v1|", "|v2|", "v3", "z0"), r2.tolist()))
     return out
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m blurflow.measurability", description=__doc__.splitlines()[0])
-    parser.add_argument("configs", nargs="*", default=["config.yaml"], metavar="CONFIG", help="config files, later ones overlay earlier ones")
-    parser.add_argument("--slope", type=float, default=NATURAL_SLOPE, help=f"spectral slope of the texture (default {NATURAL_SLOPE:g}: natural images)")
-    parser.add_argument("--contrast", type=float, default=CONTRAST, help=f"texture standard deviation / photons (default {CONTRAST:g})")
-    args = parser.parse_args()
-    config = load(args.configs)
-    for case, r2 in report(Setup.from_config(config), config["testsets"]["cylinder"], slope=args.slope, contrast=args.contrast).items():
-        scored = [v for v in r2.values() if not np.isnan(v)]
-        print(f"{case}: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()) + f"; mean {np.mean(scored):.2f}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from blurflow.config import dataclass_values, defaults
+from blurflow.schema import dataclass_values, defaults
 
 _OPTICS, _MOTION = defaults("optics"), defaults("motion")  # the schema holds the defaults
 
@@ -68,7 +68,7 @@ class Optics:
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> Optics:
-        """Build from the ``optics`` config section (blurflow.config.dataclass_values)."""
+        """Build from the ``optics`` config section (blurflow.schema.dataclass_values)."""
         return cls(**dataclass_values(cls, "optics", cfg))
 
     def to_dict(self) -> dict:
@@ -125,7 +125,7 @@ class MotionScales:
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> MotionScales:
-        """Build from the ``motion`` config section (blurflow.config.dataclass_values)."""
+        """Build from the ``motion`` config section (blurflow.schema.dataclass_values)."""
         return cls(**dataclass_values(cls, "motion", cfg))
 
     def to_dict(self) -> dict:
@@ -233,6 +233,14 @@ def canonical_sign(params: torch.Tensor) -> torch.Tensor:
     out = params.clone()
     out[..., 0] = v1 * sign
     out[..., 1] = v2 * sign
+    return out
+
+
+def paper_sign(estimate: np.ndarray, resolved: np.ndarray) -> np.ndarray:
+    """(M, 4) (v1, v2, v3, z0) with the lateral motion of each bead whose direction is not
+    resolved turned to v2 >= 0 (an orientation, signed as in the paper's tables)."""
+    out = estimate.copy()
+    out[:, :2] *= np.where(~resolved & (out[:, 1] < 0), -1, 1)[:, None]
     return out
 
 

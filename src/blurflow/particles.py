@@ -929,14 +929,6 @@ def fit_dense_testset(testset: str | Path, device: torch.device | str = "cpu") -
     return table
 
 
-def paper_sign(estimate: np.ndarray, resolved: np.ndarray) -> np.ndarray:
-    """(M, 4) (v1, v2, v3, z0) with the lateral motion of each bead whose direction is not
-    resolved turned to v2 >= 0 (an orientation, signed as in the paper's tables)."""
-    out = estimate.copy()
-    out[:, :2] *= np.where(~resolved & (out[:, 1] < 0), -1, 1)[:, None]
-    return out
-
-
 def bead_scores(truth: np.ndarray, estimate: np.ndarray, scales: MotionScales, pixel_um: float, std: np.ndarray | None = None, resolved: np.ndarray | None = None) -> dict:
     """Scores of per-bead estimates (M, 4) of (v1, v2, v3, z0) against the truth (M, 4): R^2
     (squared Pearson; of |v1|, |v2| as in the paper), MAE in um (per exposure; z0 in um), the

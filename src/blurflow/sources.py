@@ -23,8 +23,8 @@ import requests
 from scipy import ndimage
 
 from blurflow import __version__, logs
-from blurflow.config import config_hash
 from blurflow.files import atomic_path
+from blurflow.schema import config_hash
 
 log = logging.getLogger(__name__)
 

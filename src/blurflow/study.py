@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from blurflow.config import Setup
-from blurflow.evaluate import COMPONENTS
-from blurflow.optics import MotionScales
+from blurflow.optics import COMPONENTS, MotionScales
+from blurflow.synthesis import Setup
 
 
 def setting_name(lateral_px: float, axial_um: float) -> str:

@@ -21,8 +21,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -31,9 +32,9 @@ from scipy import fft as sfft
 
 from blurflow import __version__, logs
 from blurflow.camera import CameraNoise, generator
-from blurflow.config import Setup, config_hash, dataclass_values, defaults
 from blurflow.files import atomic_path
-from blurflow.optics import MotionPSF, canonical_sign
+from blurflow.optics import MotionPSF, MotionScales, Optics, canonical_sign, required_kernel_px
+from blurflow.schema import config_hash, dataclass_values, defaults
 
 log = logging.getLogger(__name__)
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -68,7 +69,7 @@ class SynthesisConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping | None) -> SynthesisConfig:
-        """Build from the ``synthesis`` config section (blurflow.config.dataclass_values); checks the ranges."""
+        """Build from the ``synthesis`` config section (blurflow.schema.dataclass_values); checks the ranges."""
         out = cls(**dataclass_values(cls, "synthesis", cfg))
         for name in ("regions", "v_lateral", "v3", "z0", "photons", "quantum_efficiency", "background_sigma", "source_zoom"):
             lo, hi = getattr(out, name)
@@ -86,6 +87,48 @@ class SynthesisConfig:
             raise ValueError(f"synthesis.source_zoom must be >= 1 (a source is magnified, never shrunk), got {list(out.source_zoom)}")
         return out
 
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every stage that makes images shares, built once from the validated config: the
+    microscope, the blur scales (L px per unit lateral speed, A um per unit v3 and z0), the size of
+    the motion-PSF kernels (px), the synthesis ranges and the master seed."""
+
+    optics: Optics
+    scales: MotionScales
+    kernel_px: int
+    synthesis: SynthesisConfig
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Setup:
+        """From a config (its ``seed``, ``optics``, ``motion`` and ``synthesis`` sections; missing
+        keys take the schema's defaults)."""
+        motion = {**defaults("motion"), **config.get("motion", {})}
+        return cls(
+            Optics.from_config(config.get("optics")), MotionScales.from_config(motion), int(motion["kernel_px"]),
+            SynthesisConfig.from_config(config.get("synthesis")), int(config.get("seed", defaults()["seed"])),
+        )  # fmt: skip
+
+    def with_synthesis(self, **changes: Any) -> Setup:
+        """The same setup with some synthesis settings changed (a test set's image size, ranges)."""
+        return replace(self, synthesis=replace(self.synthesis, **changes))
+
+    @property
+    def speed_max(self) -> float:
+        """The largest lateral speed |(v1, v2)| of the synthesis ranges (normalised)."""
+        return math.hypot(*(max(abs(v) for v in self.synthesis.v_lateral),) * 2)
+
+    @property
+    def depth_max(self) -> float:
+        """The largest depth |z0| + |v3| a path of the synthesis ranges reaches (normalised)."""
+        syn = self.synthesis
+        return max(abs(syn.z0[0]), abs(syn.z0[1])) + max(abs(syn.v3[0]), abs(syn.v3[1]))
+
+    def required_kernel_px(self) -> int:
+        """The kernel size (px) that holds the longest streak and the widest defocus of the ranges."""
+        return required_kernel_px(self.optics, self.scales, self.speed_max, self.depth_max)
 
 
 def voronoi(centres: torch.Tensor, count: torch.Tensor, amp: torch.Tensor, phase: torch.Tensor, size: int) -> torch.Tensor:

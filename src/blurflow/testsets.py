@@ -25,8 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from blurflow.config import Setup
-from blurflow.synthesis import RENDER_BATCH, Synthesizer, describe, sample_rng, write_samples
+from blurflow.synthesis import RENDER_BATCH, Setup, Synthesizer, describe, sample_rng, write_samples
 
 TABLE1 = {  # case: ((v1, v2, v3, z0), source) as in the paper's Table 1
     "a": ((0.30, 0.30, 0.00, 0.00), "beads"),

@@ -25,8 +25,8 @@ import pooch
 import torch
 
 from blurflow import data, logs
-from blurflow.config import RUNTIME_KEYS, compile_enabled, config_hash, dataclass_values, defaults, pick_device
-from blurflow.evaluate import COMPONENTS, FlowMetrics
+from blurflow.devices import compile_enabled, pick_device
+from blurflow.evaluate import FlowMetrics
 from blurflow.files import atomic_path
 from blurflow.model import (
     ENCODERS,
@@ -42,6 +42,8 @@ from blurflow.model import (
     smooth_outputs,
 )
 from blurflow.modelfile import images_trained, load_model, save_model
+from blurflow.optics import COMPONENTS
+from blurflow.schema import config_hash, dataclass_values, defaults
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
@@ -49,6 +51,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DATA = ("shards", "online")
 TIMING_COLUMNS = ("images_per_s", "minutes")  # log columns that vary from run to run
 _TRAIN = defaults("train")  # the schema holds the defaults
+RUNTIME_KEYS = ("threads", "workers", "compile")  # train keys that change the speed, never the result: read from the job's config
 SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # Gaussian output smoothing widths tried on the validation set after training
 EDGE_SMOOTHING_PX = (8.0, 16.0, 24.0)  # edge-preserving smoothing widths tried too (blurflow.model.smooth_outputs)
 SMOOTHINGS = (*((s, False) for s in SMOOTHING_PX), *((s, True) for s in EDGE_SMOOTHING_PX))  # (px, edge-preserving)
@@ -309,7 +312,7 @@ def run_config(
     model_path: str | Path, log_path: str | Path, checkpoint_path: str | Path,
 ) -> list[dict]:
     """Train as the workflow's rule ``train`` does: ``depends`` is what the model depends on
-    (blurflow.config.for_training), ``runtime`` the speed-only ``train`` keys (RUNTIME_KEYS),
+    (blurflow.pipeline.for_training), ``runtime`` the speed-only ``train`` keys (RUNTIME_KEYS),
     ``train_files``/``val_files`` the shard files or the sources file of each split. Returns the log rows."""
     c = {**depends, "train": {**depends["train"], **{k: runtime[k] for k in RUNTIME_KEYS}}}
     cfg = TrainConfig.from_config(c["train"], seed=c["seed"])

@@ -3,15 +3,15 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from blurflow import config as blurflow_config
+from blurflow import devices, pipeline, schema
 
 try:  # the schema beside the library, which reads its defaults there too
-    validate(config, str(blurflow_config.SCHEMA_FILE))
+    validate(config, str(schema.SCHEMA_FILE))
 except WorkflowError:
-    sys.exit(f"blurflow: {blurflow_config.schema_error(config)}")
+    sys.exit(f"blurflow: {schema.schema_error(config)}")
 if workflow.is_main_process:  # once, before any job; jobs re-read the Snakefile
     try:
-        for warning in blurflow_config.check(config):
+        for warning in pipeline.check(config):
             print(f"blurflow: warning: {warning}", file=sys.stderr)
     except ValueError as exc:
         sys.exit(f"blurflow: config error: {exc}")
@@ -24,7 +24,7 @@ onstart:
     }
     if workflow.local_exec and training:
         try:
-            blurflow_config.pick_device(config["train"]["device"])
+            devices.pick_device(config["train"]["device"])
         except ValueError as exc:
             sys.exit(f"blurflow: config error: train.device: {exc}")
 
@@ -32,7 +32,7 @@ onstart:
 MODEL = "results/model/model.pt"
 TRAINING_LOG = "results/model/training_log.csv"
 CONDA_ENV = "../../envs/blurflow.yaml"
-GPU_REQUEST = blurflow_config.gpu_request(config)
+GPU_REQUEST = pipeline.gpu_request(config)
 GPU_CONDA_ENV = (
     "../../envs/blurflow-cuda.yaml"
     if config["conda"]["gpu_env"] == "cuda"

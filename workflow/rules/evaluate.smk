@@ -18,11 +18,11 @@ rule predict:
         runtime=120,
         gpu=GPU_REQUEST,
     params:
-        **blurflow_config.rule_params(
+        **pipeline.rule_params(
             lambda wc: {
                 "testsets": {
                     "batch": config["testsets"]["batch"],
-                    **blurflow_config.evaluated(config, wc.testset),
+                    **pipeline.evaluated(config, wc.testset),
                 }
             },
             [

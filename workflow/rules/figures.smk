@@ -17,7 +17,7 @@ rule psf_gallery:
         runtime=10,
         gpu=0,
     params:
-        **blurflow_config.rule_params(
+        **pipeline.rule_params(
             lambda wc: {"optics": config["optics"], "motion": config["motion"]}
         ),
     script:
@@ -116,7 +116,7 @@ rule fig3_cylinder_sketch:
         runtime=5,
         gpu=0,
     params:
-        **blurflow_config.rule_params(
+        **pipeline.rule_params(
             lambda wc: {"testsets": {"cylinder": config["testsets"]["cylinder"]}}
         ),
     script:
@@ -200,7 +200,7 @@ rule crb_map:
         runtime=10,
         gpu=0,
     params:
-        **blurflow_config.rule_params(
+        **pipeline.rule_params(
             lambda wc: {
                 "optics": config["optics"],
                 "study": {"settings": config["study"]["settings"]},

@@ -15,9 +15,9 @@ rule sources:
         runtime=120,
         gpu=0,
     params:
-        **blurflow_config.rule_params(
+        **pipeline.rule_params(
             lambda wc: {
-                "sources": blurflow_config.for_sources(config, wc.split),
+                "sources": pipeline.for_sources(config, wc.split),
                 "seed": config["seed"],
             },
             [{"split": split} for split in ("train", "val", "test")],

@@ -25,8 +25,8 @@ rule study_train:
         runtime=12 * 60,
         gpu=GPU_REQUEST,
     params:
-        **blurflow_config.rule_params(
-            lambda wc: blurflow_config.for_training(
+        **pipeline.rule_params(
+            lambda wc: pipeline.for_training(
                 blurflow_study.setting_config(
                     config, float(wc.lateral), float(wc.axial)
                 )
@@ -67,7 +67,7 @@ rule study:
         runtime=5,
         gpu=0,
     params:
-        **blurflow_config.rule_params(
+        **pipeline.rule_params(
             lambda wc: {
                 k: config[k]
                 for k in ("optics", "motion", "synthesis", "train", "study")

@@ -18,6 +18,6 @@ rule synthesize_shard:
         runtime=60,
         gpu=0,
     params:
-        **blurflow_config.rule_params(lambda wc: blurflow_config.for_synthesis(config)),
+        **pipeline.rule_params(lambda wc: pipeline.for_synthesis(config)),
     script:
         "../scripts/synthesize_shard.py"

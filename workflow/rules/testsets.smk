@@ -17,8 +17,8 @@ rule testset:
         runtime=120,
         gpu=0,
     params:
-        **blurflow_config.rule_params(
-            lambda wc: blurflow_config.for_testset(config, wc.testset),
+        **pipeline.rule_params(
+            lambda wc: pipeline.for_testset(config, wc.testset),
             [
                 {"testset": name}
                 for name in ("two_zone", "cylinder", "table1", "beads", "beads_dense")

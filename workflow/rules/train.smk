@@ -3,7 +3,7 @@ if config["train"]["model_file"]:
     rule pretrained_model:
         input:
             model=config["train"]["model_file"],
-            log=blurflow_config.model_log(config["train"]["model_file"]),
+            log=pipeline.model_log(config["train"]["model_file"]),
         output:
             model=MODEL,
             log=report(
@@ -49,13 +49,11 @@ else:
             GPU_CONDA_ENV
         threads: config["train"]["threads"]
         resources:
-            mem_mb=blurflow_config.train_mem_mb(config),
+            mem_mb=pipeline.train_mem_mb(config),
             runtime=24 * 60,
             gpu=GPU_REQUEST,
         params:
-            **blurflow_config.rule_params(
-                lambda wc: blurflow_config.for_training(config)
-            ),
+            **pipeline.rule_params(lambda wc: pipeline.for_training(config)),
             checkpoint="results/model/checkpoint.pt",
         script:
             "../scripts/train.py"

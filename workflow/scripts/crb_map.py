@@ -4,9 +4,9 @@ import pandas as pd
 import torch
 
 from blurflow import figures, logs
-from blurflow.config import unflatten
 from blurflow.optics import Optics
 from blurflow.particles import cramer_rao_map
+from blurflow.pipeline import unflatten
 
 log = logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)

@@ -1,7 +1,7 @@
 """Paper Fig. 3: the cylinder flow and its expected profile (rule fig3_cylinder_sketch)."""
 
 from blurflow import figures, logs
-from blurflow.config import unflatten
+from blurflow.pipeline import unflatten
 
 logs.job(snakemake)
 cyl = unflatten(snakemake.params.items())["testsets"]["cylinder"]

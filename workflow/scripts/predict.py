@@ -3,8 +3,9 @@
 import torch
 
 from blurflow import evaluate, logs
-from blurflow.config import pick_device, unflatten
+from blurflow.devices import pick_device
 from blurflow.modelfile import load_model, readout
+from blurflow.pipeline import unflatten
 
 logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)

@@ -1,8 +1,8 @@
 """Render the motion PSF gallery (rule psf_gallery)."""
 
 from blurflow import figures, logs
-from blurflow.config import unflatten
 from blurflow.optics import MotionScales, Optics
+from blurflow.pipeline import unflatten
 
 logs.job(snakemake)
 c = unflatten(snakemake.params.items())

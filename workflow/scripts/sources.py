@@ -1,7 +1,7 @@
 """Collect and tile the source images of one split (rule sources)."""
 
 from blurflow import logs, sources
-from blurflow.config import unflatten
+from blurflow.pipeline import unflatten
 
 logs.job(snakemake)
 c = unflatten(snakemake.params.items())

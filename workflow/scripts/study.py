@@ -3,7 +3,7 @@
 import pandas as pd
 
 from blurflow import figures, logs, study
-from blurflow.config import unflatten
+from blurflow.pipeline import unflatten
 
 log = logs.job(snakemake)
 runs = dict(zip(map(tuple, snakemake.params.settings), snakemake.input.logs))

@@ -3,7 +3,8 @@
 import torch
 
 from blurflow import logs, synthesis
-from blurflow.config import Setup, unflatten
+from blurflow.pipeline import unflatten
+from blurflow.synthesis import Setup
 
 logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)

@@ -1,7 +1,8 @@
 """Generate one test set: two_zone, cylinder, table1, beads or beads_dense (rule testset)."""
 
 from blurflow import logs, testsets
-from blurflow.config import Setup, unflatten
+from blurflow.pipeline import unflatten
+from blurflow.synthesis import Setup
 
 logs.job(snakemake)
 c = unflatten(snakemake.params.items())

@@ -3,11 +3,11 @@
 import torch
 
 from blurflow import logs, train
-from blurflow.config import unflatten
+from blurflow.pipeline import unflatten
 
 log = logs.job(snakemake)
 torch.set_num_threads(snakemake.threads)
-depends = unflatten(snakemake.params.items())  # what the model depends on (blurflow.config.for_training)
+depends = unflatten(snakemake.params.items())  # what the model depends on (blurflow.pipeline.for_training)
 out = snakemake.output
 rows = train.run_config(depends, snakemake.config["train"], snakemake.input.train, snakemake.input.val, out.model, out.log, snakemake.params.checkpoint)
 last = rows[-1]

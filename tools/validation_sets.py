@@ -15,7 +15,7 @@ With ``--test-sources`` (the pipeline's results/sources/test.h5) the test sets o
 (``testsets``: two-zone and cylinder, as the workflow writes them) are scored too, as
 ``two_zone_test`` and ``cylinder_test``: for the record of a model already chosen, never to choose.
 
-    python benchmarks/validation_sets.py MODEL [MODEL ...] [--sources results/sources/val.h5]
+    python tools/validation_sets.py MODEL [MODEL ...] [--sources results/sources/val.h5]
         [--config config.yaml [PRESET ...]] [--sets results/validation_sets] [--threads 2]
         [--test-sources results/sources/test.h5] [--images 64]
 
@@ -35,9 +35,11 @@ import torch
 from scipy import ndimage
 
 from blurflow import evaluate, sources, testsets
-from blurflow.config import Setup, load, pick_device
+from blurflow.devices import pick_device
 from blurflow.files import atomic_path
 from blurflow.modelfile import load_model, readout
+from blurflow.schema import load
+from blurflow.synthesis import Setup
 
 IMAGE_PX, TWO_ZONE_COUNT, CYLINDER_COUNT = 128, 64, 8
 TEXTURE_SEED, TEXTURE_COUNT = 987_654, 4  # training textures use seed * 1000 + 0 or 1

@@ -1,0 +1,74 @@
+"""The shape of the library: its import graph has no circle and runs only downward, floor by floor."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src/blurflow"
+
+# Each module imports only from floors below its own (docs/design.md, "Modules").
+FLOORS = [
+    ["__init__", "files", "logs", "schema", "devices"],  # nothing of blurflow (schema: the config's keys and defaults)
+    ["camera", "optics"],
+    ["sources", "model"],
+    ["synthesis", "modelfile"],  # synthesis holds Setup: what every stage that makes images shares
+    ["data", "testsets"],
+    ["evaluate", "particles", "figures"],
+    ["train", "measurability", "study"],
+    ["cli", "pipeline"],  # pipeline: the Snakemake glue, which the library never imports
+]
+
+
+def imports(path: Path) -> set[str]:
+    """The blurflow modules a source file imports anywhere in it (top level, functions, type-checking blocks)."""
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("blurflow.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "blurflow":
+            if node.module == "blurflow":  # from blurflow import logs, __version__
+                out |= {a.name if a.name in modules else "__init__" for a in node.names}
+            else:
+                out.add(node.module.split(".")[1])
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    return {p.stem: imports(p) - {p.stem} for p in PACKAGE.glob("*.py")}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Every circle found by a depth-first search (each as the path that closes it)."""
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_import_graph_has_no_circle_and_every_import_runs_down_a_floor():
+    edges = graph()
+    floor = {m: i for i, names in enumerate(FLOORS) for m in names}
+    assert set(edges) == set(floor), f"modules without a floor or floors without a module: {set(edges) ^ set(floor)}"
+    assert cycles(edges) == []
+    upward = sorted(f"{m} -> {n}" for m, targets in edges.items() for n in targets if floor[n] >= floor[m])
+    assert upward == []
+    assert not [m for m, targets in edges.items() if "pipeline" in targets]  # the glue is the workflow's, not the library's
+    assert edges["schema"] == set()
+
+
+def test_the_checks_find_a_circle_and_an_upward_import():
+    """The test above would fail on a circle (the one of config.py before it was split)."""
+    edges = {"optics": {"config"}, "config": {"synthesis", "train"}, "synthesis": {"optics"}, "train": set()}
+    assert cycles(edges) == [["config", "synthesis", "optics", "config"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
