@@ -26,7 +26,7 @@ rule all:
         rules.training_samples.output.figure,
         MODEL,
         rules.training_curve.output.figure,
-        expand("results/metrics/{testset}.json", testset=["two_zone", "cylinder"]),
+        expand("results/metrics/{testset}.json", testset=TEXTURE_SETS),
         rules.fig2_two_zone.output.figure,
         rules.fig3_cylinder_sketch.output.figure,
         rules.fig4_cylinder.output.figure,
@@ -34,5 +34,5 @@ rule all:
         rules.crb_map.output.figure,
         expand(
             "results/figures/fit_vs_truth_{beadset}.png",
-            beadset=["beads", "beads_dense"],
+            beadset=BEAD_SETS,
         ),

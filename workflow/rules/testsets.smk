@@ -8,7 +8,7 @@ rule testset:
     benchmark:
         "results/benchmarks/testsets/{testset}.tsv"
     wildcard_constraints:
-        testset="two_zone|cylinder|table1|beads|beads_dense",
+        testset="|".join(TESTSETS),
     conda:
         CONDA_ENV
     threads: 1
@@ -21,7 +21,7 @@ rule testset:
             lambda wc: pipeline.for_testset(config, wc.testset),
             [
                 {"testset": name}
-                for name in ("two_zone", "cylinder", "table1", "beads", "beads_dense")
+                for name in TESTSETS
             ],
         ),
     script:
