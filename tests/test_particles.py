@@ -471,3 +471,32 @@ def test_a_stack_is_a_time_series_that_trackpy_links(fitter, tmp_path):
         assert sorted(track["frame"]) == [0, 1, 2]
         step = np.diff(track.sort_values("frame")[["x", "y"]].to_numpy(), axis=0)
         assert np.allclose(np.abs(step), np.abs(step[0]), atol=0.5)  # a steady motion, frame to frame
+
+
+def test_on_the_training_camera_the_fit_measures_its_noise_and_its_std_covers_the_errors(fitter):
+    """The synthesis camera (blurflow.camera.CameraNoise: Poisson light plus a half-normal background
+    of scale sigma outside the Poisson draw, rounded) is not the fitter's likelihood (Poisson with
+    the background inside its mean): on purpose, since the fitter meets real cameras. It fits the
+    background's mean (sigma sqrt(2 / pi)) as b, measures the excess noise as the dispersion (the
+    half-normal's variance plus rounding over its mean: 3.66 at sigma 8) and widens its std by
+    the square root of it (quasi-Poisson): unbiased fits whose std covers the errors, which the
+    Poisson bound alone does not."""
+    import math
+
+    from blurflow.camera import CameraNoise, generator
+
+    g = torch.Generator().manual_seed(0)
+    n, sigma = 80, 8.0
+    motion = torch.rand(n, 4, generator=g) * torch.tensor([2.0, 2.0, 1.0, 1.0]) - torch.tensor([1.0, 1.0, 0.0, 0.0])
+    motion[:, 2] = motion[:, 2].clamp(min=0.1)
+    truth = torch.cat([torch.rand(n, 2, generator=g) - 0.5, motion, torch.full((n, 1), 8000.0), torch.zeros(n, 1)], 1)
+    counts = CameraNoise()(fitter.expected(truth), torch.ones(n), torch.ones(n), torch.full((n,), sigma), generator=generator(0))
+    fit = fitter.fit(counts)
+    mean = sigma * math.sqrt(2 / math.pi)
+    assert abs(np.median(fit.dispersion) / ((sigma**2 * (1 - 2 / math.pi) + 1 / 12) / mean) - 1) < 0.05
+    assert abs(np.median(fit.params[:, 7]) / mean - 1) < 0.02
+    err = fit.params[:, 2:6] - canonical(truth).numpy()[:, 2:6]
+    assert (np.abs(err.mean(0)) < 3 * err.std(0) / np.sqrt(n)).all()
+    within = (np.abs(err) < 2 * fit.std[:, 2:6]).mean(0)
+    poisson_only = (np.abs(err) < 2 * fit.std[:, 2:6] / np.sqrt(fit.dispersion)[:, None]).mean(0)
+    assert (within >= 0.9).all() and poisson_only.mean() < within.mean() - 0.05, (within, poisson_only)
