@@ -10,7 +10,7 @@ maps given) with its own camera noise into NEW_SETS, under the same file names, 
 draws (one per batch instead of one per image) and float rounding differ.
 
     python benchmarks/renderer_parity.py /tmp/old OLD_SETS NEW_SETS --sources results/sources/val.h5 \
-        --config config.yaml workflow/presets/release.yaml
+        --config config.yaml workflow/presets/release/stage1.yaml
 """
 
 from __future__ import annotations

@@ -72,3 +72,14 @@ def test_the_checks_find_a_circle_and_an_upward_import():
     edges = {"optics": {"config"}, "config": {"synthesis", "train"}, "synthesis": {"optics"}, "train": set()}
     assert cycles(edges) == [["config", "synthesis", "optics", "config"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_readme_layout_names_every_module_preset_and_tool():
+    """README's layout block lists what the tree holds: each library module, user-facing preset and tool."""
+    root = PACKAGE.parents[1]
+    readme = (root / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    missing = [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__" and p.stem not in layout]
+    missing += [p.name for p in (root / "workflow/presets").glob("*.yaml") if p.name not in layout]
+    missing += [f"tools/{p.name}" for p in (root / "tools").iterdir() if f"tools/{p.name}" not in layout]
+    assert missing == []

@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import os
 import shutil
 import signal
 import subprocess
@@ -405,3 +406,22 @@ def test_the_slurm_profile_runs_the_tiny_pipeline_to_the_local_metrics(built, tm
     for name in ("two_zone.json", "cylinder.json", "beads.json"):
         assert (folder / "results/metrics" / name).read_bytes() == (built / "results/metrics" / name).read_bytes(), name
     assert (folder / "results/tables/table1.csv").read_bytes() == (built / "results/tables/table1.csv").read_bytes()
+
+
+def test_the_release_recipe_runs_as_written_from_an_empty_results_folder(workdir):
+    """tools/release.sh with the tiny config over every stage's preset: each stage trains from the
+    one before (stage 5's runs deepened from stage 4: encoder depth 3 -> 4), keeps its model and
+    log under results/release/, and the images trained add up; a second run skips every stage."""
+    shutil.copytree(ROOT / "tools", workdir / "tools")
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", "tools/release.sh", "tiny.yaml"], cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stages = ["stage1", "stage2", "stage3", "stage4", "stage5a", "stage5b", "stage5c"]
+    metas = [load_model(workdir / f"results/release/{s}.pt")[1] for s in stages]
+    assert all((workdir / f"results/release/{s}.log.csv").is_file() for s in stages)
+    assert [m["train"]["init_model"] for m in metas] == [None, *(f"results/release/{s}.pt" for s in stages[:-1])]
+    assert [m["encoder_depth"] for m in metas] == [3, 3, 3, 3, 4, 4, 4]
+    totals = [m["samples_trained_total"] for m in metas]
+    assert totals == sorted(totals) and len(set(totals)) == len(totals)
+    again = subprocess.run(["bash", "tools/release.sh", "tiny.yaml"], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done (results/release/") == len(stages), again.stdout

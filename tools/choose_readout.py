@@ -3,8 +3,8 @@ now (blurflow.train.READOUTS: dihedral mean or not x Gaussian and edge-preservin
 widths), and write the choice and every readout's scores into the model file (atomically). For a
 model trained before a readout was added, e.g. the shipped one (docs/model.md):
 
-    snakemake --cores all results/sources/train.h5 results/sources/val.h5 --configfile workflow/presets/release_texture.yaml
-    python tools/choose_readout.py models/blurflow.pt --config config.yaml workflow/presets/release_texture.yaml
+    snakemake --cores all results/sources/train.h5 results/sources/val.h5 --configfile workflow/presets/release/stage4.yaml
+    python tools/choose_readout.py models/blurflow.pt --config config.yaml workflow/presets/release/stage4.yaml
 
 The validation data are those of the config (train.data online: synthesised from the validation
 sources with the config's seed, as the training run validated; shards: the validation shards).

@@ -2,7 +2,7 @@
 # The prepared command for a lent GPU (one device call of at most 10 minutes; docs/results.md):
 # installs the wheels carried in wheels/ (the device machine has PyTorch but not these), then runs
 # tools/gpu_train.py MINUTES OUTDIR CONFIG... (a profile, training, the validation and test sets),
-# by default stage 5 trained on with workflow/presets/release_gpu.yaml. Make the wheels here first:
+# by default stage 5 trained on with workflow/presets/release/stage6_gpu.yaml. Make the wheels here first:
 #   pip download --no-deps -d wheels segmentation-models-pytorch timm huggingface_hub safetensors \
 #       pooch jsonschema jsonschema-specifications referencing rpds-py platformdirs
 # then, through the device tool (carry: wheels):
@@ -15,7 +15,7 @@ shift 2
 cd "$(dirname "$0")/.."
 configs=("$@")
 if [[ ${#configs[@]} == 0 ]]; then
-    configs=(workflow/presets/release_deep.yaml workflow/presets/release_gpu.yaml)
+    configs=(workflow/presets/release/stage5.yaml workflow/presets/release/stage6_gpu.yaml)
 fi
 site=$(mktemp -d)
 python3 -m pip install --quiet --no-deps --target "$site" wheels/*.whl

@@ -10,10 +10,10 @@ tools), everything written to OUTDIR:
    training_log.csv and checkpoint.pt (a second call resumes);
 3. scores (``--no-score`` skips them) of the new model and ``--baseline`` (the shipped model) on the
    six validation sets that choose shipped models and on the default run's test sets
-   (``tools/validation_sets.py`` with workflow/presets/release.yaml's validation sources and
+   (``tools/validation_sets.py`` with workflow/presets/release/stage1.yaml's validation sources and
    config.yaml's test sources, built in OUTDIR) -> OUTDIR/validation_sets/scores.csv.
 
-    python tools/gpu_train.py 6 /tmp/gpu workflow/presets/release_deep.yaml workflow/presets/release_gpu.yaml
+    python tools/gpu_train.py 6 /tmp/gpu workflow/presets/release/stage5.yaml workflow/presets/release/stage6_gpu.yaml
 """
 
 import argparse
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     last = rows[-1]
     print(f"gpu_train: {last['samples']} images in {last['minutes']:.1f} min, validation R2 {last['val_r2_mean']:.3f}: wrote {out / 'model.pt'}", flush=True)
     if args.score and (out / "model.pt").exists():
-        release = ROOT / "workflow/presets/release.yaml"
+        release = ROOT / "workflow/presets/release/stage1.yaml"
         val = source_file("val", schema.load([ROOT / "config.yaml", release]), out / "release_sources" / "val.h5")
         test = source_file("test", schema.load([ROOT / "config.yaml"]), out / "release_sources" / "test.h5")
         score = ["tools/validation_sets.py", str(out / "model.pt"), str(args.baseline), "--sources", str(val), "--test-sources", str(test)]
