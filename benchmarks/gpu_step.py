@@ -138,7 +138,12 @@ def main() -> None:
         t["compile"] = {"true": True, "false": False}.get(args.compile, args.compile)
     device = pick_device(t["device"])
     setup = Setup.from_config(config)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads}", "image_px": setup.synthesis.image_px, "compile": t["compile"], "rows": []}
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{args.threads}",
+        "image_px": setup.synthesis.image_px,
+        "compile": t["compile"],
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "sources.h5"
         sources.write_sources(sources.skimage_images(sources.SKIMAGE_TRAIN), src, config["sources"]["tile_px"], "skimage")

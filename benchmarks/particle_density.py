@@ -72,7 +72,9 @@ def main() -> None:
         beads = len(index)
         row = {"beads_per_128px": density, "beads": beads, "fitted": round(len(fitted) / beads, 3), "beads_per_s": round(beads / seconds, 1)}
         if len(fitted) > 2:
-            scores = bead_scores(truth[index >= 0], fit.params[fitted, 2:6], setup.scales, setup.optics.pixel_um, fit.std[fitted, 2:6], fit.direction_resolved[fitted])
+            scores = bead_scores(
+                truth[index >= 0], fit.params[fitted, 2:6], setup.scales, setup.optics.pixel_um, fit.std[fitted, 2:6], fit.direction_resolved[fitted]
+            )
             row.update(r2={k: round(v, 3) for k, v in scores["r2"].items()}, within_1_std=scores["within_1_std"], within_2_std=scores["within_2_std"])
             row["jointly"] = round(float((parts.neighbours[fitted] > 0).mean()), 3)
         print(json.dumps(row), flush=True)

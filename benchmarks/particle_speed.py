@@ -37,7 +37,9 @@ def random_beads(n: int, seed: int) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=g)
 
     background = (torch.randn(n, generator=g) * 5).abs() + 0.01
-    return torch.stack([uniform(-0.5, 0.5), uniform(-0.5, 0.5), uniform(-1, 1), uniform(-1, 1), uniform(0, 1), uniform(0, 1), uniform(1000, 20000), background], 1)
+    return torch.stack(
+        [uniform(-0.5, 0.5), uniform(-0.5, 0.5), uniform(-1, 1), uniform(-1, 1), uniform(0, 1), uniform(0, 1), uniform(1000, 20000), background], 1
+    )
 
 
 def accuracy(fitter: BeadFitter, truth: torch.Tensor, fit) -> dict:
@@ -75,8 +77,9 @@ def main() -> None:
             beads[:, 2:6] = torch.tensor(motion)
             fit = fitter.fit(fitter.simulate(beads, torch.Generator().manual_seed(2)))
             mean = paper_sign(fit.params[:, 2:6], fit.direction_resolved).mean(0)
-            print(json.dumps({"case": case, "truth": motion, "fit_mean": [round(float(v), 3) for v in mean],
-                              "error": [round(float(v), 3) for v in mean - np.array(motion)], "resolved": round(float(fit.direction_resolved.mean()), 2)}))  # fmt: skip
+            error = [round(float(v), 3) for v in mean - np.array(motion)]
+            row = {"case": case, "truth": motion, "fit_mean": [round(float(v), 3) for v in mean], "error": error}
+            print(json.dumps({**row, "resolved": round(float(fit.direction_resolved.mean()), 2)}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ def main() -> None:
     stack = np.full((args.frames, args.size, args.size), 5.0, np.float32)
     for frame, where in zip(stack, positions):
         n = len(where)
-        theta = np.column_stack([rng.uniform(-0.5, 0.5, (n, 2)), rng.uniform(-1, 1, (n, 2)), rng.uniform(0, 1, (n, 2)), rng.uniform(2000, 20000, n), np.zeros(n)])
+        theta = np.column_stack(
+            [rng.uniform(-0.5, 0.5, (n, 2)), rng.uniform(-1, 1, (n, 2)), rng.uniform(0, 1, (n, 2)), rng.uniform(2000, 20000, n), np.zeros(n)]
+        )
         kernels = fitter.expected(torch.from_numpy(theta).float()).numpy()
         for (y, x), kernel in zip(where, kernels):
             frame[y - window // 2 : y + window // 2, x - window // 2 : x + window // 2] += kernel

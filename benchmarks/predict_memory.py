@@ -34,7 +34,11 @@ def model_file(folder: Path) -> Path:
 
     cfg = TrainConfig()
     path = folder / "model.pt"
-    save_model(cfg.build_model(), path, {"optics": Optics().to_dict(), "scales": {"lateral_scale_px": 24.0, "axial_scale_um": 10.0}, "image_px": 64, "output_smoothing_px": 12.0})
+    save_model(
+        cfg.build_model(),
+        path,
+        {"optics": Optics().to_dict(), "scales": {"lateral_scale_px": 24.0, "axial_scale_um": 10.0}, "image_px": 64, "output_smoothing_px": 12.0},
+    )
     return path
 
 
@@ -48,13 +52,22 @@ def measure(model: Path, size: int, folder: Path, threads: int) -> dict:
     del data
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    run = subprocess.run(["/usr/bin/time", "-v", "blurflow", "predict", str(model), str(image), "--quiet"], capture_output=True, text=True, check=False, env=env)
+    run = subprocess.run(
+        ["/usr/bin/time", "-v", "blurflow", "predict", str(model), str(image), "--quiet"], capture_output=True, text=True, check=False, env=env
+    )
     wall = time.perf_counter() - t0
     if run.returncode != 0:
         raise SystemExit(run.stderr)
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))
     out = folder / f"image_{size}_flow.tif"
-    return {"size_px": size, "pixels": size * size, "peak_rss_mb": round(peak_kb / 1024), "bytes_per_pixel": round(peak_kb * 1024 / size**2, 1), "wall_s": round(wall, 1), "output_mb": round(out.stat().st_size / 2**20)}
+    return {
+        "size_px": size,
+        "pixels": size * size,
+        "peak_rss_mb": round(peak_kb / 1024),
+        "bytes_per_pixel": round(peak_kb * 1024 / size**2, 1),
+        "wall_s": round(wall, 1),
+        "output_mb": round(out.stat().st_size / 2**20),
+    }
 
 
 def main() -> None:

@@ -83,7 +83,9 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(args.old / "src")}
         subprocess.run([sys.executable, "-c", REPLAY, str(path), str(sources), str(replay), *args.config], env=env, check=True)
         old = dict(np.load(replay))
-        syn = testsets._synthesizer(sources, setup, image_px, **({"v3_max": float(attrs["speed"]), "speed_max": float(attrs["speed"])} if kind == "cylinder" else {}))
+        syn = testsets._synthesizer(
+            sources, setup, image_px, **({"v3_max": float(attrs["speed"]), "speed_max": float(attrs["speed"])} if kind == "cylinder" else {})
+        )
         if kind == "cylinder":
             bands = min(image_px, 255)
             old["params"] = np.broadcast_to(testsets.cylinder_params(bands, attrs["speed"], attrs["z0"], attrs["direction_deg"]), (n, bands, 4))
@@ -92,7 +94,11 @@ def main() -> None:
 
         def render(b: int, k: int, old=old, syn=syn, size=size) -> dict:
             sl = slice(b * size, b * size + k)
-            draws = {"params": np.array(old["params"][sl], np.float32), **{c: old[c][sl].astype(np.float32) for c in synthesis.CAMERA}, "noise_seed": np.int64(b)}
+            draws = {
+                "params": np.array(old["params"][sl], np.float32),
+                **{c: old[c][sl].astype(np.float32) for c in synthesis.CAMERA},
+                "noise_seed": np.int64(b),
+            }
             given = {k2: torch.from_numpy(np.array(old[k2][sl])) for k2 in ("sharp", "regions")}
             return syn.batch(draws, sharp=given["sharp"].float(), regions=given["regions"].long(), check=True)
 

@@ -292,7 +292,8 @@ def test_ctrl_c_gives_one_line_status_130_and_no_leftovers(model_file, tmp_path)
     tifffile.imwrite(tmp_path / "big.tif", image((1500, 1500)))
     proc = subprocess.Popen(
         [sys.executable, "-m", "blurflow.cli", "predict", str(model_file), str(tmp_path / "big.tif")], stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509 - as in a terminal: a shell's background job (`cmd &`) ignores SIGINT, and so would its children
+        # as in a terminal: a shell's background job (`cmd &`) ignores SIGINT, and so would its children
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".big_flow.tif.tmp*")) and time.monotonic() < deadline:  # inference has begun

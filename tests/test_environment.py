@@ -25,7 +25,9 @@ STDLIB = set(sys.stdlib_module_names) | {"blurflow"}
 
 def rule_blocks() -> dict[str, str]:
     text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow/rules").glob("*.smk")))
-    return {m.group(1): m.group(2) for m in re.finditer(r"^[ ]*rule (\w+):\n(.*?)(?=^[ ]*rule |^else:|\Z)", text, re.DOTALL | re.MULTILINE)}  # rules in if/else too
+    return {
+        m.group(1): m.group(2) for m in re.finditer(r"^[ ]*rule (\w+):\n(.*?)(?=^[ ]*rule |^else:|\Z)", text, re.DOTALL | re.MULTILINE)
+    }  # rules in if/else too
 
 
 def imported_packages() -> set[str]:
@@ -102,16 +104,36 @@ def test_a_wheel_carries_the_shipped_model_and_predicts_out_of_the_box(tmp_path)
     import numpy as np
     import tifffile
 
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True, check=False, timeout=600)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"), str(ROOT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "wheel").glob("blurflow-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"blurflow/models/blurflow.pt", "blurflow/models/blurflow.log.csv", "blurflow/config.schema.yaml"} <= set(names)
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)], capture_output=True, text=True, check=False, timeout=600)
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert install.returncode == 0, install.stderr[-2000:]
     tifffile.imwrite(tmp_path / "a.tif", (np.random.default_rng(0).random((64, 64)) * 1000).astype(np.uint16))
     env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-m", "blurflow.cli", "predict", str(tmp_path / "a.tif"), "--no-dihedral"], capture_output=True, text=True, check=False, timeout=600, env=env, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "blurflow.cli", "predict", str(tmp_path / "a.tif"), "--no-dihedral"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"using the shipped model {tmp_path / 'site/blurflow/models/blurflow.pt'}" in run.stderr
     assert (tmp_path / "a_flow.tif").exists()

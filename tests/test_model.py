@@ -330,7 +330,9 @@ def test_training_starts_from_a_model_file_of_the_same_architecture(tiny_shards,
     counts = next(iter(batches.validation()))["image"].float()
     with torch.no_grad():
         assert deeper.depth == 4 and torch.allclose(deeper.eval()(counts), trained.eval()(counts), atol=1e-4)
-    with pytest.raises(ValueError, match=r"another architecture .* \(a model one stage shallower is deepened: encoder_depth 4, decoder_channels \[128, 64, 32, 16\]\)"):
+    with pytest.raises(
+        ValueError, match=r"another architecture .* \(a model one stage shallower is deepened: encoder_depth 4, decoder_channels \[128, 64, 32, 16\]\)"
+    ):
         train._build(train.TrainConfig(init_model=str(start), encoder_depth=4, decoder_channels=(64, 64, 32, 16)), torch.device("cpu"), batches)
     with pytest.raises(ValueError, match="pretrained_weights and train.init_model both set"):
         train.TrainConfig.from_config({"init_model": str(start), "pretrained_weights": "w.pth"})
@@ -489,7 +491,9 @@ def test_the_dihedral_mean_turns_with_the_image(encoding):
 
     base = maps(counts)
     plain = decode(model(counts).detach(), encoding)
-    assert not torch.allclose(decode(model(counts.flip(-1)).detach(), encoding)[:, :4].flip(-1).abs(), plain[:, :4].abs(), atol=1e-3)  # one pass is not symmetric
+    assert not torch.allclose(
+        decode(model(counts.flip(-1)).detach(), encoding)[:, :4].flip(-1).abs(), plain[:, :4].abs(), atol=1e-3
+    )  # one pass is not symmetric
     for transform, vector in (
         (lambda x: x.flip(-1), lambda v: v * torch.tensor([-1.0, 1.0])[:, None, None]),  # x reflected: v1 -> -v1
         (lambda x: x.flip(-2), lambda v: v * torch.tensor([1.0, -1.0])[:, None, None]),  # y reflected: v2 -> -v2
@@ -520,7 +524,9 @@ def test_the_model_stores_only_the_stages_it_runs_and_old_files_still_load(tmp_p
     old, _ = load_model(tmp_path / "old.pt")
     x = torch.rand(2, 1, 64, 64) * 500
     with torch.no_grad():
-        expected = torch.nn.functional.interpolate(full.eval()(torch.nn.functional.pixel_unshuffle(normalise(x), 2)), scale_factor=2, mode="bilinear", align_corners=False)
+        expected = torch.nn.functional.interpolate(
+            full.eval()(torch.nn.functional.pixel_unshuffle(normalise(x), 2)), scale_factor=2, mode="bilinear", align_corners=False
+        )
         assert torch.equal(old(x), expected)
     damaged = {k: v for k, v in blob["state_dict"].items() if "decoder" not in k}
     torch.save({**blob, "state_dict": damaged}, tmp_path / "damaged.pt")

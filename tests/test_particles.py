@@ -305,7 +305,12 @@ def test_images_without_a_particle_give_empty_tables_and_neighbours_are_fitted_t
     crowded = np.full((160, 200), 4.0, np.float32)
     for y, x in ((80, 60), (80, 85), (80, 110)):  # three beads 25 px apart: every window holds another
         crowded[y - 32 : y + 32, x - 32 : x + 32] += fitter.expected(bead(0.2, 0.1, 0.3, 0.1, 6000, 0, x=0, y=0))[0].numpy()
-    images = {"a_zero": np.zeros((128, 128), np.uint16), "b_noise": rng.poisson(5, (128, 128)).astype(np.uint16), "c_crowded": rng.poisson(crowded).astype(np.uint16), "d_bead": one_bead_image(fitter)}
+    images = {
+        "a_zero": np.zeros((128, 128), np.uint16),
+        "b_noise": rng.poisson(5, (128, 128)).astype(np.uint16),
+        "c_crowded": rng.poisson(crowded).astype(np.uint16),
+        "d_bead": one_bead_image(fitter),
+    }
     for name, data in images.items():
         tifffile.imwrite(tmp_path / f"{name}.tif", data)
     assert cli.main(["particles", *(str(tmp_path / f"{n}.tif") for n in images)]) == 0

@@ -91,7 +91,9 @@ def cells(size: int, counts: list[int], seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     b, r = len(counts), max(counts)
     shape = (b, 2, 2 * synthesis.FIELD_RANK, synthesis.FIELD_MODES)
-    return synthesis.voronoi(torch.rand(b, r, 2, generator=g) * size, torch.tensor(counts), torch.randn(shape, generator=g), torch.rand(shape, generator=g) * 6.3, size)
+    return synthesis.voronoi(
+        torch.rand(b, r, 2, generator=g) * size, torch.tensor(counts), torch.randn(shape, generator=g), torch.rand(shape, generator=g) * 6.3, size
+    )
 
 
 def test_blur_matches_direct_convolution_per_region():

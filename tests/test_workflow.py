@@ -229,8 +229,16 @@ DOWNSTREAM_OF_MODEL = {"predict", "metrics", "bead_metrics", "fig2_two_zone", "f
         ("study:\n  settings: [[8, 10]]\n", {"crb_map", "all"}, "{'study.settings': [[8, 10]]}"),
         ("train:\n  workers: 1\n  threads: 1\n", set(), None),
         ("train:\n  lr: 0.001\n", {"train", "training_curve"} | DOWNSTREAM_OF_MODEL, "{'train.lr': 0.003} now: {'train.lr': 0.001}"),
-        ("testsets:\n  cylinder:\n    speed: 0.5\n", {"testset", "fig3_cylinder_sketch", "predict", "fig4_cylinder", "metrics", "all"}, "'testsets.cylinder.speed': 0.5"),
-        ("synthesis:\n  shards:\n    train: 3\n", {"synthesize_shard", "train", "training_curve"} | DOWNSTREAM_OF_MODEL, "{'synthesis.shards.train': 2} now: {'synthesis.shards.train': 3}"),
+        (
+            "testsets:\n  cylinder:\n    speed: 0.5\n",
+            {"testset", "fig3_cylinder_sketch", "predict", "fig4_cylinder", "metrics", "all"},
+            "'testsets.cylinder.speed': 0.5",
+        ),
+        (
+            "synthesis:\n  shards:\n    train: 3\n",
+            {"synthesize_shard", "train", "training_curve"} | DOWNSTREAM_OF_MODEL,
+            "{'synthesis.shards.train': 2} now: {'synthesis.shards.train': 3}",
+        ),
     ],
 )
 def test_a_config_edit_plans_exactly_the_rules_it_can_change(built, edit, rules, named):
@@ -327,7 +335,9 @@ def test_the_pretrained_preset_scores_a_given_model_without_training(built, tmp_
 def test_the_gpu_command_trains_for_its_minutes_and_scores_into_one_folder(tmp_path):
     """tools/gpu_run.sh on the CPU with a tiny budget: the paper-regime preset, cut by the clock,
     then scored; the outputs flat in the folder."""
-    run = subprocess.run([str(ROOT / "tools/gpu_run.sh"), "0.1", str(tmp_path), str(ROOT / "tests/config/tiny.yaml")], capture_output=True, text=True, check=False, timeout=1800)
+    run = subprocess.run(
+        [str(ROOT / "tools/gpu_run.sh"), "0.1", str(tmp_path), str(ROOT / "tests/config/tiny.yaml")], capture_output=True, text=True, check=False, timeout=1800
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == sorted(
         ["model.pt", "training_log.csv", "training_curve.png", "two_zone.json", "cylinder.json", "table1.md"]

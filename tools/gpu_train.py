@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     split_files = {split: source_file(split, config, out / "sources" / f"{split}.h5") for split in ("train", "val")}
     if args.profile:
         profile = ["benchmarks/gpu_step.py", "--config", *map(str, files), "--batches", *map(str, args.profile_batches)]
-        run([*profile, "--steps", str(args.profile_steps), "--repeats", "1", "--no-counts", "--out", str(out / "profile.json")], args.profile_seconds, "the profile")
+        run(
+            [*profile, "--steps", str(args.profile_steps), "--repeats", "1", "--no-counts", "--out", str(out / "profile.json")],
+            args.profile_seconds,
+            "the profile",
+        )
     rows = train.run_config(
         pipeline.for_training(config), config["train"], [split_files["train"]], [split_files["val"]],
         out / "model.pt", out / "training_log.csv", out / "checkpoint.pt",
@@ -91,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         val = source_file("val", schema.load([ROOT / "config.yaml", release]), out / "release_sources" / "val.h5")
         test = source_file("test", schema.load([ROOT / "config.yaml"]), out / "release_sources" / "test.h5")
         score = ["tools/validation_sets.py", str(out / "model.pt"), str(args.baseline), "--sources", str(val), "--test-sources", str(test)]
-        run([*score, "--config", str(ROOT / "config.yaml"), str(release), "--sets", str(out / "validation_sets"), "--images", str(args.score_images)], None, "the scores")
+        run(
+            [*score, "--config", str(ROOT / "config.yaml"), str(release), "--sets", str(out / "validation_sets"), "--images", str(args.score_images)],
+            None,
+            "the scores",
+        )
 
 
 if __name__ == "__main__":

@@ -389,10 +389,17 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
         flags = table["flag"].fillna("")
         jointly = int((table["neighbours"].fillna(0) > 0).sum())
         frames = f" in {len(planes)} frames" if len(planes) > 1 else ""
-        note(f"blurflow: {path}: {int((~flags.str.contains('merged')).sum())} particles fitted{frames}" + (f", {jointly} of them with their neighbours" if jointly else "") + (f" (left out: {left})" if left else ""))
+        note(
+            f"blurflow: {path}: {int((~flags.str.contains('merged')).sum())} particles fitted{frames}"
+            + (f", {jointly} of them with their neighbours" if jointly else "")
+            + (f" (left out: {left})" if left else "")
+        )
         poor = int(flags.str.contains("poor_fit").sum())
         if poor:
-            note(f"blurflow: warning: {path}: {poor} fits do not explain their window (deviance > {POOR_FIT:g} per pixel; flagged 'poor_fit'): crossing or unusual particles")
+            note(
+                f"blurflow: warning: {path}: {poor} fits do not explain their window (deviance > {POOR_FIT:g} per pixel; "
+                "flagged 'poor_fit'): crossing or unusual particles"
+            )
     return [csv, png]
 
 
@@ -400,7 +407,10 @@ def below_offset(path: Path, planes: np.ndarray, args: argparse.Namespace) -> bo
     """Whether nearly all pixels (more than BELOW_OFFSET) are at or below ``--offset``: a warning line."""
     share = float(np.mean(planes <= args.offset))
     if share > BELOW_OFFSET and not args.quiet:
-        note(f"blurflow: warning: {path}: {share:.1%} of the pixels are at or below the offset {args.offset:g}: the image holds almost no signal (is --offset right?)")
+        note(
+            f"blurflow: warning: {path}: {share:.1%} of the pixels are at or below the offset {args.offset:g}: "
+            "the image holds almost no signal (is --offset right?)"
+        )
     return share > BELOW_OFFSET
 
 
@@ -522,7 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
             "config file (--config, its optics and motion sections) or the flags; the defaults are config.yaml's."
         ),
     )
-    p.add_argument("inputs", metavar="[MODEL] IMAGE", nargs="+", help="MODEL: a model file (.pt) whose optics and blur scales to use; IMAGE: TIFF, PNG or JPEG in camera counts")
+    p.add_argument(
+        "inputs",
+        metavar="[MODEL] IMAGE",
+        nargs="+",
+        help="MODEL: a model file (.pt) whose optics and blur scales to use; IMAGE: TIFF, PNG or JPEG in camera counts",
+    )
     p.add_argument("--config", metavar="YAML", help="a blurflow config file: its optics and motion sections")
     default = {**schema.defaults("optics"), **schema.defaults("motion")}
     for name, what in (("na", "numerical aperture"), ("n", "immersion refractive index"), ("wavelength_um", "emission wavelength in um"),

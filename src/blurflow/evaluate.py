@@ -204,10 +204,13 @@ def predict_testset(
         for start in logs.progress(range(0, n, batch), enabled=progress, desc=f"predict {Path(testset).stem}", unit="batch"):
             idx = range(start, min(start + batch, n))
             counts = torch.stack([ds[i]["image"] for i in idx])
-            pred[start : idx.stop] = predict(model, counts, tile=tile, batch=batch, smooth_px=smooth_px, dihedral=dihedral, edges=edges).numpy().astype(np.float16)
+            pred[start : idx.stop] = (
+                predict(model, counts, tile=tile, batch=batch, smooth_px=smooth_px, dihedral=dihedral, edges=edges).numpy().astype(np.float16)
+            )
     log.info(
         "predicted %d images of %d x %d px (tiles of %s px, smoothing %g px%s%s) in %.1f s",
-        n, h, w, tile or "whole", smooth_px, ", edge-preserving" if edges else "", ", mean over 8 rotations and reflections" if dihedral else "", time.perf_counter() - t0,
+        n, h, w, tile or "whole", smooth_px, ", edge-preserving" if edges else "", ", mean over 8 rotations and reflections" if dihedral else "",
+        time.perf_counter() - t0,
     )  # fmt: skip
 
 

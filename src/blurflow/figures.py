@@ -240,11 +240,15 @@ def table1_image(rows: pd.DataFrame, thumbnails: list[np.ndarray]) -> plt.Figure
     """Paper Table 1: ground truth, blurred thumbnail and predicted values of each case: the
     network's, the particle fit's (columns ``fit_*``, where present) and the paper's."""
     fit = "fit_v1" in rows
-    fig, axes = plt.subplots(len(rows), 3, figsize=(8.8 if fit else 8, 2.1 * len(rows)), constrained_layout=True, gridspec_kw={"width_ratios": [1.2, 1, 2.1 if fit else 1.6]})
+    fig, axes = plt.subplots(
+        len(rows), 3, figsize=(8.8 if fit else 8, 2.1 * len(rows)), constrained_layout=True, gridspec_kw={"width_ratios": [1.2, 1, 2.1 if fit else 1.6]}
+    )
     for (_, r), thumb, (a, b, c) in zip(rows.iterrows(), thumbnails, axes):
         for ax in (a, c):
             ax.set_axis_off()
-        a.text(0, 0.5, f"{r['case']}\nv1 = {r['v1']:.2f}\nv2 = {r['v2']:.2f}\nv3 = {r['v3']:.2f}\nz0 = {r['z0']:.2f}", va="center", family="monospace", fontsize=9)
+        a.text(
+            0, 0.5, f"{r['case']}\nv1 = {r['v1']:.2f}\nv2 = {r['v2']:.2f}\nv3 = {r['v3']:.2f}\nz0 = {r['z0']:.2f}", va="center", family="monospace", fontsize=9
+        )
         _counts_panel(b, thumb, "")
         lines = [f"{'':3}{'network':>8}" + (f"{'fit':>7}" if fit else "") + f"{'paper':>7}"]
         for name in COMPONENTS:
@@ -253,7 +257,9 @@ def table1_image(rows: pd.DataFrame, thumbnails: list[np.ndarray]) -> plt.Figure
         c.text(0, 0.5, "\n".join(lines), va="center", family="monospace", fontsize=9)
     axes[0, 0].set_title("ground truth v(s)", fontsize=9)
     axes[0, 1].set_title("blurred image i(s)", fontsize=9)
-    axes[0, 2].set_title("predicted: network (valid pixels),\nparticle fit (beads), paper" if fit else "prediction (mean over valid pixels)", fontsize=9, loc="left")
+    axes[0, 2].set_title(
+        "predicted: network (valid pixels),\nparticle fit (beads), paper" if fit else "prediction (mean over valid pixels)", fontsize=9, loc="left"
+    )
     return fig
 
 
@@ -268,7 +274,20 @@ def flow_overlay(image: np.ndarray, flow: np.ndarray, units: list[str], arrows: 
     step = max(1, max(h, w) // arrows)
     yy, xx = np.mgrid[step // 2 : h : step, step // 2 : w : step]
     v1, v2, valid = flow[0][yy, xx], flow[1][yy, xx], flow[4][yy, xx] > 0.5
-    a.quiver(xx[valid], yy[valid], v1[valid], -v2[valid], color="yellow", pivot="middle", headwidth=0, headlength=0, headaxislength=0, angles="xy", scale_units="xy", scale=np.abs(flow[:2]).max() / step + 1e-12)
+    a.quiver(
+        xx[valid],
+        yy[valid],
+        v1[valid],
+        -v2[valid],
+        color="yellow",
+        pivot="middle",
+        headwidth=0,
+        headlength=0,
+        headaxislength=0,
+        angles="xy",
+        scale_units="xy",
+        scale=np.abs(flow[:2]).max() / step + 1e-12,
+    )
     a.set_title(f"input with lateral motion (w > 0.5); longest segment = {np.hypot(flow[0], flow[1]).max():.2g} {units[0]}", fontsize=9)
     a.set_axis_off()
     peak = np.abs(flow[:3]).reshape(3, -1).max(1) + 1e-12
@@ -303,7 +322,10 @@ def particles_overlay(image: np.ndarray, labels: np.ndarray, table) -> plt.Figur
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), ax=ax, shrink=0.8, label=f"v3 ({unit}, away from focus)")
     if len(unfitted):
         ax.plot(unfitted["x_px"], unfitted["y_px"], "x", color="red", markersize=10, mew=2)
-    ax.set_title(f"{len(table)} particles: lateral path over the exposure (arrow: direction resolved)" + (f"; {len(unfitted)} not fitted (x)" if len(unfitted) else ""), fontsize=9)
+    ax.set_title(
+        f"{len(table)} particles: lateral path over the exposure (arrow: direction resolved)" + (f"; {len(unfitted)} not fitted (x)" if len(unfitted) else ""),
+        fontsize=9,
+    )
     ax.set_axis_off()
     return fig
 

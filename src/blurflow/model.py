@@ -32,7 +32,11 @@ ENCODERS = (*RESNETS, "efficientnet-b0")  # smp encoder names
 ENCODINGS = ("doubled_angle", "paper")
 LOSSES = ("ours", "paper")
 PAPER_DECODER = (256, 128, 64, 32, 16)
-RESNET_STAGES = ("layer2", "layer3", "layer4")  # stages 3-5 of an smp ResNet encoder (depth 3-5 runs up to stage `depth`)  # smp's default U-Net decoder, encoder depth 5
+RESNET_STAGES = (
+    "layer2",
+    "layer3",
+    "layer4",
+)  # stages 3-5 of an smp ResNet encoder (depth 3-5 runs up to stage `depth`)  # smp's default U-Net decoder, encoder depth 5
 
 
 def check_architecture(depth: int, decoder_channels: Sequence[int]) -> None:
@@ -246,7 +250,9 @@ class FlowNet(torch.nn.Module):
         if unshuffle not in (1, 2):
             raise ValueError(f"input unshuffle (train.unshuffle) must be 1 or 2, got {unshuffle!r}")
         self.stem_stride, self.unshuffle = stem_stride, unshuffle
-        self.unet = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=unshuffle**2, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels)
+        self.unet = smp.Unet(
+            encoder_name=encoder, encoder_weights=None, in_channels=unshuffle**2, classes=5, encoder_depth=depth, decoder_channels=self.decoder_channels
+        )
         for stage in self.unused_stages():  # never run at this depth: not built, not stored (10.5M of ResNet-18's 11.2M at depth 3)
             delattr(self.unet.encoder, stage)
         if stem_stride == 1:

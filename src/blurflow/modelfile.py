@@ -107,7 +107,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
         raise ValueError(f"{path} is not a blurflow model file: it has no blurflow metadata (use the model.pt that training writes)")
     meta = blob["meta"]
     try:
-        model = FlowNet(meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"], meta.get("stem_stride", 2), meta.get("unshuffle", 1))
+        model = FlowNet(
+            meta["encoder"], meta["encoding"], meta["encoder_depth"], meta["decoder_channels"], meta.get("stem_stride", 2), meta.get("unshuffle", 1)
+        )
         model.load_weights(blob["state_dict"])
     except (KeyError, ValueError, RuntimeError):
         raise ValueError(f"{path} is a damaged blurflow model file: its weights do not match the architecture it records") from None

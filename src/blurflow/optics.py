@@ -429,7 +429,11 @@ class MotionPSF(torch.nn.Module):
         if gradient:  # d/da of the step integral, a the phase cycles; d/dz0 and d/dv3 through the table's slope
             d2sinc = torch.where(small, -(math.pi**2) / 3, -(math.pi**2) * sinc - 2 * dsinc / safe)
             rho = (params[:, 2] * rows_per_z).to(torch.complex64)[:, None]  # rows per exposure
-            by_a = -2j * math.pi * acc_t * (h * sinc) + acc * (h**2 * dsinc) + rho * (acc_slope_t * (h**2 * dsinc) + acc_slope * ((1j * h**3 / (2 * math.pi)) * d2sinc))
+            by_a = (
+                -2j * math.pi * acc_t * (h * sinc)
+                + acc * (h**2 * dsinc)
+                + rho * (acc_slope_t * (h**2 * dsinc) + acc_slope * ((1j * h**3 / (2 * math.pi)) * d2sinc))
+            )
             by_z0 = rows_per_z * acc_slope * (h * sinc)
             by_v3 = rows_per_z * ((acc_slope_t + 0.5 * acc_slope) * (h * sinc) + acc_slope * within_step)
         acc_slope.mul_((params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)[:, None])  # rows per exposure

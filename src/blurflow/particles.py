@@ -256,7 +256,9 @@ class BeadFitter:
             ll[go] = torch.where(better, trial_ll, ll[go])
             stale[go] = better
             ratio = (trial_ll - ll_before) / (0.5 * gain[~small])  # achieved over predicted gain
-            damping[go] = torch.where(better, damping[go] * torch.where(ratio > 0.75, 1 / 3, torch.where(ratio < 0.25, 2.0, 1.0)), damping[go] * 10).clamp(1e-6, 1e8)
+            damping[go] = torch.where(better, damping[go] * torch.where(ratio > 0.75, 1 / 3, torch.where(ratio < 0.25, 2.0, 1.0)), damping[go] * 10).clamp(
+                1e-6, 1e8
+            )
             converged[active[small]] = True
             converged[go] = done | (damping[go] >= 1e8) | (~better & (gain[~small] < 2 * NEAR))
         return theta, ll, converged
@@ -283,7 +285,8 @@ class BeadFitter:
         probes[:, :, 4] = torch.cat([torch.full((len(still),), PROBE_V3), torch.full((len(through),), STILL_V3)])[:, None]
         probes[:, :, 5] = depth[:, None]
         tried, tried_ll, tried_ok = self.refine(
-            counts[which].repeat_interleave(2, 0), probes.reshape(-1, 8), iterations, known=known[which].repeat_interleave(2, 0), weight=weight[which].repeat_interleave(2, 0),
+            counts[which].repeat_interleave(2, 0), probes.reshape(-1, 8), iterations,
+            known=known[which].repeat_interleave(2, 0), weight=weight[which].repeat_interleave(2, 0),
         )  # fmt: skip
         best = tried_ll.reshape(-1, 2).argmax(1) + torch.arange(len(which)) * 2
         better = tried_ll[best] > ll[which]
@@ -469,7 +472,11 @@ def windows(image: np.ndarray, centres: np.ndarray, window: int) -> torch.Tensor
     """The ``window`` px windows (N, window, window) float32 of ``image`` centred on ``centres``
     (row, col): pixel (window // 2, window // 2) of a window is its centre."""
     half = window // 2
-    return torch.from_numpy(np.stack([image[y - half : y + half, x - half : x + half] for y, x in centres]).astype(np.float32)) if len(centres) else torch.zeros(0, window, window)
+    return (
+        torch.from_numpy(np.stack([image[y - half : y + half, x - half : x + half] for y, x in centres]).astype(np.float32))
+        if len(centres)
+        else torch.zeros(0, window, window)
+    )
 
 
 @dataclass
@@ -544,7 +551,8 @@ class _Stack:
             parts["group"].append(group + groups)
             first, groups = first + k, groups + (int(group.max()) + 1 if k else 0)
         return cls(
-            torch.cat(parts["counts"]).flatten(1), 1 - torch.cat(parts["unfitted"]).flatten(1), *(np.concatenate(parts[k]) for k in ("own", "others", "centres", "frame", "pairs", "touching", "group")),
+            torch.cat(parts["counts"]).flatten(1), 1 - torch.cat(parts["unfitted"]).flatten(1),
+            *(np.concatenate(parts[k]) for k in ("own", "others", "centres", "frame", "pairs", "touching", "group")),
         )  # fmt: skip
 
     def signals(self, fitter: BeadFitter, theta: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -605,7 +613,9 @@ def _finish(fitter: BeadFitter, stack: _Stack, fit: FitResult) -> None:
         fit.update(stuck, fitter.fit(stack.counts[stuck], iterations=25, known=torch.from_numpy(known[stuck]), weight=weight[stuck], start=theta[stuck]))
     index = np.flatnonzero(grouped)
     if len(index):
-        fit.std[index] = joint_std(fitter, torch.from_numpy(fit.params), stack.centres, stack.touching, stack.weight, index) * np.sqrt(fit.dispersion[index])[:, None]
+        fit.std[index] = (
+            joint_std(fitter, torch.from_numpy(fit.params), stack.centres, stack.touching, stack.weight, index) * np.sqrt(fit.dispersion[index])[:, None]
+        )
         fit.direction_resolved[index] = resolved(torch.from_numpy(fit.params[index]), torch.from_numpy(fit.std[index])).numpy()
 
 
@@ -690,7 +700,9 @@ def _split(
     seen = stack.weight.reshape(-1, w, w).numpy() > 0
     quiet = np.where(seen, pearson, np.nan).reshape(len(counts), -1)
     noise = np.nan_to_num(1.4826 * np.nanmedian(np.abs(quiet - np.nanmedian(quiet, 1, keepdims=True)), 1), nan=np.inf)
-    blobs, n = ndimage.label(stack.own & seen & (pearson > SPLIT_SIGMA * noise[:, None, None]), np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))]))
+    blobs, n = ndimage.label(
+        stack.own & seen & (pearson > SPLIT_SIGMA * noise[:, None, None]), np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))])
+    )
     new: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # particle -> (the new streak's pixels in its window, the pair's fits)
     if n:
         ids = np.arange(1, n + 1)
@@ -704,7 +716,9 @@ def _split(
     poor = (fit.deviance > PAIR_DEVIANCE * fit.dispersion * np.maximum(fit.pixels, 1)) | ~fit.converged
     trial = np.flatnonzero(poor & (True if settled is None else ~settled))
     if len(trial):
-        gain, pair, second = _pair_trial(fitter, stack.counts[trial], stack.weight[trial], torch.from_numpy(known[trial]).flatten(1), theta[trial], stack.own[trial])
+        gain, pair, second = _pair_trial(
+            fitter, stack.counts[trial], stack.weight[trial], torch.from_numpy(known[trial]).flatten(1), theta[trial], stack.own[trial]
+        )
         share = pair[:, :, 6].min(1) / pair[:, :, 6].sum(1)
         for k in np.flatnonzero((gain > PAIR_GAIN * fit.dispersion[trial]) & (share >= SPLIT_SHARE)):
             new[int(trial[k])] = second[k], pair[k]  # the fitted pair's partition before the residual's
@@ -913,7 +927,9 @@ def fit_dense_testset(testset: str | Path, device: torch.device | str = "cpu") -
     with h5py.File(testset) as f:
         truth = np.concatenate([p[: len(m)] for p, m in zip(f["params"][()], midpoints)])
         photons = np.repeat(f["quantum_efficiency"][()] * f["photons"][()], [len(m) for m in midpoints])
-    table = pd.DataFrame({"image": np.repeat(np.arange(len(images)), [len(m) for m in midpoints]), "bead": np.concatenate([np.arange(len(m)) for m in midpoints])})
+    table = pd.DataFrame(
+        {"image": np.repeat(np.arange(len(images)), [len(m) for m in midpoints]), "bead": np.concatenate([np.arange(len(m)) for m in midpoints])}
+    )
     for j, name in enumerate(COMPONENTS):
         table[f"true_{name}"] = truth[:, j]
     table["true_photons"] = photons
@@ -929,7 +945,9 @@ def fit_dense_testset(testset: str | Path, device: torch.device | str = "cpu") -
     return table
 
 
-def bead_scores(truth: np.ndarray, estimate: np.ndarray, scales: MotionScales, pixel_um: float, std: np.ndarray | None = None, resolved: np.ndarray | None = None) -> dict:
+def bead_scores(
+    truth: np.ndarray, estimate: np.ndarray, scales: MotionScales, pixel_um: float, std: np.ndarray | None = None, resolved: np.ndarray | None = None
+) -> dict:
     """Scores of per-bead estimates (M, 4) of (v1, v2, v3, z0) against the truth (M, 4): R^2
     (squared Pearson; of |v1|, |v2| as in the paper), MAE in um (per exposure; z0 in um), the
     median orientation error (deg, beads moving > 0.1), and for a fit with ``std`` and

@@ -236,7 +236,16 @@ def write_sources(images: Iterable[tuple[str, np.ndarray]], path: str | Path, ti
     names: list[str] = []
     count = 0
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        ds = f.create_dataset("images", (0, tile_px, tile_px), np.uint16, maxshape=(None, tile_px, tile_px), chunks=(1, tile_px, tile_px), compression="gzip", compression_opts=4, shuffle=True)
+        ds = f.create_dataset(
+            "images",
+            (0, tile_px, tile_px),
+            np.uint16,
+            maxshape=(None, tile_px, tile_px),
+            chunks=(1, tile_px, tile_px),
+            compression="gzip",
+            compression_opts=4,
+            shuffle=True,
+        )
         src = f.create_dataset("source", (0,), np.int32, maxshape=(None,), chunks=(4096,))
         for name, image in logs.progress(images, desc=f"sources -> {Path(path).name}", unit="image"):
             try:

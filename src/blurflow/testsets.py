@@ -253,5 +253,10 @@ def write_beads_dense(path, setup: Setup, image_px: int, count: int, per_128px: 
             regions[k] = distance.argmin(0)
         return {"sharp": sharp, "regions": regions}
 
-    attrs = {"testset": "beads_dense", "bead_rows": json.dumps([p[:, 0].tolist() for p in where]), "bead_cols": json.dumps([p[:, 1].tolist() for p in where]), "window": dense_window(image_px)}
+    attrs = {
+        "testset": "beads_dense",
+        "bead_rows": json.dumps([p[:, 0].tolist() for p in where]),
+        "bead_cols": json.dumps([p[:, 1].tolist() for p in where]),
+        "window": dense_window(image_px),
+    }
     _write(path, syn, TESTSET_KEYS["beads_dense"], count, beads, attrs, batch, progress, "dense beads")

@@ -57,7 +57,14 @@ SMOOTHINGS = (*((s, False) for s in SMOOTHING_PX), *((s, True) for s in EDGE_SMO
 # (dihedral mean, px, edge-preserving) tried after training; edge-preserving only on the dihedral mean, which has won in every run, to halve its cost
 READOUTS = (*((False, s, False) for s in SMOOTHING_PX), *((True, s, edges) for s, edges in SMOOTHINGS))
 PLAIN = ((False, 0.0, False),)  # the readout scored after every epoch
-ARCHITECTURE = ("encoder", "encoding", "encoder_depth", "decoder_channels", "stem_stride", "unshuffle")  # what a model file and the config must share to start training from it
+ARCHITECTURE = (
+    "encoder",
+    "encoding",
+    "encoder_depth",
+    "decoder_channels",
+    "stem_stride",
+    "unshuffle",
+)  # what a model file and the config must share to start training from it
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,15 @@ class TrainConfig:
     @classmethod
     def from_config(cls, cfg: Mapping, seed: int = 0) -> TrainConfig:
         out = cls(**dataclass_values(cls, "train", cfg), seed=seed)
-        choices = (("encoder", ENCODERS), ("encoding", ENCODINGS), ("loss", LOSSES), ("schedule", SCHEDULES), ("data", DATA), ("stem_stride", (1, 2)), ("unshuffle", (1, 2)))
+        choices = (
+            ("encoder", ENCODERS),
+            ("encoding", ENCODINGS),
+            ("loss", LOSSES),
+            ("schedule", SCHEDULES),
+            ("data", DATA),
+            ("stem_stride", (1, 2)),
+            ("unshuffle", (1, 2)),
+        )
         for name, allowed in choices:
             if getattr(out, name) not in allowed:
                 raise ValueError(f"train.{name} must be one of {allowed}, got {getattr(out, name)!r}")
@@ -202,7 +217,17 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Mappin
     return loss.detach()
 
 
-def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[dict], epoch: int, cfg: TrainConfig, device: torch.device, minutes: float, per_epoch: int, progress: bool) -> tuple[float, int, str | None]:
+def _train_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Iterable[dict],
+    epoch: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    minutes: float,
+    per_epoch: int,
+    progress: bool,
+) -> tuple[float, int, str | None]:
     """One epoch of optimiser steps; returns (mean training loss, images seen, why training
     stopped early or None). ``minutes`` of training before this epoch count against max_minutes.
     The loss is summed on the device and read each quarter epoch (the progress bar's and the log's)."""
@@ -227,13 +252,21 @@ def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: It
             mean = float(total) / seen
             bar.set_postfix(loss=f"{mean:.4f}")
             if bar.disable:  # no terminal: a line per quarter
-                log.info("epoch %d/%d: %d%%, training loss %.4f, %.0f images/s", epoch + 1, cfg.epochs, 100 * (i + 1) // per_epoch, mean, seen / (time.perf_counter() - t0))
+                log.info(
+                    "epoch %d/%d: %d%%, training loss %.4f, %.0f images/s",
+                    epoch + 1,
+                    cfg.epochs,
+                    100 * (i + 1) // per_epoch,
+                    mean,
+                    seen / (time.perf_counter() - t0),
+                )
     bar.close()
     return float(total) / max(seen, 1), seen, stopped
 
 
 def _save_final(
-    model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float, bool], dict], cfg: TrainConfig, stopped: str | None, model_path: Path, meta: Mapping, images_before: int,
+    model: FlowNet, rows: list[dict], scores: dict[tuple[bool, float, bool], dict], cfg: TrainConfig, stopped: str | None, model_path: Path,
+    meta: Mapping, images_before: int,
 ) -> None:  # fmt: skip
     """The model file, with the readout (:func:`readout_meta`) chosen on the validation ``scores``;
     ``images_before``: images the starting model was trained on. It holds no timings (those are
@@ -257,8 +290,14 @@ def readout_meta(scores: Mapping[tuple[bool, float, bool], dict]) -> dict:
     (``scores``, as :func:`evaluate_loss` gives them) and every readout's scores."""
     dihedral, best, edges = max(READOUTS, key=lambda r: scores[r]["mean"])
     for d in (False, True):
-        log.info("validation R2%s: %s", " (mean over 8 rotations and reflections)" if d else "", ", ".join(f"{s:g} px{' edges' * e} {scores[d, s, e]['mean']:.3f}" for s, e in SMOOTHINGS if (d, s, e) in scores))
-    log.info("chosen: output smoothing %g px%s, %s", best, ", edge-preserving" if edges else "", "mean over 8 rotations and reflections" if dihedral else "one pass")
+        log.info(
+            "validation R2%s: %s",
+            " (mean over 8 rotations and reflections)" if d else "",
+            ", ".join(f"{s:g} px{' edges' * e} {scores[d, s, e]['mean']:.3f}" for s, e in SMOOTHINGS if (d, s, e) in scores),
+        )
+    log.info(
+        "chosen: output smoothing %g px%s, %s", best, ", edge-preserving" if edges else "", "mean over 8 rotations and reflections" if dihedral else "one pass"
+    )
     return {
         "output_smoothing_px": best, "output_smoothing_edges": edges, "dihedral_mean": dihedral,
         "val_r2_by_smoothing_px": {smoothing_label(s, False): scores[False, s, False] for s in SMOOTHING_PX},
@@ -298,7 +337,9 @@ def train(
         row, stopped, final_scores = _run_epoch(model, stepper, opt, data, epoch, cfg, device, rows, progress)
         rows.append(row)
         _write_log(rows, log_path)
-        _save_checkpoint(checkpoint_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": key})
+        _save_checkpoint(
+            checkpoint_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "rows": rows, "stopped": stopped, "resume_key": key}
+        )
     if len(rows) == cfg.epochs or stopped:
         scores = final_scores or evaluate_loss(model, data.validation(), cfg, device, READOUTS)[1]  # resumed after the last epoch
         _write_log(rows, log_path)

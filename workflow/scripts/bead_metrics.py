@@ -21,12 +21,25 @@ fitted = table["fitted"].to_numpy(bool) if "fitted" in table else np.ones(len(ta
 fit = table[list(particles.COMPONENTS)].to_numpy()[fitted]
 std = table[[f"std_{c}" for c in particles.COMPONENTS]].to_numpy()[fitted]
 scores = {
-    "fit": {"fraction_fitted": float(fitted.mean()), **particles.bead_scores(truth[fitted], fit, scales, pixel_um, std, table.direction_resolved.to_numpy(bool)[fitted])},
+    "fit": {
+        "fraction_fitted": float(fitted.mean()),
+        **particles.bead_scores(truth[fitted], fit, scales, pixel_um, std, table.direction_resolved.to_numpy(bool)[fitted]),
+    },
     "network": particles.bead_scores(truth, network, scales, pixel_um),
 }
 with open(snakemake.output.json, "w") as f:
     json.dump(scores, f, indent=2)
-rows = [{"method": m, "component": c, "r2": s["r2"][c], "mae_um": s["mae_um"][c], **({"within_1_std": s["within_1_std"][c], "within_2_std": s["within_2_std"][c]} if "within_1_std" in s else {})} for m, s in scores.items() for c in particles.COMPONENTS]
+rows = [
+    {
+        "method": m,
+        "component": c,
+        "r2": s["r2"][c],
+        "mae_um": s["mae_um"][c],
+        **({"within_1_std": s["within_1_std"][c], "within_2_std": s["within_2_std"][c]} if "within_1_std" in s else {}),
+    }
+    for m, s in scores.items()
+    for c in particles.COMPONENTS
+]
 pd.DataFrame(rows).to_csv(snakemake.output.csv, index=False)
 for method, s in scores.items():
     log.info("%s on %d beads: R2 |v1| %.3f, |v2| %.3f, v3 %.3f, z0 %.3f", method, s["beads"], *(s["r2"][c] for c in particles.COMPONENTS))

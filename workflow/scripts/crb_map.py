@@ -15,5 +15,13 @@ settings = [(float(lateral), float(axial)) for lateral, axial in c["study"]["set
 table = pd.DataFrame(cramer_rao_map(Optics.from_config(c["optics"]), settings, snakemake.params.photons))
 table.to_csv(snakemake.output.csv, index=False)
 for row in table.itertuples():
-    log.info("L %g px, A %g um, %d photons: ideal R2 v1 %.3f, v3 %.3f, z0 %.3f", row.lateral_scale_px, row.axial_scale_um, row.photons, row.ideal_r2_v1, row.ideal_r2_v3, row.ideal_r2_z0)
+    log.info(
+        "L %g px, A %g um, %d photons: ideal R2 v1 %.3f, v3 %.3f, z0 %.3f",
+        row.lateral_scale_px,
+        row.axial_scale_um,
+        row.photons,
+        row.ideal_r2_v1,
+        row.ideal_r2_v3,
+        row.ideal_r2_z0,
+    )
 figures.crb_map(table).savefig(snakemake.output.figure, dpi=110)

@@ -14,4 +14,10 @@ if snakemake.wildcards.testset == "beads_dense":
 else:
     table = particles.fit_testset(snakemake.input.testset)
     table.to_csv(snakemake.output.csv, index=False)
-    log.info("fitted %d beads: %d directions resolved, %d at a bound, %d not converged", len(table), table.direction_resolved.sum(), table.at_bound.sum(), (~table.converged).sum())
+    log.info(
+        "fitted %d beads: %d directions resolved, %d at a bound, %d not converged",
+        len(table),
+        table.direction_resolved.sum(),
+        table.at_bound.sum(),
+        (~table.converged).sum(),
+    )

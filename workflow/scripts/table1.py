@@ -10,7 +10,9 @@ for row in rows.itertuples():
     truth = ", ".join(f"{getattr(row, c):.2f}" for c in evaluate.COMPONENTS)
     pred = ", ".join(f"{getattr(row, 'pred_' + c):.2f}" for c in evaluate.COMPONENTS)
     fit = ", ".join(f"{getattr(row, 'fit_' + c):.2f}" for c in evaluate.COMPONENTS)
-    log.info("Table 1 case %s (%s, %d images): truth (%s), network (%s), fit of %d beads (%s)", row.case, row.source, row.images, truth, pred, row.beads_fitted, fit)
+    log.info(
+        "Table 1 case %s (%s, %d images): truth (%s), network (%s), fit of %d beads (%s)", row.case, row.source, row.images, truth, pred, row.beads_fitted, fit
+    )
 with open(snakemake.output.md, "w") as f:
     f.write(rows.to_markdown(index=False, floatfmt=".2f") + "\n")
 ds = ShardDataset([snakemake.input.testset])
