@@ -636,9 +636,8 @@ def _pair_trial(
     pixels ``own`` (P, w, w) bool. Three starts: the streak's pixels split in two across either
     of its axes (of its light's second moments), each half's best bank match with the other
     half's pixels left out; and the one-particle fit with the best bank match of the light it
-    leaves. From
-    each, each particle is refined with the other's light known, ``rounds`` times; the more likely
-    pair is kept. Returns (P,) the log-likelihood gain of two particles over one, the pair (P, 2,
+    leaves. From each, each particle is refined with the other's light known, ``rounds`` times;
+    the more likely pair is kept. Returns (P,) the log-likelihood gain of two particles over one, the pair (P, 2,
     8) and (P, w, w) bool: the streak's pixels where the second particle's light exceeds the
     first's."""
     p, w = len(theta), fitter.window
