@@ -8,7 +8,7 @@ epochs) would take at the measured rate.
                                      [--archs paper laptop] [--repeats 3]
 
 Architectures (``--archs``): ``paper`` (encoder depth 5, decoder 256-128-64-32-16), ``laptop`` (the
-default config, blurflow.train.TrainConfig), and the alternatives compared in docs/results.md:
+default config, blurflow.train.TrainConfig), and the alternatives compared in docs/experiments.md:
 ``depth4`` (depth 4, decoder 128-64-32-16), ``depth4-stem1`` (its first convolution at stride 1),
 ``depth3`` (decoder 64-32-16), ``depth4-unshuffle2`` and ``depth3-unshuffle2`` (2 x 2 pixels to 4
 channels, U-Net at half resolution).

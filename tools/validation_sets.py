@@ -1,5 +1,5 @@
 """Scores model files on validation sets of the test sets' size and geometry: the sets that chose
-the shipped model's stages (docs/model.md, docs/results.md). The test sets are never used.
+the shipped model's stages (docs/model.md, docs/experiments.md). The test sets are never used.
 
 Sets, each built once into ``--sets`` from the validation sources (``--sources``, the pipeline's
 results/sources/val.h5) and the config's optics, blur scales and test-set settings:
@@ -79,7 +79,9 @@ def build(sets: Path, val_sources: Path, config: dict, images: int = TWO_ZONE_CO
             testsets.write_two_zone(out[name], src, setup, IMAGE_PX, images, progress=False)
     out["cylinder"] = sets / "cylinder.h5"
     if not out["cylinder"].exists():
-        testsets.write_cylinder(out["cylinder"], val_sources, setup, IMAGE_PX, min(images, CYLINDER_COUNT), cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False)
+        testsets.write_cylinder(
+            out["cylinder"], val_sources, setup, IMAGE_PX, min(images, CYLINDER_COUNT), cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False
+        )
     return out
 
 
@@ -88,11 +90,16 @@ def build_test(sets: Path, test_sources: Path, config: dict, images: int | None 
     setup, t = Setup.from_config(config), config["testsets"]
     cyl = t["cylinder"]
     count = {"two_zone_test": min(t["two_zone"]["count"], images or t["two_zone"]["count"]), "cylinder_test": min(cyl["count"], images or cyl["count"])}
-    out = {"two_zone_test": (sets / "two_zone_test.h5", min(t["two_zone"]["evaluated"], count["two_zone_test"])), "cylinder_test": (sets / "cylinder_test.h5", count["cylinder_test"])}
+    out = {
+        "two_zone_test": (sets / "two_zone_test.h5", min(t["two_zone"]["evaluated"], count["two_zone_test"])),
+        "cylinder_test": (sets / "cylinder_test.h5", count["cylinder_test"]),
+    }
     if not out["two_zone_test"][0].exists():
         testsets.write_two_zone(out["two_zone_test"][0], test_sources, setup, t["image_px"], count["two_zone_test"], progress=False)
     if not out["cylinder_test"][0].exists():
-        testsets.write_cylinder(out["cylinder_test"][0], test_sources, setup, t["image_px"], count["cylinder_test"], cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False)
+        testsets.write_cylinder(
+            out["cylinder_test"][0], test_sources, setup, t["image_px"], count["cylinder_test"], cyl["speed"], cyl["z0"], cyl["direction_deg"], progress=False
+        )
     return out
 
 
@@ -104,7 +111,9 @@ def main() -> None:
     parser.add_argument("--sets", default="results/validation_sets", help="folder of the sets (built once) and scores.csv")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--test-sources", default=None, help="test sources (HDF5 of the sources rule): score the config's test sets too")
-    parser.add_argument("--images", type=int, default=TWO_ZONE_COUNT, help=f"images per set (default {TWO_ZONE_COUNT}; fewer: a quick check, not the rule's sets)")
+    parser.add_argument(
+        "--images", type=int, default=TWO_ZONE_COUNT, help=f"images per set (default {TWO_ZONE_COUNT}; fewer: a quick check, not the rule's sets)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load(args.config)
