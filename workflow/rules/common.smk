@@ -31,7 +31,9 @@ onstart:
 
 TESTSETS = list(schema.TESTSETS)  # every test set; below, those each rule takes
 TEXTURE_SETS = [n for n, kind in schema.TESTSETS.items() if kind == "per_pixel"]
-FITTED_SETS = [n for n, kind in schema.TESTSETS.items() if kind in ("per_case", "per_bead")]
+FITTED_SETS = [
+    n for n, kind in schema.TESTSETS.items() if kind in ("per_case", "per_bead")
+]
 BEAD_SETS = [n for n, kind in schema.TESTSETS.items() if kind == "per_bead"]
 MODEL = "results/model/model.pt"
 TRAINING_LOG = "results/model/training_log.csv"

@@ -25,10 +25,7 @@ rule predict:
                     **pipeline.evaluated(config, wc.testset),
                 }
             },
-            [
-                {"testset": name}
-                for name in TESTSETS
-            ],
+            [{"testset": name} for name in TESTSETS],
         ),
     script:
         "../scripts/predict.py"

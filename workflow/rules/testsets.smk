@@ -19,10 +19,7 @@ rule testset:
     params:
         **pipeline.rule_params(
             lambda wc: pipeline.for_testset(config, wc.testset),
-            [
-                {"testset": name}
-                for name in TESTSETS
-            ],
+            [{"testset": name} for name in TESTSETS],
         ),
     script:
         "../scripts/testset.py"
