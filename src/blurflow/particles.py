@@ -108,6 +108,10 @@ class BeadFitter:
         kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=CHUNK)
         return theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0)
 
+    def light(self, theta: torch.Tensor) -> torch.Tensor:
+        """Each particle's own expected counts (B, window, window): :meth:`expected` less the background."""
+        return self.expected(theta) - theta[:, 7, None, None]
+
     def simulate(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Poisson camera counts (B, window, window) float32 for parameters (B, 8)."""
         return torch.poisson(self.expected(theta), generator=generator)
@@ -564,7 +568,7 @@ class _Stack:
 def _light(fitter: BeadFitter, theta: torch.Tensor, centres: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(each particle's own light, the light of its neighbours ``pairs`` in its window), both
     (N, w, w) float32, for parameters ``theta`` (N, 8) of windows centred on ``centres``."""
-    own = (fitter.expected(theta) - theta[:, 7, None, None]).numpy()
+    own = fitter.light(theta).numpy()
     return own, place(own, centres, pairs, fitter.window)
 
 
@@ -637,9 +641,9 @@ def _pair_trial(
     of its axes (of its light's second moments), each half's best bank match with the other
     half's pixels left out; and the one-particle fit with the best bank match of the light it
     leaves. From each, each particle is refined with the other's light known, ``rounds`` times;
-    the more likely pair is kept. Returns (P,) the log-likelihood gain of two particles over one, the pair (P, 2,
-    8) and (P, w, w) bool: the streak's pixels where the second particle's light exceeds the
-    first's."""
+    the more likely pair is kept. Returns (P,) the log-likelihood gain of two particles over one,
+    the pair (P, 2, 8) and (P, w, w) bool: the streak's pixels where the second particle's light
+    exceeds the first's."""
     p, w = len(theta), fitter.window
     one_mu = fitter.expected(theta).flatten(1) + known
     light = (counts - known - theta[:, 7, None]).clamp(min=0).reshape(p, w, w).numpy() * own
@@ -659,9 +663,9 @@ def _pair_trial(
     pair = torch.cat([split, kept, extra])  # (6P, 8): (start, member, window): (halves, halves, one plus the rest) x (first, second)
     counts6, known6, weight6 = counts.repeat(6, 1), known.repeat(6, 1), weight.repeat(6, 1)
     for _ in range(rounds):
-        signal = (fitter.expected(pair) - pair[:, 7, None, None]).reshape(3, 2, p, -1)
+        signal = fitter.light(pair).reshape(3, 2, p, -1)
         pair = fitter.refine(counts6, pair, 6, known=known6 + signal.flip(1).reshape(6 * p, -1), weight=weight6)[0]  # the partner's light known
-    signal = (fitter.expected(pair) - pair[:, 7, None, None]).reshape(3, 2, p, -1)
+    signal = fitter.light(pair).reshape(3, 2, p, -1)
     pair = pair.reshape(3, 2, p, 8)
     two = torch.stack([fitter.log_likelihood(counts, pair[c, 0, :, 7, None] + signal[c].sum(0) + known, weight) for c in range(3)])
     best, every = two.argmax(0), torch.arange(p)
