@@ -10,9 +10,12 @@ batch, neighbours together); a fit whose midpoint lies within 3 px of a bead's i
 Reported per density: the fraction of beads fitted (matched, not flagged), R² of |v1|, |v2|,
 v3, z0 (blurflow.particles.bead_scores), the share of errors within 1 and 2 predicted std,
 beads/s (detection and fits; the kernel bank is built before the clock: its time is printed
-once as the start-up).
+once as the start-up), and in the same run the floor of that speed: beads/s of detection and each
+streak's fit alone (fit_frames with no rounds with neighbours and no splits), what every bead
+costs before its neighbours are fitted with it. ``--repeat`` times both that many times (the fits
+are the same each time).
 
-    python benchmarks/particle_density.py [--densities 1 3 6 10] [--frames 4] [--size 512] [--threads 2]
+    python benchmarks/particle_density.py [--densities 1 3 6 10] [--frames 4] [--size 512] [--threads 2] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="timings of each density")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     setup = Setup.from_config({})
@@ -63,14 +67,21 @@ def main() -> None:
     for density in args.densities:
         with tempfile.TemporaryDirectory() as tmp:
             frames, midpoints, truth = frames_and_truth(setup, args.size, density, args.frames, args.seed, Path(tmp))
-        t0 = time.perf_counter()
-        found = [detect(f, window) for f in frames]
-        parts = fit_frames(fitter, frames, found)
-        seconds = time.perf_counter() - t0
+        speed, alone = [], []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            found = [detect(f, window) for f in frames]
+            fit_frames(fitter, frames, found, rounds=0, splits=0)
+            t1 = time.perf_counter()
+            found = [detect(f, window) for f in frames]
+            parts = fit_frames(fitter, frames, found)
+            t2 = time.perf_counter()
+            alone.append(round(len(truth) / (t1 - t0), 1))
+            speed.append(round(len(truth) / (t2 - t1), 1))
         index = np.concatenate(match(parts, midpoints))
         fit, fitted = parts.fit, index[index >= 0]
         beads = len(index)
-        row = {"beads_per_128px": density, "beads": beads, "fitted": round(len(fitted) / beads, 3), "beads_per_s": round(beads / seconds, 1)}
+        row = {"beads_per_128px": density, "beads": beads, "fitted": round(len(fitted) / beads, 3), "beads_per_s": speed, "alone_beads_per_s": alone}
         if len(fitted) > 2:
             scores = bead_scores(
                 truth[index >= 0], fit.params[fitted, 2:6], setup.scales, setup.optics.pixel_um, fit.std[fitted, 2:6], fit.direction_resolved[fitted]
