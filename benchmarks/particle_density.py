@@ -67,7 +67,7 @@ def main() -> None:
     for density in args.densities:
         with tempfile.TemporaryDirectory() as tmp:
             frames, midpoints, truth = frames_and_truth(setup, args.size, density, args.frames, args.seed, Path(tmp))
-        speed, alone = [], []
+        beads, speed, alone = len(truth), [], []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
             found = [detect(f, window) for f in frames]
@@ -76,11 +76,10 @@ def main() -> None:
             found = [detect(f, window) for f in frames]
             parts = fit_frames(fitter, frames, found)
             t2 = time.perf_counter()
-            alone.append(round(len(truth) / (t1 - t0), 1))
-            speed.append(round(len(truth) / (t2 - t1), 1))
+            alone.append(round(beads / (t1 - t0), 1))
+            speed.append(round(beads / (t2 - t1), 1))
         index = np.concatenate(match(parts, midpoints))
         fit, fitted = parts.fit, index[index >= 0]
-        beads = len(index)
         row = {"beads_per_128px": density, "beads": beads, "fitted": round(len(fitted) / beads, 3), "beads_per_s": speed, "alone_beads_per_s": alone}
         if len(fitted) > 2:
             scores = bead_scores(
