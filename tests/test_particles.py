@@ -447,7 +447,7 @@ def test_two_beads_side_by_side_that_one_streak_explains_are_fitted_as_two(fitte
     assert len(parts.centres) == 2 and np.allclose(midpoints, [[62, 64], [67, 64]], atol=0.5), midpoints
     assert np.allclose(parts.fit.params[:, 2:4], [0.5, 0.1], atol=0.03) and np.allclose(parts.fit.params[:, 4:6], 0.3, atol=0.1)
     assert parts.fit.converged.all() and not parts.fit.poor_fit().any() and parts.group.tolist() == [0, 0]
-    monkeypatch.setattr(particles, "PAIR_GAIN", np.inf)
+    monkeypatch.setattr(particles.frames, "PAIR_GAIN", np.inf)
     assert len(particles.fit_frames(fitter, [counts], [found]).centres) == 1
 
 

@@ -12,29 +12,39 @@ FLOORS = [
     ["sources", "model"],
     ["synthesis", "modelfile"],  # synthesis holds Setup: what every stage that makes images shares
     ["data", "testsets"],
-    ["evaluate", "particles", "figures"],
+    ["particles.fit"],  # the particles package, job by job
+    ["particles.detection"],
+    ["particles.frames"],
+    ["particles.scoring"],
+    ["evaluate", "particles", "figures"],  # particles: the package's __init__, which gathers its modules
     ["train", "measurability", "study"],
     ["cli", "pipeline"],  # pipeline: the Snakemake glue, which the library never imports
 ]
 
 
+def name(path: Path) -> str:
+    """A module's name below blurflow: ``optics``, ``particles`` (a package's __init__), ``particles.fit``."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if len(parts) > 1 and parts[-1] == "__init__" else parts)
+
+
 def imports(path: Path) -> set[str]:
     """The blurflow modules a source file imports anywhere in it (top level, functions, type-checking blocks)."""
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    modules = {name(p) for p in PACKAGE.rglob("*.py")}
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("blurflow.")}
+            out |= {a.name.removeprefix("blurflow.") for a in node.names if a.name.startswith("blurflow.")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "blurflow":
             if node.module == "blurflow":  # from blurflow import logs, __version__
                 out |= {a.name if a.name in modules else "__init__" for a in node.names}
             else:
-                out.add(node.module.split(".")[1])
+                out.add(node.module.removeprefix("blurflow."))
     return out
 
 
 def graph() -> dict[str, set[str]]:
-    return {p.stem: imports(p) - {p.stem} for p in PACKAGE.glob("*.py")}
+    return {name(p): imports(p) - {name(p)} for p in PACKAGE.rglob("*.py")}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -79,7 +89,7 @@ def test_the_readme_layout_names_every_module_preset_and_tool():
     root = PACKAGE.parents[1]
     readme = (root / "README.md").read_text()
     layout = readme[readme.index("## Layout") :]
-    missing = [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__" and p.stem not in layout]
+    missing = [name(p) for p in PACKAGE.rglob("*.py") if p.stem != "__init__" and name(p).split(".")[-1] not in layout]
     missing += [p.name for p in (root / "workflow/presets").glob("*.yaml") if p.name not in layout]
     missing += [f"tools/{p.name}" for p in (root / "tools").iterdir() if f"tools/{p.name}" not in layout]
     assert missing == []

@@ -1,0 +1,365 @@
+"""Particle mode, the fit: the 3D motion of an isolated tracer particle (a bead) from one exposure, by a
+maximum-likelihood fit of the motion PSF (blurflow.optics.MotionPSF) to its streak.
+
+For a bead smaller than the resolution the blurred image *is* the motion PSF: expected counts
+``mu = b + A * K(x - x0, y - y0; v1, v2, v3, z0)`` in a window of ``window`` px, with ``A`` the
+bead's photons, ``b`` the background per pixel and ``(x0, y0)`` the midpoint of its path (px
+from the window centre, index ``window // 2``). Counts are Poisson. Units: v1, v2 in L px per
+exposure, v3 and z0 in A um (blurflow.optics.MotionScales), as everywhere in blurflow.
+
+Two paths give the same image: the depth sign (a scalar pupil without aberrations images +z and -z
+alike) and time (running the path backwards). So (v1, v2, v3, z0) and (-v1, -v2, v3, -z0 - v3) are
+one image; the fit reports the one whose mean depth z0 + v3 / 2 is >= 0, with v3 >= 0: the particle
+moves away from focus, and its sharper end is the start, so (v1, v2) is a direction, not only an
+orientation, when the ends differ in sharpness (``direction_resolved``).
+
+Method: a coarse search over a bank of kernels (weighted least squares against the centred window),
+two starts from it (the best match and the best match of the other v3 class), each refined by
+Fisher scoring with Levenberg-Marquardt damping on the Poisson likelihood (analytic Jacobian,
+blurflow.optics.MotionPSF with ``gradient``; all particles and starts in one batch), the start of
+highest likelihood kept; a fit that ends without axial motion is tried again from axial motion in
+both directions. Uncertainty: the Cramér-Rao standard deviations (inverse Poisson Fisher
+information at the estimate), the deviance as goodness of fit, and flags for estimates at a bound
+or not converged. Particles whose light touches are fitted together (blurflow.particles.frames).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from blurflow.optics import MotionPSF, MotionScales, Optics
+
+PARAMS = ("x_px", "y_px", "v1", "v2", "v3", "z0", "photons", "background")
+MOTION = slice(2, 6)
+CHUNK = 64  # kernels computed at once: their sums stay in the processor's cache (1.5x faster than all at once on 2 cores)
+NEAR = 0.05  # log-likelihood gain a rejected step must promise for the fit to go on (BeadFitter.refine)
+STILL_V3, PROBE_V3 = 0.05, 0.4  # fits with less axial motion than STILL_V3 are tried again from PROBE_V3 (BeadFitter._probe)
+POOR_FIT = 2.0  # deviance per counted window pixel above which a fit does not explain its window (about 1 for a right model)
+
+
+@dataclass
+class FitResult:
+    """Per particle (arrays of length B): ``params`` (B, 8) in PARAMS order, ``std`` (B, 8)
+    Cramér-Rao standard deviations times the square root of ``dispersion`` (the quasi-Poisson
+    std: a camera whose noise exceeds Poisson's widens it by as much), ``deviance`` (over the ``pixels`` of the window that count),
+    ``log_likelihood``, ``direction_resolved``, ``at_bound``, ``converged``, ``crosses_focus``
+    (the path passes through the focal plane), ``dispersion``: variance over mean of the counts
+    about the fit where the particle adds less than 1 % of its peak (1 for Poisson counts; a
+    camera's read noise or offset adds to it, and the deviance grows by as much)."""
+
+    params: np.ndarray
+    std: np.ndarray
+    deviance: np.ndarray
+    log_likelihood: np.ndarray
+    direction_resolved: np.ndarray
+    at_bound: np.ndarray
+    converged: np.ndarray
+    crosses_focus: np.ndarray
+    pixels: np.ndarray
+    dispersion: np.ndarray
+
+    def take(self, index: np.ndarray) -> FitResult:
+        """The fits ``index`` (a copy)."""
+        return FitResult(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def update(self, index: np.ndarray, other: FitResult) -> None:
+        """Replace the fits ``index`` by ``other``'s (in order)."""
+        for f in fields(self):
+            getattr(self, f.name)[index] = getattr(other, f.name)
+
+    def poor_fit(self) -> np.ndarray:
+        """(B,) whether the deviance exceeds POOR_FIT times what the window's noise explains
+        (``dispersion`` per counted pixel): the motion PSF of one particle does not explain the
+        window (crossing or unusual particles)."""
+        return self.deviance > POOR_FIT * self.dispersion * np.maximum(self.pixels, 1)
+
+
+class BeadFitter:
+    """Maximum-likelihood fits of windows (B, window, window) of camera counts, one bead each.
+
+    Fit ranges follow the optics and the window: depths up to where the defocus blur is a quarter
+    of the window (``z_max``, A um), lateral speeds whose streak fits in three quarters of it.
+    """
+
+    def __init__(self, optics: Optics, scales: MotionScales, window: int = 64, device: torch.device | str = "cpu"):
+        self.optics, self.scales, self.window = optics, scales, window
+        self.device = torch.device(device)
+        blur_px_per_um = optics.na / math.sqrt(optics.n**2 - optics.na**2) / optics.pixel_um
+        self.z_max = window / 4 / blur_px_per_um / scales.axial_scale_um
+        self.v_max = 0.75 * window / scales.lateral_scale_px
+        depth = (self.z_max + 0.5) * scales.axial_scale_um
+        # time steps of 4 px laterally and 1/8 of the axial Nyquist pitch instead of 0.5 px and 1/16: within a step the
+        # lateral motion is integrated exactly and the OTF linearly, and the kernels differ from finer steps' by
+        # < 0.08 of the Poisson noise at 20,000 photons (median 0.02), at about 4x the speed
+        self.psf = MotionPSF(optics, scales, window, z_range_um=(-depth, depth), lateral_step_px=4.0, axial_steps_per_nyquist=8.0, device=self.device)
+        self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.lower = torch.tensor([-window / 4, -window / 4, -self.v_max, -self.v_max, 0.0, -self.z_max, 1.0, 1e-3])
+        self.upper = torch.tensor([window / 4, window / 4, self.v_max, self.v_max, 2 * self.z_max, self.z_max, math.inf, math.inf])
+
+    # --- the forward model -----------------------------------------------------------------
+
+    def expected(self, theta: torch.Tensor) -> torch.Tensor:
+        """Expected counts (B, window, window) for parameters (B, 8) in PARAMS order."""
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=CHUNK)
+        return theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0)
+
+    def light(self, theta: torch.Tensor) -> torch.Tensor:
+        """Each particle's own expected counts (B, window, window): :meth:`expected` less the background."""
+        return self.expected(theta) - theta[:, 7, None, None]
+
+    def simulate(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Poisson camera counts (B, window, window) float32 for parameters (B, 8)."""
+        return torch.poisson(self.expected(theta), generator=generator)
+
+    # --- the coarse search -----------------------------------------------------------------
+
+    def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(motion parameters (N, 4), kernels (N, window**2)) of the coarse grid, built once."""
+        if self._bank is None:
+            speeds = torch.linspace(0, min(self.v_max, 1.6), 9)
+            angles = torch.arange(16) * (2 * math.pi / 16)
+            v3s = torch.tensor([0.0, 0.2, 0.45, 0.75, 1.1, 1.5])
+            z0s = torch.tensor([0.0, 0.2, 0.45, 0.75, 1.1, 1.5, 2.0])
+            rows = [
+                (float(s * torch.cos(a)), float(s * torch.sin(a)), float(v3), float(z0))
+                for s in speeds for a in (angles if s > 0 else angles[:1]) for v3 in v3s for z0 in z0s
+                if z0 + v3 <= self.z_max
+            ]  # fmt: skip
+            params = torch.tensor(rows)
+            self._bank = (params, self.psf(params).reshape(len(rows), -1))
+        return self._bank
+
+    def _starts(self, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Start parameters (B, 2, 8): for each window (counts less any known light), the best
+        bank match and the best match of the other v3 class (< or >= 0.3); pixels of weight 0
+        do not count. (A start in the wrong direction ends at v3 = 0, where
+        :meth:`_probe` tries both.)"""
+        b, w = counts.shape[0], self.window
+        flat = counts.reshape(b, -1)
+        background = torch.where(weight.reshape(b, -1) > 0, flat, torch.nan).nanquantile(0.2, dim=1).nan_to_num(1e-3).clamp(min=1e-3)
+        signal = (flat - background[:, None]).clamp(min=0) * weight.reshape(b, -1)
+        grid = torch.arange(w, dtype=torch.float32) - w // 2
+        total = signal.sum(1).clamp(min=1)
+        cx = (signal.reshape(b, w, w).sum(1) * grid).sum(1) / total
+        cy = (signal.reshape(b, w, w).sum(2) * grid).sum(1) / total
+        shift = (-cy.round().long(), -cx.round().long())
+        centred = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(counts, *shift)]).reshape(b, -1)
+        mask = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(weight, *shift)]).reshape(b, -1)
+        params, kernels = self.bank()
+        # weighted least squares of counts ~ b + A k per bank kernel (weights 1 / (counts + 1), Pearson)
+        wt = mask / (centred + 1)
+        sw, swn = wt.sum(1, keepdim=True), (wt * centred).sum(1, keepdim=True)
+        swk, swkk, swnk = wt @ kernels.T, wt @ (kernels**2).T, (wt * centred) @ kernels.T
+        det = (sw * swkk - swk**2).clamp(min=1e-12)
+        amp = ((sw * swnk - swk * swn) / det).clamp(min=1)
+        bg = ((swn - amp * swk) / sw).clamp(min=1e-3)
+        swnn = (wt * centred**2).sum(1, keepdim=True)
+        cost = swnn - 2 * amp * swnk - 2 * bg * swn + amp**2 * swkk + 2 * amp * bg * swk + bg**2 * sw
+        small_v3 = params[:, 2] < 0.3
+        best = cost.argmin(1)
+        other = torch.where(small_v3[best][:, None], cost.masked_fill(small_v3[None], math.inf), cost.masked_fill(~small_v3[None], math.inf)).argmin(1)
+        offsets = torch.stack([cx, cy], 1)
+        starts = []
+        for idx in (best, other):
+            motion = params[idx]
+            a, g = amp.gather(1, idx[:, None])[:, 0], bg.gather(1, idx[:, None])[:, 0]
+            starts.append(torch.cat([offsets, motion, a[:, None], g[:, None]], 1))
+        return torch.stack(starts, 1)
+
+    # --- refinement ------------------------------------------------------------------------
+
+    def _clamp(self, theta: torch.Tensor) -> torch.Tensor:
+        theta = torch.maximum(torch.minimum(theta, self.upper), self.lower)
+        depth_end = theta[:, 4] + theta[:, 5]  # z0 + v3 within the table
+        theta[:, 4] = torch.where(depth_end > self.z_max, self.z_max - theta[:, 5], theta[:, 4]).clamp(min=0)
+        return theta
+
+    def _jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expected counts (B, window**2), d mu / d theta (B, 8, window**2)), analytic
+        (blurflow.optics.MotionPSF with ``gradient``; where the kernel is clamped at 0, by the
+        position and motion alone), written into one tensor."""
+        b = theta.shape[0]
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], gradient=True, chunk=CHUNK).reshape(b, 7, -1)
+        jac = torch.empty(b, 8, kernels.shape[2])
+        torch.mul(theta[:, 6, None, None], kernels[:, 1:], out=jac[:, :6])
+        torch.clamp(kernels[:, 0], min=0, out=jac[:, 6])
+        jac[:, 7] = 1.0
+        return theta[:, 7, None] + theta[:, 6, None] * jac[:, 6], jac
+
+    def cramer_rao(self, theta: torch.Tensor, known: torch.Tensor | float = 0.0, weight: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expected counts (B, window**2), Cramér-Rao standard deviations (B, 8)): the square roots
+        of the diagonal of the inverse Poisson Fisher information at ``theta`` (B, 8), with
+        ``known`` light (B, window**2) in the windows and pixel ``weight`` (0: not counted)."""
+        mu, jac = self._jacobian(theta)
+        mu = mu + known
+        fisher = torch.einsum("bpn,bqn->bpq", jac * (weight / mu)[:, None], jac)
+        cov = torch.linalg.pinv(fisher.double()).float()
+        return mu, torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()
+
+    @staticmethod
+    def log_likelihood(counts: torch.Tensor, mu: torch.Tensor, weight: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Poisson log-likelihood (B,) of counts and expected counts (B, window**2) without the
+        counts-only term, pixels weighted by ``weight``."""
+        return (weight * (counts * mu.clamp(min=1e-9).log() - mu)).sum(1)
+
+    def refine(
+        self, counts: torch.Tensor, theta: torch.Tensor, iterations: int = 30, tol: float = 1e-2, known: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Levenberg-Marquardt Fisher scoring from ``theta`` (B, 8) on counts (B, window**2) with
+        ``known`` light (B, window**2, default none) and pixel ``weight`` (B, window**2, default 1);
+        returns (theta, log-likelihood, converged (B,) bool). A window has converged when the
+        step's predicted or achieved gain in log-likelihood is below ``tol`` (the std of a
+        parameter is where it falls by 0.5); a rejected step is retried with more damping on the
+        Fisher information already computed; a rejected step that promised less than NEAR ends
+        the fit too (the optimum lies within about 0.3 std, where the kernel's time steps change
+        their number and the likelihood its value by about as much)."""
+        known = torch.zeros_like(counts) if known is None else known
+        weight = torch.ones_like(counts) if weight is None else weight
+        theta = self._clamp(theta.clone())
+        ll = self.log_likelihood(counts, self.expected(theta).flatten(1) + known, weight)
+        b = theta.shape[0]
+        damping = torch.full((b,), 1e-2)
+        converged, stale = torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)
+        fish, grad = torch.zeros(b, 8, 8), torch.zeros(b, 8)
+        for _ in range(iterations):
+            active = (~converged).nonzero()[:, 0]
+            if not len(active):
+                break
+            need = active[stale[active]]  # moved since their Fisher information was computed
+            if len(need):
+                m, jac = self._jacobian(theta[need])
+                m, wt = m + known[need], weight[need]
+                fish[need] = torch.einsum("bpn,bqn->bpq", jac * (wt / m)[:, None], jac)
+                grad[need] = torch.einsum("bpn,bn->bp", jac, (counts[need] - m) * wt / m)
+                stale[need] = False
+            f, g = fish[active], grad[active]
+            scale = torch.diagonal(f, dim1=1, dim2=2).clamp(min=1e-12)
+            system = f + damping[active, None, None] * torch.diag_embed(scale)
+            step = torch.linalg.solve(system, g[..., None])[..., 0]
+            # a parameter at a bound that the step would push beyond is held (its row and column out), and the rest solved again
+            th = theta[active]
+            free = ~(((th <= self.lower + 1e-6) & (step < 0)) | ((th >= self.upper - 1e-6) & (step > 0)))
+            g = g * free
+            system = system * (free[:, :, None] & free[:, None, :]) + torch.diag_embed(scale * ~free)
+            step = torch.linalg.solve(system, g[..., None])[..., 0]
+            gain = (step * g).sum(1)  # about twice the predicted gain
+            small = gain < 2 * tol
+            go = active[~small]
+            trial = self._clamp(theta[go] + step[~small])
+            trial_ll = self.log_likelihood(counts[go], self.expected(trial).flatten(1) + known[go], weight[go])
+            ll_before = ll[go]
+            better = trial_ll > ll_before
+            done = better & (trial_ll - ll[go] < tol)
+            theta[go] = torch.where(better[:, None], trial, theta[go])
+            ll[go] = torch.where(better, trial_ll, ll[go])
+            stale[go] = better
+            ratio = (trial_ll - ll_before) / (0.5 * gain[~small])  # achieved over predicted gain
+            damping[go] = torch.where(better, damping[go] * torch.where(ratio > 0.75, 1 / 3, torch.where(ratio < 0.25, 2.0, 1.0)), damping[go] * 10).clamp(
+                1e-6, 1e8
+            )
+            converged[active[small]] = True
+            converged[go] = done | (damping[go] >= 1e8) | (~better & (gain[~small] < 2 * NEAR))
+        return theta, ll, converged
+
+    def _probe(
+        self, counts: torch.Tensor, theta: torch.Tensor, ll: torch.Tensor, converged: torch.Tensor, known: torch.Tensor, weight: torch.Tensor,
+        iterations: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Fits that end where Fisher scoring cannot leave a wrong answer are refined again from
+        other starts, in both lateral directions, and the most likely kept. Without axial motion
+        (v3 < STILL_V3): from v3 = PROBE_V3 about the same mean depth (at v3 = 0 the derivative by
+        v3 is half that by z0, so a fit that started in the wrong direction ends there). Through
+        focus (z0 < 0 < z0 + v3): from v3 = STILL_V3 at the path's root-mean-square depth (a path
+        through focus blurs about as one that stays at that depth, two optima apart)."""
+        z0, v3 = theta[:, 5], theta[:, 4]
+        still, through = (v3 < STILL_V3).nonzero()[:, 0], ((z0 < 0) & (z0 + v3 > 0)).nonzero()[:, 0]
+        which = torch.cat([still, through])
+        if not len(which):
+            return theta, ll, converged
+        probes = theta[which, None].repeat(1, 2, 1)
+        probes[:, 1, 2:4] *= -1  # either direction: at v3 = 0 the two are one image
+        rms = (z0[through] ** 2 + z0[through] * v3[through] + v3[through] ** 2 / 3).sqrt()
+        depth = torch.cat([z0[still] + (v3[still] - PROBE_V3) / 2, rms - STILL_V3 / 2])
+        probes[:, :, 4] = torch.cat([torch.full((len(still),), PROBE_V3), torch.full((len(through),), STILL_V3)])[:, None]
+        probes[:, :, 5] = depth[:, None]
+        tried, tried_ll, tried_ok = self.refine(
+            counts[which].repeat_interleave(2, 0), probes.reshape(-1, 8), iterations,
+            known=known[which].repeat_interleave(2, 0), weight=weight[which].repeat_interleave(2, 0),
+        )  # fmt: skip
+        best = tried_ll.reshape(-1, 2).argmax(1) + torch.arange(len(which)) * 2
+        better = tried_ll[best] > ll[which]
+        theta[which[better]], ll[which[better]], converged[which[better]] = tried[best[better]], tried_ll[best[better]], tried_ok[best[better]]
+        return theta, ll, converged
+
+    # --- the whole fit ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fit(
+        self, counts: torch.Tensor, screen: int = 3, iterations: int = 25, known: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+        start: torch.Tensor | None = None, also: bool = False,
+    ) -> FitResult:  # fmt: skip
+        """Fit every window of ``counts`` (B, window, window), camera counts (photo-electrons), with
+        ``known`` light (B, window, window: the neighbours' streaks, default none) added to the
+        model and pixel ``weight`` (B, window, window; 0: the pixel does not count, default 1).
+        Without ``start`` (B, 8) every start of the coarse search is refined for ``screen``
+        iterations, the most likely one per window for up to ``iterations`` more; with it, only
+        the refinement from it, or with ``also`` it is one more start of the search."""
+        w = self.window
+        counts = torch.as_tensor(counts, dtype=torch.float32).reshape(-1, w * w)
+        b = counts.shape[0]
+        if b == 0:
+            empty, flags = np.zeros((0, len(PARAMS)), np.float32), np.zeros(0, bool)
+            nothing = np.zeros(0, np.float32)
+            return FitResult(empty, empty.copy(), nothing, nothing, flags, flags, flags, flags, nothing, nothing)
+        known = torch.zeros_like(counts) if known is None else torch.as_tensor(known, dtype=torch.float32).reshape(b, -1)
+        weight = torch.ones_like(counts) if weight is None else torch.as_tensor(weight, dtype=torch.float32).reshape(b, -1)
+        if start is None or also:
+            starts = self._starts((counts - known).clamp(min=0).reshape(b, w, w), weight.reshape(b, w, w))
+            if start is not None:
+                starts = torch.cat([starts, torch.as_tensor(start, dtype=torch.float32)[:, None]], 1)
+            s = starts.shape[1]
+
+            def repeat(x: torch.Tensor) -> torch.Tensor:
+                return x[:, None].expand(b, s, w * w).reshape(b * s, w * w)
+
+            theta, ll, _ = self.refine(repeat(counts), starts.reshape(b * s, 8), screen, known=repeat(known), weight=repeat(weight))
+            start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
+        theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
+        theta, ll, converged = self._probe(counts, theta, ll, converged, known, weight, iterations)
+        m, std = self.cramer_rao(theta, known, weight)
+        at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
+        at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
+        theta = canonical(theta)
+        deviance = 2 * (weight * (torch.where(counts > 0, counts * (counts / m).log(), torch.zeros_like(counts)) - (counts - m))).sum(1)
+        signal = m - known - theta[:, 7, None]
+        quiet = (weight * (signal < 0.01 * signal.amax(1, keepdim=True))).clamp(max=1)
+        dispersion = ((quiet * (counts - m) ** 2).sum(1) / (quiet * m).sum(1).clamp(min=1e-6)).clamp(min=1)
+        std = std * dispersion.sqrt()[:, None]  # quasi-Poisson: noise beyond Poisson widens the bound by as much
+        return FitResult(
+            params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(), direction_resolved=resolved(theta, std).numpy(),
+            at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=(theta[:, 5] < 0).numpy(), pixels=weight.sum(1).numpy(),
+            dispersion=dispersion.numpy(),
+        )  # fmt: skip
+
+
+def resolved(theta: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Whether the direction of each path (B,) is resolved by the fit (canonical ``theta`` and
+    its ``std``, (B, 8)): its ends differ in sharpness by more than 2 std of v3, and it moves
+    laterally by more than 2 std."""
+    z_start, z_end = theta[:, 5], theta[:, 5] + theta[:, 4]
+    return (z_end.abs() - z_start.abs() > 2 * std[:, 4]) & (torch.hypot(theta[:, 2], theta[:, 3]) > 2 * std[:, 2:4].norm(dim=1))
+
+
+def canonical(theta: torch.Tensor) -> torch.Tensor:
+    """The representative of (x, y, v1, v2, v3, z0, A, b) whose mean depth z0 + v3 / 2 is >= 0:
+    (v1, v2, v3, z0) and (-v1, -v2, v3, -z0 - v3) are the same image (depth sign and time reversal)."""
+    out = theta.clone()
+    flip = theta[:, 5] + theta[:, 4] / 2 < 0
+    out[flip, 2:4] = -theta[flip, 2:4]
+    out[flip, 5] = -theta[flip, 5] - theta[flip, 4]
+    return out
