@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ __all__ = [
     "MotionPSF",
     "MotionScales",
     "Optics",
+    "PSFSource",
+    "PupilPSF",
     "canonical_sign",
     "noll_to_nm",
     "psf3d",
@@ -244,8 +247,38 @@ def paper_sign(estimate: np.ndarray, resolved: np.ndarray) -> np.ndarray:
     return out
 
 
+class PSFSource(Protocol):
+    """What MotionPSF needs of a 3D PSF: its OTF at any depth, pixel-integrated, on a grid fine
+    enough to hold it unaliased (pitch ``pixel_um / oversample``), value 1 at DC."""
+
+    pixel_um: float  # camera pixel projected to the sample, um
+    oversample: int  # fine-grid samples per camera pixel (each axis)
+    axial_step_um: float  # depth over which the PSF changes appreciably (the axial Nyquist pitch), um
+    support_per_px: float  # radius of the OTF's support, cycles per camera px
+    symmetric: bool  # whether +z and -z image alike (the depth's sign cannot be measured)
+
+    def otf(self, z_um: torch.Tensor, m: int) -> torch.Tensor:
+        """(B, m, m) complex128 OTFs at depths ``z_um`` (B,) float64, FFT order, value 1 at DC."""
+        ...
+
+
+class PupilPSF:
+    """The scalar-pupil PSF of an :class:`Optics` (its Zernike aberrations included) as a
+    :class:`PSFSource`: symmetric in depth without aberrations."""
+
+    def __init__(self, optics: Optics) -> None:
+        self.optics = optics
+        self.pixel_um, self.oversample, self.axial_step_um = optics.pixel_um, optics.min_oversample, optics.axial_nyquist_um
+        self.support_per_px = 2 * optics.cutoff * optics.pixel_um
+        self.symmetric = not optics.zernike
+
+    def otf(self, z_um: torch.Tensor, m: int) -> torch.Tensor:
+        return _fine_otf(self.optics, z_um, m, self.pixel_um / self.oversample, pixel_integrate=True)
+
+
 class MotionPSF(torch.nn.Module):
-    """Batched motion PSF (paper Eq. 4) for one optics, label scales and kernel size: an operator
+    """Batched motion PSF (paper Eq. 4) for one PSF (an :class:`Optics`' pupil or any
+    :class:`PSFSource`, such as a measured PSF model), label scales and kernel size: an operator
     whose constants (the defocus OTF table and the fold to the camera grid) are buffers.
 
     The time average of the pixel-integrated 3D PSF along the path that starts at depth
@@ -269,7 +302,7 @@ class MotionPSF(torch.nn.Module):
 
     def __init__(
         self,
-        optics: Optics,
+        optics: Optics | PSFSource,
         scales: MotionScales,
         size: int = 32,
         z_range_um: tuple[float, float] | None = None,
@@ -281,22 +314,23 @@ class MotionPSF(torch.nn.Module):
         super().__init__()
         if size < 4 or size % 2:
             raise ValueError(f"motion.kernel_px must be an even number >= 4, got {size}")
-        self.optics, self.scales, self.size, self.max_steps = optics, scales, size, max_steps
+        self.source = PupilPSF(optics) if isinstance(optics, Optics) else optics
+        self.scales, self.size, self.max_steps = scales, size, max_steps
         self.lateral_step_px = lateral_step_px
-        self.axial_step_um = optics.axial_nyquist_um / axial_steps_per_nyquist
+        self.axial_step_um = self.source.axial_step_um / axial_steps_per_nyquist
         lo, hi = z_range_um or (-2 * scales.axial_scale_um, 2 * scales.axial_scale_um)
-        dz = optics.axial_nyquist_um / self.table_per_nyquist
+        dz = self.source.axial_step_um / self.table_per_nyquist
         nz = max(2, math.ceil((hi - lo) / dz) + 1)
         self.z_lo, self.dz = lo, (hi - lo) / (nz - 1)
         self.z_hi = lo + (nz - 1) * self.dz
 
-        sub = optics.min_oversample
+        sub = self.source.oversample
         m = size * sub
         z = torch.linspace(lo, self.z_hi, nz, dtype=torch.float64)
-        otf = _fine_otf(optics, z, m, optics.pixel_um / sub, pixel_integrate=True)
+        otf = self.source.otf(z, m)
         k = torch.fft.fftfreq(m, d=1.0 / m, dtype=torch.float64).round().long()
         ky, kx = torch.meshgrid(k, k, indexing="ij")
-        r_max = 2 * optics.cutoff * optics.pixel_um * size + 1  # OTF support radius, in samples
+        r_max = self.source.support_per_px * size + 1  # OTF support radius, in samples
         keep = (kx**2 + ky**2 <= r_max**2) & (kx % size <= size // 2)  # support x rfft half
         table = otf[:, keep].to(torch.complex64)
         zero = table.new_zeros(1, table.shape[1])  # row nz of both: what a step beyond a kernel's own K reads

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from blurflow.optics import MotionPSF, MotionScales, Optics
+from blurflow.psfmodel import PSFModel
 
 PARAMS = ("x_px", "y_px", "v1", "v2", "v3", "z0", "photons", "background")
 MOTION = slice(2, 6)
@@ -83,22 +84,44 @@ class BeadFitter:
 
     Fit ranges follow the optics and the window: depths up to where the defocus blur is a quarter
     of the window (``z_max``, A um), lateral speeds whose streak fits in three quarters of it.
+    With ``psf`` (a PSF model, blurflow.psfmodel: a measured microscope) the motion PSF is built
+    from its table and depths stay within its range too; where it is asymmetric in depth the sign
+    of the depth is fitted (``signed``: z0 over the table's range, the report not folded to
+    z0 + v3 / 2 >= 0). ``static``: the beads do not move during the exposure (v1 = v2 = v3 = 0
+    held; position, depth, photons and background fitted).
     """
 
-    def __init__(self, optics: Optics, scales: MotionScales, window: int = 64, device: torch.device | str = "cpu"):
-        self.optics, self.scales, self.window = optics, scales, window
+    def __init__(
+        self, optics: Optics, scales: MotionScales, window: int = 64, device: torch.device | str = "cpu", psf: PSFModel | None = None,
+        static: bool = False,
+    ):  # fmt: skip
+        self.optics, self.scales, self.window, self.static = optics, scales, window, static
         self.device = torch.device(device)
         blur_px_per_um = optics.na / math.sqrt(optics.n**2 - optics.na**2) / optics.pixel_um
         self.z_max = window / 4 / blur_px_per_um / scales.axial_scale_um
+        self.signed = psf is not None and not psf.symmetric
+        self.z_lo, self.z_hi = -self.z_max, self.z_max  # the depths fitted (A um)
+        if psf is not None:
+            lo, hi = psf.z_range_um
+            self.z_lo, self.z_hi = max(self.z_lo, lo / scales.axial_scale_um), min(self.z_hi, hi / scales.axial_scale_um)
+            if self.z_hi - self.z_lo <= 0:
+                raise ValueError(f"the PSF model's depths {lo:g}..{hi:g} um and the window's reach +-{self.z_max * scales.axial_scale_um:.3g} um do not meet")
         self.v_max = 0.75 * window / scales.lateral_scale_px
-        depth = (self.z_max + 0.5) * scales.axial_scale_um
+        margin = 0.5 * scales.axial_scale_um
         # time steps of 4 px laterally and 1/8 of the axial Nyquist pitch instead of 0.5 px and 1/16: within a step the
         # lateral motion is integrated exactly and the OTF linearly, and the kernels differ from finer steps' by
         # < 0.08 of the Poisson noise at 20,000 photons (median 0.02), at about 4x the speed
-        self.psf = MotionPSF(optics, scales, window, z_range_um=(-depth, depth), lateral_step_px=4.0, axial_steps_per_nyquist=8.0, device=self.device)
+        self.psf = MotionPSF(
+            optics if psf is None else psf, scales, window, z_range_um=(self.z_lo * scales.axial_scale_um - margin, self.z_hi * scales.axial_scale_um + margin),
+            lateral_step_px=4.0, axial_steps_per_nyquist=8.0, device=self.device,
+        )  # fmt: skip
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.lower = torch.tensor([-window / 4, -window / 4, -self.v_max, -self.v_max, 0.0, -self.z_max, 1.0, 1e-3])
-        self.upper = torch.tensor([window / 4, window / 4, self.v_max, self.v_max, 2 * self.z_max, self.z_max, math.inf, math.inf])
+        self.lower = torch.tensor([-window / 4, -window / 4, -self.v_max, -self.v_max, 0.0, self.z_lo, 1.0, 1e-3])
+        self.upper = torch.tensor([window / 4, window / 4, self.v_max, self.v_max, self.z_hi - self.z_lo, self.z_hi, math.inf, math.inf])
+        self.held = torch.zeros(8, dtype=torch.bool)  # parameters not fitted
+        if static:
+            self.held[2:5] = True
+            self.lower[2:5] = self.upper[2:5] = 0.0
 
     # --- the forward model -----------------------------------------------------------------
 
@@ -124,10 +147,14 @@ class BeadFitter:
             angles = torch.arange(16) * (2 * math.pi / 16)
             v3s = torch.tensor([0.0, 0.2, 0.45, 0.75, 1.1, 1.5])
             z0s = torch.tensor([0.0, 0.2, 0.45, 0.75, 1.1, 1.5, 2.0])
+            if self.static:  # still beads: depth alone, finer
+                speeds, v3s, z0s = speeds[:1], v3s[:1], torch.linspace(0, max(self.z_hi, -self.z_lo), 41)
+            if self.signed:  # either side of focus
+                z0s = torch.cat([-z0s.flip(0)[:-1], z0s])
             rows = [
                 (float(s * torch.cos(a)), float(s * torch.sin(a)), float(v3), float(z0))
                 for s in speeds for a in (angles if s > 0 else angles[:1]) for v3 in v3s for z0 in z0s
-                if z0 + v3 <= self.z_max
+                if self.z_lo <= z0 and z0 + v3 <= self.z_hi
             ]  # fmt: skip
             params = torch.tensor(rows)
             self._bank = (params, self.psf(params).reshape(len(rows), -1))
@@ -175,7 +202,7 @@ class BeadFitter:
     def _clamp(self, theta: torch.Tensor) -> torch.Tensor:
         theta = torch.maximum(torch.minimum(theta, self.upper), self.lower)
         depth_end = theta[:, 4] + theta[:, 5]  # z0 + v3 within the table
-        theta[:, 4] = torch.where(depth_end > self.z_max, self.z_max - theta[:, 5], theta[:, 4]).clamp(min=0)
+        theta[:, 4] = torch.where(depth_end > self.z_hi, self.z_hi - theta[:, 5], theta[:, 4]).clamp(min=0)
         return theta
 
     def _jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +215,7 @@ class BeadFitter:
         torch.mul(theta[:, 6, None, None], kernels[:, 1:], out=jac[:, :6])
         torch.clamp(kernels[:, 0], min=0, out=jac[:, 6])
         jac[:, 7] = 1.0
+        jac[:, self.held] = 0.0  # held parameters: no row in the Fisher information (their std 0)
         return theta[:, 7, None] + theta[:, 6, None] * jac[:, 6], jac
 
     def cramer_rao(self, theta: torch.Tensor, known: torch.Tensor | float = 0.0, weight: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +271,7 @@ class BeadFitter:
             step = torch.linalg.solve(system, g[..., None])[..., 0]
             # a parameter at a bound that the step would push beyond is held (its row and column out), and the rest solved again
             th = theta[active]
-            free = ~(((th <= self.lower + 1e-6) & (step < 0)) | ((th >= self.upper - 1e-6) & (step > 0)))
+            free = ~(((th <= self.lower + 1e-6) & (step < 0)) | ((th >= self.upper - 1e-6) & (step > 0)) | self.held)
             g = g * free
             system = system * (free[:, :, None] & free[:, None, :]) + torch.diag_embed(scale * ~free)
             step = torch.linalg.solve(system, g[..., None])[..., 0]
@@ -279,7 +307,7 @@ class BeadFitter:
         z0, v3 = theta[:, 5], theta[:, 4]
         still, through = (v3 < STILL_V3).nonzero()[:, 0], ((z0 < 0) & (z0 + v3 > 0)).nonzero()[:, 0]
         which = torch.cat([still, through])
-        if not len(which):
+        if not len(which) or self.static:
             return theta, ll, converged
         probes = theta[which, None].repeat(1, 2, 1)
         probes[:, 1, 2:4] *= -1  # either direction: at v3 = 0 the two are one image
@@ -334,7 +362,8 @@ class BeadFitter:
         m, std = self.cramer_rao(theta, known, weight)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
-        theta = canonical(theta)
+        at_bound[:, self.held] = False
+        theta = toward_focus(theta) if self.signed else canonical(theta)
         deviance = 2 * (weight * (torch.where(counts > 0, counts * (counts / m).log(), torch.zeros_like(counts)) - (counts - m))).sum(1)
         signal = m - known - theta[:, 7, None]
         quiet = (weight * (signal < 0.01 * signal.amax(1, keepdim=True))).clamp(max=1)
@@ -342,7 +371,7 @@ class BeadFitter:
         std = std * dispersion.sqrt()[:, None]  # quasi-Poisson: noise beyond Poisson widens the bound by as much
         return FitResult(
             params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(), direction_resolved=resolved(theta, std).numpy(),
-            at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=(theta[:, 5] < 0).numpy(), pixels=weight.sum(1).numpy(),
+            at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=(theta[:, 5] * (theta[:, 5] + theta[:, 4]) < 0).numpy(), pixels=weight.sum(1).numpy(),
             dispersion=dispersion.numpy(),
         )  # fmt: skip
 
@@ -353,6 +382,17 @@ def resolved(theta: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     laterally by more than 2 std."""
     z_start, z_end = theta[:, 5], theta[:, 5] + theta[:, 4]
     return (z_end.abs() - z_start.abs() > 2 * std[:, 4]) & (torch.hypot(theta[:, 2], theta[:, 3]) > 2 * std[:, 2:4].norm(dim=1))
+
+
+def toward_focus(theta: torch.Tensor) -> torch.Tensor:
+    """The representative of (x, y, v1, v2, v3, z0, A, b) whose start is the end nearer focus
+    (|z0| <= |z0 + v3|), depth signed: (v1, v2, v3, z0) and (-v1, -v2, -v3, z0 + v3) are the same
+    image (time reversal), and a PSF asymmetric in depth tells z from -z."""
+    out = theta.clone()
+    flip = (theta[:, 5] + theta[:, 4]).abs() < theta[:, 5].abs()
+    out[flip, 2:5] = -theta[flip, 2:5]
+    out[flip, 5] = theta[flip, 5] + theta[flip, 4]
+    return out
 
 
 def canonical(theta: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,290 @@
+"""Particle mode, calibration: a PSF model (blurflow.psfmodel) measured from a z-stack of static
+beads, as single-molecule and defocus-tracking users calibrate their microscopes.
+
+Steps (:func:`calibrate`): camera counts -> the beads of the stack's maximum projection that stand
+alone in their window and inside the image, unsaturated ones kept (saturated ones counted) ->
+each bead's window per plane less its background (the median of the window's rim) and normalised to
+its energy (each plane sums to 1: bleaching and lamp drift cancel) -> each bead's focus (the plane
+of its sharpest image, to a fraction of a plane) and its planes shifted in depth onto the beads'
+median focus (cubic spline) -> the table, by least squares per spatial frequency over the beads at
+their sub-pixel positions (each bead samples the PSF at its own offset, so beads at several offsets
+give the PSF on a grid finer than the camera's: ``oversample``), alternating with each bead's
+position refined against the table (Gauss-Newton) -> smoothed in depth (a cubic smoothing spline
+whose cut-off is the optics' axial band limit), z = 0 at the plane of the sharpest mean image.
+Units: um in the sample, counts in photo-electrons.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from blurflow.optics import Optics
+from blurflow.psfmodel import PSFModel, stack_hash
+
+MIN_BEADS = 3  # beads needed for a model
+FAINT = 0.1  # share of the median bead's photons below which a peak is left out ('faint')
+RIDGE = 1e-4  # Tikhonov weight per unit of bead weight in the per-frequency least squares
+
+
+class CalibrationError(ValueError):
+    """A stack that gives no PSF model (one line)."""
+
+
+def auto_window(optics: Optics, depth_um: float) -> int:
+    """Even window (px, 16-64) that holds a bead's defocus blur ``depth_um`` from focus (geometric
+    radius depth tan(asin(NA / n))) with two Airy FWHM of margin each side."""
+    radius = depth_um * math.tan(math.asin(optics.na / optics.n)) / optics.pixel_um
+    fwhm = 0.5145 * optics.wavelength_um / optics.na / optics.pixel_um
+    size = math.ceil(2 * radius + 4 * fwhm)
+    return int(min(64, max(16, size + size % 2)))
+
+
+def find_beads(counts: np.ndarray, window: int, saturated: np.ndarray, threshold: float = 8.0) -> tuple[np.ndarray, dict[str, int]]:
+    """(row, col) centres (N, 2) int of the beads of a stack of counts (Z, H, W) that stand alone:
+    the peaks of the smoothed maximum projection (at least ``window`` / 2 px apart) that rise above
+    ``threshold`` noise std (median absolute deviation) over at least 4 px, whose ``window`` px
+    window lies inside the image and holds no other peak within ``window`` px; and counts of those
+    left out: {'border', 'crowded', 'saturated'} (``saturated`` (Z, H, W) bool: a bead with a
+    saturated pixel in its window)."""
+    from scipy import ndimage
+    from skimage import feature, measure
+
+    top = ndimage.gaussian_filter(counts.max(0), 1.0)
+    noise = 1.4826 * np.median(np.abs(top - np.median(top))) + 1e-9
+    labels = measure.label(top > np.median(top) + threshold * noise)
+    labels[np.isin(labels, [r.label for r in measure.regionprops(labels) if r.area < 4])] = 0
+    peaks = feature.peak_local_max(top, min_distance=max(1, window // 2), labels=labels, exclude_border=False)
+    half = window // 2
+    h, w = top.shape
+    hit = saturated.any(0)
+    left = {"border": 0, "crowded": 0, "saturated": 0}
+    keep = []
+    for cy, cx in peaks:
+        others = np.abs(peaks - (cy, cx)).max(1)
+        if cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
+            left["border"] += 1
+        elif (others < window).sum() > 1:
+            left["crowded"] += 1
+        elif hit[cy - half : cy + half, cx - half : cx + half].any():
+            left["saturated"] += 1
+        else:
+            keep.append((cy, cx))
+    return np.array(keep, np.int64).reshape(-1, 2), left
+
+
+def _planes(counts: np.ndarray, centres: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each bead's windows (B, Z, w, w) less the background and normalised to sum 1 per plane,
+    each bead's photons (B,): the median of its planes' sums). The background of a plane is the
+    median of its pixels outside every bead's window (a window's rim still holds PSF tails)."""
+    half = window // 2
+    cut = np.stack([counts[:, y - half : y + half, x - half : x + half] for y, x in centres]).astype(np.float64)
+    outside = np.ones(counts.shape[1:], bool)
+    for y, x in centres:
+        outside[y - half : y + half, x - half : x + half] = False
+    background = np.median(counts[:, outside], 1) if outside.any() else np.median(counts, (1, 2))
+    cut -= background[None, :, None, None]
+    energy = cut.sum((-2, -1))
+    if (energy <= 0).any():
+        energy = np.maximum(energy, np.abs(cut).sum((-2, -1)) * 1e-3 + 1e-9)
+    return cut / energy[..., None, None], np.median(energy, 1)
+
+
+def _focus(planes: np.ndarray) -> np.ndarray:
+    """Each bead's plane of sharpest image (B,), fractional: the peak of its sum of squared
+    normalised intensities (a parabola through the highest plane and its neighbours)."""
+    sharp = (planes**2).sum((-2, -1))
+    k = sharp.argmax(1).clip(1, sharp.shape[1] - 2)
+    rows = np.arange(len(sharp))
+    a, b, c = sharp[rows, k - 1], sharp[rows, k], sharp[rows, k + 1]
+    curv = a - 2 * b + c
+    return k + np.where(curv < 0, 0.5 * (a - c) / np.where(curv < 0, curv, -1), 0.0).clip(-1, 1)
+
+
+def _shift_depth(planes: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each bead's planes (B, Z, w, w) read ``shift`` (B,) planes further (cubic spline in depth),
+    and (B, Z) bool: where that stays inside its stack."""
+    from scipy.interpolate import make_interp_spline
+
+    z = np.arange(planes.shape[1], dtype=np.float64)
+    out = np.empty_like(planes)
+    for b, d in enumerate(shift):  # one spline per bead: beads are few
+        out[b] = make_interp_spline(z, planes[b], k=3, axis=0)(np.clip(z + d, 0, z[-1]))
+    return out, (z + shift[:, None] >= -1e-6) & (z + shift[:, None] <= z[-1] + 1e-6)
+
+
+class _Grid:
+    """The coarse (camera, w x w) and fine (w * os) frequency grids of the least squares: for each
+    coarse frequency, the os^2 fine frequencies that fold onto it, in cycles per camera px."""
+
+    def __init__(self, window: int, oversample: int):
+        self.w, self.os = window, oversample
+        m = window * oversample
+        f = torch.fft.fftfreq(m, d=1.0 / oversample, dtype=torch.float64)  # cycles per camera px
+        k = torch.arange(window)
+        alias = (k[:, None] + window * torch.arange(oversample)[None]) % m  # (w, os): fine indices folding onto k
+        shape = (window, window, oversample, oversample)  # (coarse row, coarse col, alias row, alias col)
+        rows, cols = alias[:, None, :, None].expand(shape), alias[None, :, None, :].expand(shape)
+        self.index = (rows * m + cols).reshape(window**2, oversample**2)  # into the flattened fine grid
+        self.fy, self.fx = f[rows].reshape(window**2, -1), f[cols].reshape(window**2, -1)
+
+    def phases(self, shift: torch.Tensor) -> torch.Tensor:
+        """(B, w*w, os^2) complex: exp(-2 pi i f . s) of each fine frequency for each bead's (x, y) ``shift`` (B, 2) px."""
+        return torch.polar(torch.ones(1, dtype=torch.float64), -2 * math.pi * (shift[:, None, None, 0] * self.fx + shift[:, None, None, 1] * self.fy))
+
+
+def _solve(spectra: torch.Tensor, weight: torch.Tensor, phase: torch.Tensor, grid: _Grid) -> torch.Tensor:
+    """The fine-grid OTF (Z, m*m) that best explains the beads' coarse spectra (B, Z, w*w) at their
+    phases (B, w*w, os^2), weighted (B, Z), by ridge least squares per coarse frequency."""
+    e = phase[:, None]  # (B, 1, K, A)
+    wt = weight[:, :, None, None].to(torch.complex128)
+    normal = torch.einsum("bzka,bzkc->zkac", (wt * e).conj(), e)  # E^H W E, (Z, K, A, A)
+    rhs = torch.einsum("bzka,bzk->zka", (wt * e).conj(), spectra)
+    ridge = RIDGE * weight.sum(0)[:, None, None, None] * torch.eye(grid.os**2, dtype=torch.float64)
+    solved = torch.linalg.solve(normal + ridge, rhs[..., None])[..., 0]  # (Z, K, A)
+    fine = torch.zeros(spectra.shape[1], (grid.w * grid.os) ** 2, dtype=torch.complex128)
+    fine[:, grid.index.reshape(-1)] = solved.reshape(spectra.shape[1], -1)
+    return fine
+
+
+def _render(fine: torch.Tensor, phase: torch.Tensor, grid: _Grid, derivative: bool = False) -> torch.Tensor:
+    """The beads' coarse spectra (B, Z, w*w) of the fine OTF (Z, m*m) at their phases; with
+    ``derivative`` (B, 2, Z, w*w): their derivatives by the x and y shifts."""
+    taken = fine[:, grid.index]  # (Z, K, A)
+    if not derivative:
+        return torch.einsum("zka,bka->bzk", taken, phase)
+    return torch.stack([torch.einsum("zka,bka->bzk", taken, phase * (-2j * math.pi * f)) for f in (grid.fx, grid.fy)], 1)
+
+
+def calibrate(
+    stack: np.ndarray, z_step_um: float, optics: Optics, offset: float = 0.0, gain: float = 1.0, window: int | None = None,
+    oversample: int | None = None, saturation: float | None = None, rounds: int = 3,
+) -> PSFModel:  # fmt: skip
+    """PSF model from a z-stack of static beads ``stack`` (Z, H, W) in camera units (planes every
+    ``z_step_um`` um; repeated planes averaged by the caller), ``offset`` and ``gain`` as in
+    blurflow particles. ``window`` px (default :func:`auto_window` for half the stack's depth),
+    ``oversample`` the table's samples per camera px (default the optics' smallest unaliased one,
+    blurflow.optics.Optics.min_oversample), ``saturation`` the camera's top value (default the
+    largest value of an integer dtype): beads with a pixel at or above it are left out. Raises
+    CalibrationError (one line) where the stack gives no model."""
+    raw = np.asarray(stack)
+    if raw.ndim != 3 or raw.shape[0] < 4:
+        raise CalibrationError(f"a z-stack needs >= 4 planes of 2D images, got shape {raw.shape}")
+    if not (np.isfinite(z_step_um) and z_step_um > 0):
+        raise CalibrationError(f"the z step must be a positive number of um, got {z_step_um:g}")
+    if saturation is None and np.issubdtype(raw.dtype, np.integer):
+        saturation = float(np.iinfo(raw.dtype).max)
+    saturated = raw >= saturation if saturation is not None else np.zeros(raw.shape, bool)
+    counts = (raw.astype(np.float64) - offset) * gain
+    if not np.isfinite(counts).all():
+        raise CalibrationError("the stack holds NaN or Inf pixels")
+    window = window or auto_window(optics, (raw.shape[0] - 1) * z_step_um / 2)
+    oversample = oversample or optics.min_oversample
+    centres, left = find_beads(counts, window, saturated)
+    why = ", ".join(f"{n} {k}" for k, n in left.items() if n)
+    if len(centres) < MIN_BEADS:
+        found = "no isolated bead" if not len(centres) else f"{len(centres)} isolated bead{'s' * (len(centres) > 1)}"
+        raise CalibrationError(f"{found} in the stack (left out: {why or 'none'}); a PSF model needs >= {MIN_BEADS}")
+    planes, photons = _planes(counts, centres, window)
+    faint = photons < FAINT * np.median(photons)  # noise or debris, not a bead
+    if faint.any():
+        left["faint"] = int(faint.sum())
+        centres, planes, photons = centres[~faint], planes[~faint], photons[~faint]
+        if len(centres) < MIN_BEADS:
+            raise CalibrationError(f"{len(centres)} isolated beads in the stack (left out: {', '.join(f'{n} {k}' for k, n in left.items() if n)}); a PSF model needs >= {MIN_BEADS}")
+    focus = _focus(planes)
+    planes, inside = _shift_depth(planes, focus - np.median(focus))
+    grid = _Grid(window, oversample)
+    spectra = torch.fft.fft2(torch.fft.ifftshift(torch.from_numpy(planes), dim=(-2, -1))).flatten(2)  # (B, Z, w*w), origin at w // 2
+    weight = torch.from_numpy(inside * (photons / photons.mean())[:, None])
+    top = planes.sum(1)
+    grid_px = np.arange(window) - window // 2
+    mass = np.clip(top, 0, None).sum((1, 2))
+    shift = torch.from_numpy(np.stack([(np.clip(top, 0, None) * grid_px).sum((1, 2)) / mass, (np.clip(top, 0, None) * grid_px[:, None]).sum((1, 2)) / mass], 1))
+    for _ in range(rounds):  # the table at the beads' positions, then their positions against the table
+        phase = grid.phases(shift)
+        fine = _solve(spectra, weight, phase, grid)
+        model, slope = _render(fine, phase, grid), _render(fine, phase, grid, derivative=True)
+        residual = (spectra - model) * inside[:, :, None]
+        jac = torch.einsum("bpzk,bqzk->bpq", slope.conj(), slope * torch.from_numpy(inside)[:, None, :, None]).real
+        step = torch.linalg.solve(jac + 1e-12 * torch.eye(2), torch.einsum("bpzk,bzk->bp", slope.conj(), residual).real[..., None])[..., 0]
+        shift = shift + step.clamp(-1, 1)
+        shift -= (shift * weight.sum(1, keepdim=True)).sum(0) / weight.sum()  # the table's origin: the beads' weighted mean position
+    m = window * oversample
+    for _ in range(2):  # the table's origin: the centroid of its sharpest plane
+        phase = grid.phases(shift)
+        fine = _solve(spectra, weight, phase, grid)
+        table = torch.fft.fftshift(torch.fft.ifft2(fine.reshape(-1, m, m)).real, dim=(-2, -1)).numpy()
+        sharpest = table[(table**2).sum((1, 2)).argmax()].clip(min=0)
+        at = (np.arange(m) - m // 2) / oversample  # camera px
+        shift += torch.tensor([(sharpest.sum(0) * at).sum(), (sharpest.sum(1) * at).sum()]) / sharpest.sum()
+    misfit = torch.fft.ifft2((spectra - _render(fine, phase, grid)).reshape(*spectra.shape[:2], window, window)).real.numpy()
+    rms = np.sqrt((misfit**2 * inside[..., None, None]).sum(0) / np.maximum(inside.sum(0), 1)[:, None, None])
+    residual = np.fft.fftshift(rms, axes=(-2, -1)).repeat(oversample, 1).repeat(oversample, 2) / oversample**2  # per fine sample
+    table = _smooth_depth(table, z_step_um, optics)
+    sharp = (table**2).sum((1, 2))
+    k = int(sharp.argmax())
+    if 0 < k < len(sharp) - 1:
+        a, b, c = sharp[k - 1 : k + 2]
+        k = k + 0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else k
+    z = (np.arange(len(table)) - k) * z_step_um
+    return PSFModel(
+        table, z, optics, oversample, beads=len(centres), source="bead z-stack (blurflow calibrate)", stack_sha256=stack_hash(raw), residual=residual,
+        extra={
+            "left_out": left, "window_px": window, "offset": offset, "gain": gain, "saturation": saturation,
+            "bead_rows": centres[:, 0].tolist(), "bead_cols": centres[:, 1].tolist(), "bead_photons": photons.tolist(),
+            "bead_focus_um": ((focus - k) * z_step_um).tolist(), "bead_shift_px": shift.numpy().tolist(),
+            "relative_residual": float(np.linalg.norm(residual) / np.linalg.norm(table)),
+        },
+    )  # fmt: skip
+
+
+def _smooth_depth(table: np.ndarray, z_step_um: float, optics: Optics) -> np.ndarray:
+    """The table smoothed along depth by a cubic smoothing spline whose half-power cut-off is twice
+    the optics' axial band limit (1 / (2 axial Nyquist pitch)): noise between planes goes, the PSF
+    stays (at the band limit itself the model lost 2 % more against the true PSF, in a simulation)."""
+    from scipy.interpolate import make_smoothing_spline
+
+    if len(table) < 5:
+        return table
+    z = np.arange(len(table)) * z_step_um
+    lam = (optics.axial_nyquist_um / (2 * math.pi)) ** 4 / z_step_um
+    return make_smoothing_spline(z, table.reshape(len(table), -1), lam=lam)(z).reshape(table.shape)
+
+
+def bead_stack(
+    optics: Optics, z_um: np.ndarray, shape: tuple[int, int] = (256, 256), beads: int = 16, photons: float = 2e5, background: float = 10.0,
+    focus_spread_um: float = 0.0, seed: int = 0, spacing_px: int = 40,
+) -> tuple[np.ndarray, dict]:  # fmt: skip
+    """A simulated z-stack (Z, H, W) float32 of Poisson counts: ``beads`` point beads of ``photons``
+    each at random sub-pixel positions on a jittered grid ``spacing_px`` apart, imaged at the
+    planes ``z_um`` (Z,) by the PSF of ``optics`` (its aberrations included) plus ``background``
+    per pixel; each bead's focus offset drawn in +-``focus_spread_um`` (a tilted or curved
+    sample). Returns the stack and the truth {'rows', 'cols', 'focus_um'}."""
+    from blurflow.optics import MotionPSF, MotionScales
+
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    size = 2 * (spacing_px + spacing_px % 2)  # each bead's light over twice the spacing (the kernel's grid is periodic)
+    cells = [(r, c) for r in range(spacing_px, h - spacing_px + 1, spacing_px) for c in range(spacing_px, w - spacing_px + 1, spacing_px)]
+    if len(cells) < beads:
+        raise ValueError(f"{beads} beads do not fit {spacing_px} px apart in {h} x {w} px")
+    chosen = rng.choice(len(cells), beads, replace=False)
+    centre = np.array([cells[i] for i in chosen], np.float64) + rng.uniform(-2, 2, (beads, 2))
+    focus = rng.uniform(-focus_spread_um, focus_spread_um, beads)
+    whole, frac = np.round(centre).astype(int), centre - np.round(centre)
+    scales = MotionScales(1.0, 1.0)
+    z = np.asarray(z_um, np.float64)
+    depth = z[:, None] - focus[None]  # (Z, B)
+    reach = float(np.abs(depth).max()) + 1
+    psf = MotionPSF(optics, scales, size, z_range_um=(-reach, reach))
+    params = torch.zeros(depth.size, 4, dtype=torch.float32)
+    params[:, 3] = torch.from_numpy(depth.reshape(-1))
+    kernels = psf(params, offset_px=torch.from_numpy(np.tile(frac[:, ::-1], (len(z), 1)).astype(np.float32)), chunk=64).numpy().reshape(len(z), beads, size, size)
+    half = size // 2
+    image = np.full((len(z), h + size, w + size), background, np.float64)  # margins of half a kernel, cut below
+    for b, (y, x) in enumerate(whole):
+        image[:, y : y + size, x : x + size] += photons * np.clip(kernels[:, b], 0, None)
+    return rng.poisson(image[:, half : half + h, half : half + w]).astype(np.float32), {"rows": centre[:, 0], "cols": centre[:, 1], "focus_um": focus}
