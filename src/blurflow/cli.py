@@ -378,6 +378,8 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     fitted = fit_frames(fitter, planes, [detect(plane, fitter.window, threshold=args.threshold) for plane in planes])
     found = fitted.detections  # with the streaks that were split
     table = pd.DataFrame(particle_table(fitted, found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag), columns=list(PARTICLE_COLUMNS))
+    if fitter.static:  # held at 0, not measured
+        table[["dx_px", "dy_px", "v1", "v1_std", "v2", "v2_std", "v3", "v3_std"]] = np.nan
     csv, png = output_paths(stem, "particles")
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         table.to_csv(tmp_csv, index=False)
@@ -414,11 +416,15 @@ def below_offset(path: Path, planes: np.ndarray, args: argparse.Namespace) -> bo
     return share > BELOW_OFFSET
 
 
-def particles_command(args: argparse.Namespace) -> int:
-    from blurflow.optics import MotionScales
-    from blurflow.particles import BeadFitter
+OPTICS_FLAGS = ("na", "n", "wavelength_um", "magnification", "camera_pixel_um")
 
-    model, image_paths = split_model(args.inputs)
+
+def optics_and_scales(args: argparse.Namespace, model: Path | None, fallback: dict | None = None):
+    """(Optics, MotionScales) of a command: from a model file, else a config file (``--config``: its
+    optics and motion sections), else ``fallback`` (the optics of a PSF model), overlaid by the
+    flags; the schema's defaults for what none of them sets."""
+    from blurflow.optics import MotionScales
+
     if model is not None:
         from blurflow.modelfile import load_model
 
@@ -441,17 +447,109 @@ def particles_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--config: {args.config}: {error}")
         optics_cfg, scales_cfg = user_config.get("optics", {}), user_config.get("motion", {})
     else:
-        optics_cfg, scales_cfg = {}, {}
-    flags = {k: getattr(args, k) for k in ("na", "n", "wavelength_um", "magnification", "camera_pixel_um") if getattr(args, k) is not None}
-    scale_flags = {k: getattr(args, k) for k in ("lateral_scale_px", "axial_scale_um") if getattr(args, k) is not None}
+        optics_cfg, scales_cfg = fallback or {}, {}
+    flags = {k: getattr(args, k) for k in OPTICS_FLAGS if getattr(args, k, None) is not None}
+    scale_flags = {k: getattr(args, k) for k in ("lateral_scale_px", "axial_scale_um") if getattr(args, k, None) is not None}
     try:
-        optics = Optics.from_config({**optics_cfg, **flags})  # the schema's defaults for what none of them sets
-        scales = MotionScales.from_config({**scales_cfg, **scale_flags})
+        return Optics.from_config({**optics_cfg, **flags}), MotionScales.from_config({**scales_cfg, **scale_flags})
     except (TypeError, ValueError) as exc:
         raise UsageError(f"optics: {exc}") from None
+
+
+def read_psf_model(path: str):
+    """The PSF model of ``--psf`` (blurflow.psfmodel.PSFModel); one line if it cannot be read."""
+    from blurflow.psfmodel import PSFModel, PSFModelError
+
+    try:
+        return PSFModel.read(path)
+    except PSFModelError as exc:
+        raise InputError(f"--psf: {exc}") from None
+
+
+def particles_command(args: argparse.Namespace) -> int:
+    from blurflow.particles import BeadFitter
+    from blurflow.psfmodel import PSFModelError
+
+    model, image_paths = split_model(args.inputs)
+    psf = read_psf_model(args.psf) if args.psf else None
+    optics, scales = optics_and_scales(args, model, psf.optics.to_dict() if psf else None)
+    if psf is not None:
+        try:
+            psf.check_pixel(optics)
+        except PSFModelError as exc:
+            raise InputError(f"--psf: {args.psf}: {exc}") from None
     plan = plan_images(image_paths, args, "particles")
-    fitter = BeadFitter(optics, scales, args.window)
+    try:
+        fitter = BeadFitter(optics, scales, args.window, psf=psf, static=args.static)
+    except ValueError as exc:
+        raise InputError(f"--psf: {args.psf}: {exc}") from None
     return run_images(plan, lambda path, stem: particles_file(fitter, path, stem, args), args, "particles")
+
+
+def read_stack(path: Path, repeats: int) -> np.ndarray:
+    """A z-stack (Z, H, W) in its own dtype: a 3-D TIFF, or a 4-D one (planes, repeats, H, W), or
+    ``repeats`` consecutive planes per step; repeated planes are averaged (float32 then)."""
+    from blurflow.sources import read_image
+
+    try:
+        data = np.asarray(read_image(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is 'unreadable'
+        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+    if data.ndim == 3 and repeats > 1:
+        if data.shape[0] % repeats:
+            raise InputError(f"{path}: {data.shape[0]} planes are not a whole number of steps of --repeats {repeats}")
+        data = data.reshape(-1, repeats, *data.shape[1:])
+    if data.ndim == 4:
+        data = data.mean(1, dtype=np.float64).astype(np.float32) if data.shape[1] > 1 else data[:, 0]
+    if data.ndim != 3:
+        raise InputError(f"{path}: expected a z-stack (planes, rows, cols) or (planes, repeats, rows, cols), got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: the stack contains NaN or Inf pixels")
+    return data
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    """``blurflow calibrate``: a PSF model file from a bead z-stack, or from the ideal optics."""
+    from blurflow import figures
+    from blurflow.particles.calibrate import CalibrationError, calibrate
+    from blurflow.psfmodel import PSFModel
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise UsageError(f"--out: a PSF model file ends in .h5, got {out.name}")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out: {out} is a folder")
+    optics, scales = optics_and_scales(args, None)
+    if args.stack is None:
+        if args.z_step_um is not None:
+            raise UsageError("--z-step-um: without a STACK the model is the ideal optics' (give the stack to calibrate)")
+        reach = 2 * scales.axial_scale_um  # the depths of the synthesis ranges (z0 + v3 <= 2 A)
+        model = PSFModel.from_optics(optics, (-reach, reach), args.window or 64)
+    else:
+        if args.z_step_um is None:
+            raise UsageError("--z-step-um: the z step between the stack's planes (um) is needed")
+        stack = read_stack(Path(args.stack), args.repeats)
+        try:
+            model = calibrate(stack, args.z_step_um, optics, args.offset, args.gain, args.window, args.oversample, args.saturation)
+        except CalibrationError as exc:
+            raise InputError(f"{args.stack}: {exc}") from None
+    size = model.table.shape[-1] // model.oversample
+    ideal = PSFModel.from_optics(optics, model.z_range_um, size)
+    png = out.with_name(f"{out.stem}_calibration.png")
+    with atomic_path(png) as tmp_png:
+        figures.save_png(figures.calibration(model, ideal), tmp_png, SOFTWARE)
+        model.write(out)
+    if not args.quiet:
+        lo, hi = model.z_range_um
+        left = ", ".join(f"{n} {k}" for k, n in model.extra.get("left_out", {}).items() if n)
+        made = f"{model.beads} beads" + (f" (left out: {left})" if left else "") if model.beads else "the ideal optics"
+        depth = "symmetric in depth" if model.symmetric else f"asymmetric in depth ({model.asymmetry:.2f}): depths are fitted signed"
+        note(
+            f"blurflow: {out}: PSF model from {made}, z {lo:.3g}..{hi:.3g} um every {model.z_step_um:.3g} um, "
+            f"{model.table.shape[-1]} x {model.table.shape[-1]} samples of {model.pixel_um / model.oversample:.3g} um, {depth}"
+        )
+        note(f"{args.stack or 'optics'}: wrote {out}, {png}", sys.stdout)
+    return 0
 
 
 def note(message: str, file=None) -> None:
@@ -550,8 +648,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gain", type=float, default=1.0, help="photo-electrons per pixel value after the offset (default 1)")
     p.add_argument("--window", type=int, default=64, help="fit window in px, even, 16-512 (default 64): holds the longest streak")
     p.add_argument("--threshold", type=float, default=5.0, help="detection threshold in noise standard deviations (default 5)")
+    p.add_argument(
+        "--psf", metavar="PSF.h5",
+        help="a PSF model file (blurflow calibrate): fit with the measured PSF; its optics unless a model, --config or flags give them "
+        "(the pixel sizes must agree); depths signed where it is asymmetric in z",
+    )  # fmt: skip
+    p.add_argument("--static", action="store_true", help="the beads do not move during the exposure: fit x, y, z0, photons and background only")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=particles_command)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="a PSF model file from a z-stack of static beads (or from the ideal optics)",
+        description=(
+            "Measure the microscope's PSF from a z-stack of static beads (planes every --z-step-um): the isolated, unsaturated "
+            "beads are registered to sub-pixel in x and y and to each other in z (their focus curves), averaged on a grid finer "
+            "than the camera's and smoothed in z. Writes OUT (HDF5: the PSF table, the optics, z step and range, z = 0 at the "
+            "sharpest mean plane, beads averaged, the stack's hash, a residual map) and OUT_calibration.png (xz, yz sections and "
+            "focus curve beside the ideal PSF of the same optics). Without STACK, the ideal optics' PSF in the same format. "
+            "Use it with blurflow particles --psf."
+        ),
+    )
+    p.add_argument("stack", metavar="STACK", nargs="?", help="TIFF z-stack of static beads: (planes, rows, cols), or (planes, repeats, rows, cols)")
+    p.add_argument("--out", metavar="PSF.h5", required=True, help="the PSF model file to write")
+    p.add_argument("--z-step-um", type=float, metavar="S", help="z step between planes in um (required with STACK)")
+    p.add_argument("--repeats", type=int, default=1, help="consecutive planes taken at each step, averaged (default 1)")
+    p.add_argument("--config", metavar="YAML", help="a blurflow config file: its optics (and, without STACK, motion) sections")
+    for name in OPTICS_FLAGS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, help=f"{name.replace('_', ' ')} ({default[name]:g})")
+    p.add_argument("--offset", type=float, default=0.0, help="camera offset subtracted from the pixel values (default 0)")
+    p.add_argument("--gain", type=float, default=1.0, help="photo-electrons per pixel value after the offset (default 1)")
+    p.add_argument("--saturation", type=float, help="the camera's top value: beads reaching it are left out (default: the top of an integer dtype)")
+    p.add_argument("--window", type=int, help="window per bead in camera px, even, 8-256 (default: what the stack's depth needs, <= 64; 64 without STACK)")
+    p.add_argument("--oversample", type=int, help="model samples per camera px, 1-4 (default: the optics' smallest unaliased one)")
+    p.add_argument("--quiet", action="store_true", help="no messages")
+    p.set_defaults(func=calibrate_command)
 
     p = sub.add_parser(
         "measurability",
@@ -601,7 +732,16 @@ def _check(args: argparse.Namespace) -> None:
     if smooth is not None and not (np.isfinite(smooth) and smooth >= 0):
         raise UsageError(f"--smooth-px must be a number of pixels >= 0, got {smooth:g}")
     window = getattr(args, "window", 64)
-    if window < 16 or window > MAX_WINDOW or window % 2:
+    if args.command == "calibrate":
+        if window is not None and (window < 8 or window > 256 or window % 2):
+            raise UsageError(f"--window must be an even number of pixels from 8 to 256, got {window}")
+        if args.z_step_um is not None and not (np.isfinite(args.z_step_um) and args.z_step_um > 0):
+            raise UsageError(f"--z-step-um must be a positive number of um, got {args.z_step_um:g}")
+        if args.repeats < 1:
+            raise UsageError(f"--repeats must be a positive number of planes, got {args.repeats}")
+        if args.oversample is not None and not 1 <= args.oversample <= 4:
+            raise UsageError(f"--oversample must be 1 to 4, got {args.oversample}")
+    elif window < 16 or window > MAX_WINDOW or window % 2:
         raise UsageError(f"--window must be an even number of pixels from 16 to {MAX_WINDOW}, got {window}")
     threshold = getattr(args, "threshold", 5.0)
     if not (np.isfinite(threshold) and threshold > 0):

@@ -361,3 +361,35 @@ def fit_vs_truth(table: pd.DataFrame, network: np.ndarray) -> plt.Figure:
         ax.set(xlabel=f"true {name}", ylabel=f"estimated {name}", title=name)
     axes[0].legend(fontsize=8)
     return fig
+
+
+def calibration(model, ideal) -> plt.Figure:
+    """A PSF model (blurflow.psfmodel.PSFModel) beside the ideal PSF of the same optics: xz and yz
+    sections through the origin (square root of intensity, so the defocus rings show), the focus
+    curves (each plane's peak over the sharpest plane's, against depth in um) and the xz section of
+    the calibration's residual (rms over the beads, same scale as the model's)."""
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6.5), constrained_layout=True)
+    label = f"PSF model ({model.beads} beads)" if model.beads else "PSF model"
+    for row, (psf, name) in enumerate(((model, label), (ideal, "ideal optics"))):
+        s = psf.table.shape[-1]
+        half = s / psf.oversample * psf.pixel_um / 2
+        for col, (section, axis) in enumerate(((psf.table[:, s // 2, :], "x"), (psf.table[:, :, s // 2], "y"))):
+            ax = axes[row, col]
+            ax.imshow(np.sqrt(section.clip(min=0)), origin="lower", aspect="auto", extent=(-half, half, psf.z_um[0], psf.z_um[-1]), cmap="magma")
+            ax.set(xlabel=f"{axis} (um)", ylabel="z (um)", title=f"{name}: {axis}z section")
+        peak = psf.table.max((1, 2))
+        axes[0, 2].plot(psf.z_um, peak / peak.max(), "-" if row == 0 else "--", label=name)
+    axes[0, 2].set(xlabel="z (um)", ylabel="peak / peak of the sharpest plane", title="focus curves")
+    axes[0, 2].legend(fontsize=8)
+    s = model.table.shape[-1]
+    half = s / model.oversample * model.pixel_um / 2
+    residual = model.residual if model.residual is not None else np.zeros_like(model.table)
+    axes[1, 2].imshow(
+        np.sqrt(residual[:, s // 2, :].clip(min=0)), origin="lower", aspect="auto", extent=(-half, half, model.z_um[0], model.z_um[-1]), cmap="magma",
+        vmax=float(np.sqrt(model.table[:, s // 2, :].clip(min=0).max())),
+    )  # fmt: skip
+    axes[1, 2].set(xlabel="x (um)", ylabel="z (um)", title="residual: xz section (rms over beads)")
+    asym = "symmetric in depth" if model.symmetric else f"asymmetric in depth ({model.asymmetry:.2f}): depth signed"
+    optics = model.optics
+    fig.suptitle(f"PSF model: NA {optics.na:g}, n {optics.n:g}, {optics.wavelength_um:g} um, pixel {model.pixel_um:.3g} um; {asym}")
+    return fig

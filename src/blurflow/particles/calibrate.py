@@ -75,6 +75,14 @@ def find_beads(counts: np.ndarray, window: int, saturated: np.ndarray, threshold
     return np.array(keep, np.int64).reshape(-1, 2), left
 
 
+def _enough(centres: np.ndarray, left: dict[str, int]) -> None:
+    """CalibrationError naming what was found and left out, unless there are MIN_BEADS beads."""
+    if len(centres) < MIN_BEADS:
+        found = "no isolated bead" if not len(centres) else f"{len(centres)} isolated bead{'s' * (len(centres) > 1)}"
+        why = ", ".join(f"{n} {k}" for k, n in left.items() if n) or "none"
+        raise CalibrationError(f"{found} in the stack (left out: {why}); a PSF model needs >= {MIN_BEADS}")
+
+
 def _planes(counts: np.ndarray, centres: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
     """(each bead's windows (B, Z, w, w) less the background and normalised to sum 1 per plane,
     each bead's photons (B,): the median of its planes' sums). The background of a plane is the
@@ -183,17 +191,13 @@ def calibrate(
     window = window or auto_window(optics, (raw.shape[0] - 1) * z_step_um / 2)
     oversample = oversample or optics.min_oversample
     centres, left = find_beads(counts, window, saturated)
-    why = ", ".join(f"{n} {k}" for k, n in left.items() if n)
-    if len(centres) < MIN_BEADS:
-        found = "no isolated bead" if not len(centres) else f"{len(centres)} isolated bead{'s' * (len(centres) > 1)}"
-        raise CalibrationError(f"{found} in the stack (left out: {why or 'none'}); a PSF model needs >= {MIN_BEADS}")
+    _enough(centres, left)
     planes, photons = _planes(counts, centres, window)
     faint = photons < FAINT * np.median(photons)  # noise or debris, not a bead
     if faint.any():
         left["faint"] = int(faint.sum())
         centres, planes, photons = centres[~faint], planes[~faint], photons[~faint]
-        if len(centres) < MIN_BEADS:
-            raise CalibrationError(f"{len(centres)} isolated beads in the stack (left out: {', '.join(f'{n} {k}' for k, n in left.items() if n)}); a PSF model needs >= {MIN_BEADS}")
+        _enough(centres, left)
     focus = _focus(planes)
     planes, inside = _shift_depth(planes, focus - np.median(focus))
     grid = _Grid(window, oversample)
@@ -282,7 +286,8 @@ def bead_stack(
     psf = MotionPSF(optics, scales, size, z_range_um=(-reach, reach))
     params = torch.zeros(depth.size, 4, dtype=torch.float32)
     params[:, 3] = torch.from_numpy(depth.reshape(-1))
-    kernels = psf(params, offset_px=torch.from_numpy(np.tile(frac[:, ::-1], (len(z), 1)).astype(np.float32)), chunk=64).numpy().reshape(len(z), beads, size, size)
+    offset = torch.from_numpy(np.tile(frac[:, ::-1], (len(z), 1)).astype(np.float32))  # (x, y) px
+    kernels = psf(params, offset_px=offset, chunk=64).numpy().reshape(len(z), beads, size, size)
     half = size // 2
     image = np.full((len(z), h + size, w + size), background, np.float64)  # margins of half a kernel, cut below
     for b, (y, x) in enumerate(whole):

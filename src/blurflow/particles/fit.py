@@ -364,6 +364,7 @@ class BeadFitter:
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
         at_bound[:, self.held] = False
         theta = toward_focus(theta) if self.signed else canonical(theta)
+        crosses = theta[:, 5] * (theta[:, 5] + theta[:, 4]) < 0  # the path passes through focus
         deviance = 2 * (weight * (torch.where(counts > 0, counts * (counts / m).log(), torch.zeros_like(counts)) - (counts - m))).sum(1)
         signal = m - known - theta[:, 7, None]
         quiet = (weight * (signal < 0.01 * signal.amax(1, keepdim=True))).clamp(max=1)
@@ -371,7 +372,7 @@ class BeadFitter:
         std = std * dispersion.sqrt()[:, None]  # quasi-Poisson: noise beyond Poisson widens the bound by as much
         return FitResult(
             params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(), direction_resolved=resolved(theta, std).numpy(),
-            at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=(theta[:, 5] * (theta[:, 5] + theta[:, 4]) < 0).numpy(), pixels=weight.sum(1).numpy(),
+            at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=crosses.numpy(), pixels=weight.sum(1).numpy(),
             dispersion=dispersion.numpy(),
         )  # fmt: skip
 
