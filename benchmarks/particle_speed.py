@@ -12,7 +12,10 @@ and the share of resolved directions and of those resolved the right way.
 With --table1, also the paper's Table 1 bead cases a-d: ``--beads`` beads of each motion, with
 the same photon and background draws, and the mean fit per case against the truth.
 
-    python benchmarks/particle_speed.py [--beads 200] [--repeats 3] [--threads 2] [--table1]
+With --psf, the beads are fitted with that PSF model file (blurflow calibrate; simulated with the
+ideal optics as ever): ``blurflow calibrate --out ideal.h5`` gives the same fits as without it.
+
+    python benchmarks/particle_speed.py [--beads 200] [--repeats 3] [--threads 2] [--table1] [--psf PSF.h5]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from blurflow.optics import MotionScales, Optics, paper_sign
 from blurflow.particles import BeadFitter, bead_scores, canonical
+from blurflow.psfmodel import PSFModel
 
 
 def random_beads(n: int, seed: int) -> torch.Tensor:
@@ -54,12 +58,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table1", action="store_true", help="also fit Table 1's bead cases a-d")
+    parser.add_argument("--psf", help="fit with this PSF model file (blurflow calibrate)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fitter = BeadFitter(Optics(), MotionScales(24, 10), 64)
+    psf = PSFModel.read(args.psf) if args.psf else None
+    fitter = BeadFitter(Optics(), MotionScales(24, 10), 64, psf=psf)
     fitter.bank()
     truth = random_beads(args.beads, seed=0)
-    counts = fitter.simulate(truth, torch.Generator().manual_seed(1))
+    counts = (BeadFitter(Optics(), MotionScales(24, 10), 64) if psf else fitter).simulate(truth, torch.Generator().manual_seed(1))
     rates = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()

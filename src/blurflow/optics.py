@@ -28,6 +28,7 @@ __all__ = [
     "Optics",
     "PSFSource",
     "PupilPSF",
+    "SpherePSF",
     "canonical_sign",
     "noll_to_nm",
     "psf3d",
@@ -274,6 +275,34 @@ class PupilPSF:
 
     def otf(self, z_um: torch.Tensor, m: int) -> torch.Tensor:
         return _fine_otf(self.optics, z_um, m, self.pixel_um / self.oversample, pixel_integrate=True)
+
+
+class SpherePSF:
+    """The image of a uniformly fluorescent sphere of ``diameter_um`` (a tracer bead that is not a
+    point) under a :class:`PSFSource`, as a PSF source: the 3D PSF convolved with the sphere, i.e.
+    the sum over ``slices`` slabs of the sphere (weighted by their cross-section) of the PSF at the
+    slab's depth times the OTF of its disc, 2 J1(2 pi f r) / (2 pi f r)."""
+
+    def __init__(self, source: PSFSource, diameter_um: float, slices: int | None = None) -> None:
+        if not (math.isfinite(diameter_um) and diameter_um > 0):
+            raise ValueError(f"a bead diameter must be a positive number of um, got {diameter_um!r}")
+        self.source, self.radius_um = source, diameter_um / 2
+        self.pixel_um, self.oversample, self.axial_step_um = source.pixel_um, source.oversample, source.axial_step_um
+        self.support_per_px, self.symmetric = source.support_per_px, source.symmetric
+        n = slices or max(3, 2 * math.ceil(diameter_um / (source.axial_step_um / 4) / 2) + 1)
+        z = (torch.arange(n, dtype=torch.float64) + 0.5) / n * diameter_um - self.radius_um  # slab midpoints
+        area = self.radius_um**2 - z**2
+        self._z, self._r, self._w = z, area.sqrt(), area / area.sum()
+
+    def otf(self, z_um: torch.Tensor, m: int) -> torch.Tensor:
+        f = torch.fft.fftfreq(m, d=self.pixel_um / self.oversample, dtype=torch.float64, device=z_um.device)
+        rho = torch.hypot(f[:, None], f[None, :])
+        out = 0
+        for dz, r, w in zip(self._z.tolist(), self._r.tolist(), self._w.tolist()):
+            x = 2 * math.pi * rho * r
+            disc = torch.where(x > 1e-6, 2 * torch.special.bessel_j1(x) / x.clamp(min=1e-6), torch.ones_like(x))
+            out = out + w * self.source.otf(z_um.to(torch.float64) - dz, m) * disc
+        return out
 
 
 class MotionPSF(torch.nn.Module):

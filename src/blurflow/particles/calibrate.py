@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from blurflow.optics import Optics
+from blurflow.optics import Optics, PSFSource
 from blurflow.psfmodel import PSFModel, stack_hash
 
 MIN_BEADS = 3  # beads needed for a model
@@ -259,12 +259,13 @@ def _smooth_depth(table: np.ndarray, z_step_um: float, optics: Optics) -> np.nda
 
 
 def bead_stack(
-    optics: Optics, z_um: np.ndarray, shape: tuple[int, int] = (256, 256), beads: int = 16, photons: float = 2e5, background: float = 10.0,
+    optics: Optics | PSFSource, z_um: np.ndarray, shape: tuple[int, int] = (256, 256), beads: int = 16, photons: float = 2e5, background: float = 10.0,
     focus_spread_um: float = 0.0, seed: int = 0, spacing_px: int = 40,
 ) -> tuple[np.ndarray, dict]:  # fmt: skip
     """A simulated z-stack (Z, H, W) float32 of Poisson counts: ``beads`` point beads of ``photons``
     each at random sub-pixel positions on a jittered grid ``spacing_px`` apart, imaged at the
-    planes ``z_um`` (Z,) by the PSF of ``optics`` (its aberrations included) plus ``background``
+    planes ``z_um`` (Z,) by the PSF of ``optics`` (its aberrations included; or any PSF source,
+    such as blurflow.optics.SpherePSF for beads that are not points) plus ``background``
     per pixel; each bead's focus offset drawn in +-``focus_spread_um`` (a tilted or curved
     sample). Returns the stack and the truth {'rows', 'cols', 'focus_um'}."""
     from blurflow.optics import MotionPSF, MotionScales

@@ -324,6 +324,25 @@ class BeadFitter:
         theta[which[better]], ll[which[better]], converged[which[better]] = tried[best[better]], tried_ll[best[better]], tried_ok[best[better]]
         return theta, ll, converged
 
+    def _mirror(
+        self, counts: torch.Tensor, theta: torch.Tensor, ll: torch.Tensor, converged: torch.Tensor, known: torch.Tensor, weight: torch.Tensor,
+        iterations: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """With a PSF asymmetric in depth, every fit is refined again from its mirror image in depth
+        (the path at -z, (-v1, -v2, v3, -z0 - v3) with v3 >= 0): where the asymmetry is weak the two
+        are nearby optima, and the search may have settled in the wrong one. The more likely kept."""
+        mirror = theta.clone()
+        mirror[:, 2:4] = -theta[:, 2:4]
+        mirror[:, 5] = -theta[:, 5] - theta[:, 4]
+        inside = (mirror[:, 5] >= self.z_lo) & (mirror[:, 5] + mirror[:, 4] <= self.z_hi)
+        which = inside.nonzero()[:, 0]
+        if not len(which):
+            return theta, ll, converged
+        tried, tried_ll, tried_ok = self.refine(counts[which], mirror[which], iterations, known=known[which], weight=weight[which])
+        better = tried_ll > ll[which]
+        theta[which[better]], ll[which[better]], converged[which[better]] = tried[better], tried_ll[better], tried_ok[better]
+        return theta, ll, converged
+
     # --- the whole fit ---------------------------------------------------------------------
 
     @torch.no_grad()
@@ -359,6 +378,8 @@ class BeadFitter:
             start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
         theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
         theta, ll, converged = self._probe(counts, theta, ll, converged, known, weight, iterations)
+        if self.signed:
+            theta, ll, converged = self._mirror(counts, theta, ll, converged, known, weight, iterations)
         m, std = self.cramer_rao(theta, known, weight)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
