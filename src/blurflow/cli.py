@@ -479,10 +479,7 @@ def particles_command(args: argparse.Namespace) -> int:
         except PSFModelError as exc:
             raise InputError(f"--psf: {args.psf}: {exc}") from None
     plan = plan_images(image_paths, args, "particles")
-    try:
-        fitter = BeadFitter(optics, scales, args.window, psf=psf, static=args.static)
-    except ValueError as exc:
-        raise InputError(f"--psf: {args.psf}: {exc}") from None
+    fitter = BeadFitter(optics, scales, args.window, psf=psf, static=args.static)
     return run_images(plan, lambda path, stem: particles_file(fitter, path, stem, args), args, "particles")
 
 

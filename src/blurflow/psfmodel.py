@@ -5,7 +5,9 @@ and served to :class:`blurflow.optics.MotionPSF` as a PSF source.
 The table (Z, S, S) float32 holds, at depths ``z_um`` (uniform, increasing; z = 0 is the plane of
 the sharpest mean image for a measured PSF, the focal plane for the optics), the PSF integrated
 over a camera pixel centred on each sample, sampled at ``pixel_um / oversample`` um with its origin
-at index S // 2; each plane sums to 1 (the fraction of a bead's photons, per fine-grid sample).
+at index S // 2, divided by oversample^2 (as blurflow.optics.psf3d): a plane sums to the share
+of the light that falls in the table's window (1 for the ideal optics; less for a measured PSF
+far from focus, whose light spreads beyond the beads' windows).
 Between planes the model is the cubic spline through them (in depth); laterally the band-limited
 interpolation of the samples (the motion PSF is built from their Fourier transform). Units: um
 in the sample, as in blurflow.optics.
@@ -29,6 +31,7 @@ from blurflow.optics import Optics, psf3d
 FORMAT, VERSION = "blurflow-psf", 1
 SYMMETRY_TOL = 0.1  # relative L2 difference of the planes at +z and -z below which a model is symmetric in depth
 PIXEL_TOL = 1e-3  # relative difference of pixel sizes within which a model serves an image's optics
+ENERGY_TOL = 0.05  # a plane may hold up to 1 + ENERGY_TOL of the light (noise of a measured PSF)
 
 
 class PSFModelError(ValueError):
@@ -62,11 +65,14 @@ class PSFModel:
         steps = np.diff(z)
         if not (np.isfinite(z).all() and (steps > 0).all() and np.allclose(steps, steps[0], rtol=1e-3)):
             raise PSFModelError("PSF table depths must be finite, increasing and evenly spaced")
-        if not np.isfinite(table).all() or not (table.sum((1, 2)) > 0).all():
-            raise PSFModelError("PSF table planes must be finite with positive sums")
+        if not np.isfinite(table).all():
+            raise PSFModelError("PSF table planes must be finite")
         if not (isinstance(self.oversample, int) and self.oversample >= 1):
             raise PSFModelError(f"oversample must be a positive integer, got {self.oversample!r}")
-        object.__setattr__(self, "table", table / table.sum((1, 2), keepdims=True))
+        sums = table.sum((1, 2))  # the share of a bead's light in each plane's window
+        if not ((sums > 0) & (sums < 1 + ENERGY_TOL)).all():
+            raise PSFModelError(f"PSF table planes must hold a share of the light in (0, 1], got {sums.min():.3g}..{sums.max():.3g}")
+        object.__setattr__(self, "table", table)
         object.__setattr__(self, "z_um", z)
 
     # --- what MotionPSF reads (blurflow.optics.PSFSource) -------------------------------------
@@ -122,8 +128,9 @@ class PSFModel:
         return self._spline(np.clip(np.asarray(z_um, np.float64), self.z_um[0], self.z_um[-1]))
 
     def otf(self, z_um: torch.Tensor, m: int) -> torch.Tensor:
-        """(B, m, m) complex128 OTFs at depths ``z_um`` (B,) on an m x m fine grid (FFT order,
-        value 1 at DC): the planes padded (or cropped) about their origin, Fourier transformed."""
+        """(B, m, m) complex128 OTFs at depths ``z_um`` (B,) on an m x m fine grid (FFT order;
+        at DC the plane's share of the light): the planes padded (or cropped) about their origin,
+        Fourier transformed."""
         planes = torch.from_numpy(self.planes(torch.as_tensor(z_um).cpu().numpy()))
         s = planes.shape[-1]
         grid = planes.new_zeros(len(planes), m, m)
@@ -131,7 +138,7 @@ class PSFModel:
         at = lo - (s // 2 - m // 2)
         grid[:, at : at + hi - lo, at : at + hi - lo] = planes[:, lo:hi, lo:hi]
         otf = torch.fft.fft2(torch.fft.ifftshift(grid, dim=(-2, -1)))
-        return (otf / otf[:, :1, :1]).to(torch.as_tensor(z_um).device)
+        return otf.to(torch.as_tensor(z_um).device)
 
     # --- files -------------------------------------------------------------------------------
 
@@ -157,7 +164,10 @@ class PSFModel:
         path = Path(path)
         with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             psf = f.create_dataset("psf", data=self.table, compression="gzip")
-            psf.attrs["description"] = "PSF integrated over a camera pixel centred on each sample; each plane sums to 1; origin at index S // 2"
+            psf.attrs["description"] = (
+                "PSF integrated over a camera pixel centred on each sample / oversample^2: a plane sums to the share of a bead's light "
+                "in the window (1 when all of it); origin at index S // 2"
+            )
             f.create_dataset("z_um", data=self.z_um).attrs["description"] = "depth of each plane (um); z = 0 the plane of the sharpest mean image"
             residual = np.zeros_like(self.table) if self.residual is None else self.residual
             f.create_dataset("residual", data=np.asarray(residual, np.float32), compression="gzip").attrs["description"] = (

@@ -4,13 +4,14 @@ beads, as single-molecule and defocus-tracking users calibrate their microscopes
 Steps (:func:`calibrate`): camera counts -> the beads of the stack's maximum projection that stand
 alone in their window and inside the image, unsaturated ones kept (saturated ones counted) ->
 each bead's window per plane less its background (the median of the window's rim) and normalised to
-its energy (each plane sums to 1: bleaching and lamp drift cancel) -> each bead's focus (the plane
+its photons (the share of its light per pixel) -> each bead's focus (the plane
 of its sharpest image, to a fraction of a plane) and its planes shifted in depth onto the beads'
 median focus (cubic spline) -> the table, by least squares per spatial frequency over the beads at
 their sub-pixel positions (each bead samples the PSF at its own offset, so beads at several offsets
 give the PSF on a grid finer than the camera's: ``oversample``), alternating with each bead's
 position refined against the table (Gauss-Newton) -> smoothed in depth (a cubic smoothing spline
-whose cut-off is the optics' axial band limit), z = 0 at the plane of the sharpest mean image.
+whose cut-off is the optics' axial band limit), z = 0 at the plane of the sharpest mean image, the
+planes far from focus where the mean bead is lost in its noise (SNR_MIN) left out.
 Units: um in the sample, counts in photo-electrons.
 """
 
@@ -25,6 +26,7 @@ from blurflow.optics import Optics, PSFSource
 from blurflow.psfmodel import PSFModel, stack_hash
 
 MIN_BEADS = 3  # beads needed for a model
+SNR_MIN = 20.0  # the mean bead's peak over its standard error below which planes far from focus are left out of the model
 FAINT = 0.1  # share of the median bead's photons below which a peak is left out ('faint')
 RIDGE = 1e-4  # Tikhonov weight per unit of bead weight in the per-frequency least squares
 
@@ -84,20 +86,24 @@ def _enough(centres: np.ndarray, left: dict[str, int]) -> None:
 
 
 def _planes(counts: np.ndarray, centres: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """(each bead's windows (B, Z, w, w) less the background and normalised to sum 1 per plane,
-    each bead's photons (B,): the median of its planes' sums). The background of a plane is the
-    median of its pixels outside every bead's window (a window's rim still holds PSF tails)."""
+    """(each bead's windows (B, Z, w, w) less the background, over the bead's photons: the share
+    of its light in each pixel; each bead's photons (B,)). The background of a plane is the mean of
+    its pixels outside every bead's window below their 95th percentile (a window's rim still holds
+    PSF tails; other beads' light is clipped; a median would be biased on integer counts). A bead's
+    photons are the largest sum of its window over three consecutive planes' mean (near focus,
+    where its light stays in the window; bleaching over the stack is not corrected)."""
     half = window // 2
     cut = np.stack([counts[:, y - half : y + half, x - half : x + half] for y, x in centres]).astype(np.float64)
     outside = np.ones(counts.shape[1:], bool)
     for y, x in centres:
         outside[y - half : y + half, x - half : x + half] = False
-    background = np.median(counts[:, outside], 1) if outside.any() else np.median(counts, (1, 2))
+    pixels = counts[:, outside] if outside.sum() > 100 else counts.reshape(len(counts), -1)
+    clip = np.percentile(pixels, 95, axis=1, keepdims=True)
+    background = np.where(pixels <= clip, pixels, 0).sum(1) / np.maximum((pixels <= clip).sum(1), 1)
     cut -= background[None, :, None, None]
-    energy = cut.sum((-2, -1))
-    if (energy <= 0).any():
-        energy = np.maximum(energy, np.abs(cut).sum((-2, -1)) * 1e-3 + 1e-9)
-    return cut / energy[..., None, None], np.median(energy, 1)
+    sums = cut.sum((-2, -1))
+    photons = np.max(np.stack([sums[:, :-2], sums[:, 1:-1], sums[:, 2:]]).mean(0), 1)
+    return cut / np.maximum(photons, 1e-9)[:, None, None, None], photons
 
 
 def _focus(planes: np.ndarray) -> np.ndarray:
@@ -168,15 +174,17 @@ def _render(fine: torch.Tensor, phase: torch.Tensor, grid: _Grid, derivative: bo
 
 def calibrate(
     stack: np.ndarray, z_step_um: float, optics: Optics, offset: float = 0.0, gain: float = 1.0, window: int | None = None,
-    oversample: int | None = None, saturation: float | None = None, rounds: int = 3,
+    oversample: int | None = None, saturation: float | None = None, rounds: int = 3, use: np.ndarray | None = None,
 ) -> PSFModel:  # fmt: skip
     """PSF model from a z-stack of static beads ``stack`` (Z, H, W) in camera units (planes every
     ``z_step_um`` um; repeated planes averaged by the caller), ``offset`` and ``gain`` as in
     blurflow particles. ``window`` px (default :func:`auto_window` for half the stack's depth),
     ``oversample`` the table's samples per camera px (default the optics' smallest unaliased one,
     blurflow.optics.Optics.min_oversample), ``saturation`` the camera's top value (default the
-    largest value of an integer dtype): beads with a pixel at or above it are left out. Raises
-    CalibrationError (one line) where the stack gives no model."""
+    largest value of an integer dtype): beads with a pixel at or above it are left out. ``use``
+    (N,) bool: which of the beads found (:func:`find_beads`, in its order) to average (default
+    all; to keep some for testing the model). Raises CalibrationError (one line) where the stack
+    gives no model."""
     raw = np.asarray(stack)
     if raw.ndim != 3 or raw.shape[0] < 4:
         raise CalibrationError(f"a z-stack needs >= 4 planes of 2D images, got shape {raw.shape}")
@@ -191,6 +199,8 @@ def calibrate(
     window = window or auto_window(optics, (raw.shape[0] - 1) * z_step_um / 2)
     oversample = oversample or optics.min_oversample
     centres, left = find_beads(counts, window, saturated)
+    if use is not None:
+        centres = centres[use]
     _enough(centres, left)
     planes, photons = _planes(counts, centres, window)
     faint = photons < FAINT * np.median(photons)  # noise or debris, not a bead
@@ -234,15 +244,30 @@ def calibrate(
         a, b, c = sharp[k - 1 : k + 2]
         k = k + 0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else k
     z = (np.arange(len(table)) - k) * z_step_um
+    snr = table.max((1, 2)) / (np.median(residual, (1, 2)) / math.sqrt(len(centres)) + 1e-12)  # the mean bead's peak over its standard error
+    lo, hi = _run(snr >= SNR_MIN, int(round(k)))
+    table, residual, z = table[lo:hi], residual[lo:hi], z[lo:hi]
     return PSFModel(
         table, z, optics, oversample, beads=len(centres), source="bead z-stack (blurflow calibrate)", stack_sha256=stack_hash(raw), residual=residual,
         extra={
             "left_out": left, "window_px": window, "offset": offset, "gain": gain, "saturation": saturation,
             "bead_rows": centres[:, 0].tolist(), "bead_cols": centres[:, 1].tolist(), "bead_photons": photons.tolist(),
             "bead_focus_um": ((focus - k) * z_step_um).tolist(), "bead_shift_px": shift.numpy().tolist(),
-            "relative_residual": float(np.linalg.norm(residual) / np.linalg.norm(table)),
+            "relative_residual": float(np.linalg.norm(residual) / np.linalg.norm(table)), "stack_planes_kept": [lo, hi],
         },
     )  # fmt: skip
+
+
+def _run(good: np.ndarray, at: int, least: int = 5) -> tuple[int, int]:
+    """(lo, hi): the run of ``good`` planes about plane ``at``, widened to ``least`` planes."""
+    lo = hi = min(max(at, 0), len(good) - 1)
+    while lo > 0 and good[lo - 1]:
+        lo -= 1
+    while hi < len(good) - 1 and good[hi + 1]:
+        hi += 1
+    while hi - lo + 1 < min(least, len(good)):
+        lo, hi = (lo - 1, hi) if lo > 0 else (lo, hi + 1)
+    return lo, hi + 1
 
 
 def _smooth_depth(table: np.ndarray, z_step_um: float, optics: Optics) -> np.ndarray:

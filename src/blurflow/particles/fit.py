@@ -85,7 +85,7 @@ class BeadFitter:
     Fit ranges follow the optics and the window: depths up to where the defocus blur is a quarter
     of the window (``z_max``, A um), lateral speeds whose streak fits in three quarters of it.
     With ``psf`` (a PSF model, blurflow.psfmodel: a measured microscope) the motion PSF is built
-    from its table and depths stay within its range too; where it is asymmetric in depth the sign
+    from its table and the depths fitted are those it covers; where it is asymmetric in depth the sign
     of the depth is fitted (``signed``: z0 over the table's range, the report not folded to
     z0 + v3 / 2 >= 0). ``static``: the beads do not move during the exposure (v1 = v2 = v3 = 0
     held; position, depth, photons and background fitted).
@@ -101,11 +101,8 @@ class BeadFitter:
         self.z_max = window / 4 / blur_px_per_um / scales.axial_scale_um
         self.signed = psf is not None and not psf.symmetric
         self.z_lo, self.z_hi = -self.z_max, self.z_max  # the depths fitted (A um)
-        if psf is not None:
-            lo, hi = psf.z_range_um
-            self.z_lo, self.z_hi = max(self.z_lo, lo / scales.axial_scale_um), min(self.z_hi, hi / scales.axial_scale_um)
-            if self.z_hi - self.z_lo <= 0:
-                raise ValueError(f"the PSF model's depths {lo:g}..{hi:g} um and the window's reach +-{self.z_max * scales.axial_scale_um:.3g} um do not meet")
+        if psf is not None:  # the depths it covers (a measured PSF may hold light far beyond the geometric blur)
+            self.z_lo, self.z_hi = (z / scales.axial_scale_um for z in psf.z_range_um)
         self.v_max = 0.75 * window / scales.lateral_scale_px
         margin = 0.5 * scales.axial_scale_um
         # time steps of 4 px laterally and 1/8 of the axial Nyquist pitch instead of 0.5 px and 1/16: within a step the
@@ -140,8 +137,10 @@ class BeadFitter:
 
     # --- the coarse search -----------------------------------------------------------------
 
-    def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(motion parameters (N, 4), kernels (N, window**2)) of the coarse grid, built once."""
+    def bank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(motion parameters (N, 4), kernels (N, window**2), their light's centroids (N, 2) (x, y)
+        px from the origin) of the coarse grid, built once; where a centroid strays from the origin
+        (a measured PSF's coma or tilt) the kernels are centred on their light (as the windows are)."""
         if self._bank is None:
             speeds = torch.linspace(0, min(self.v_max, 1.6), 9)
             angles = torch.arange(16) * (2 * math.pi / 16)
@@ -157,7 +156,13 @@ class BeadFitter:
                 if self.z_lo <= z0 and z0 + v3 <= self.z_hi
             ]  # fmt: skip
             params = torch.tensor(rows)
-            self._bank = (params, self.psf(params).reshape(len(rows), -1))
+            light = self.psf(params).clamp(min=0)
+            grid = torch.arange(self.window, dtype=torch.float32) - self.window // 2
+            mass = light.sum((1, 2)).clamp(min=1e-12)
+            centroid = torch.stack([(light.sum(1) * grid).sum(1), (light.sum(2) * grid).sum(1)], 1) / mass[:, None]  # (x, y) px
+            if centroid.abs().max() > 0.05:  # a PSF whose light leaves its origin with depth (coma, tilt): each kernel centred on its light
+                light = self.psf(params, offset_px=-centroid)
+            self._bank = (params, light.reshape(len(rows), -1), centroid)
         return self._bank
 
     def _starts(self, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -176,7 +181,7 @@ class BeadFitter:
         shift = (-cy.round().long(), -cx.round().long())
         centred = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(counts, *shift)]).reshape(b, -1)
         mask = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(weight, *shift)]).reshape(b, -1)
-        params, kernels = self.bank()
+        params, kernels, own = self.bank()
         # weighted least squares of counts ~ b + A k per bank kernel (weights 1 / (counts + 1), Pearson)
         wt = mask / (centred + 1)
         sw, swn = wt.sum(1, keepdim=True), (wt * centred).sum(1, keepdim=True)
@@ -189,12 +194,18 @@ class BeadFitter:
         small_v3 = params[:, 2] < 0.3
         best = cost.argmin(1)
         other = torch.where(small_v3[best][:, None], cost.masked_fill(small_v3[None], math.inf), cost.masked_fill(~small_v3[None], math.inf)).argmin(1)
+        picks = (best, other)
+        if self.static:  # depth alone (the bank in depth order): its three deepest local minima, defocus being the likeliest to deceive
+            inner = torch.ones_like(cost, dtype=torch.bool)
+            inner[:, 1:] &= cost[:, 1:] <= cost[:, :-1]
+            inner[:, :-1] &= cost[:, :-1] <= cost[:, 1:]
+            picks = tuple(cost.masked_fill(~inner, math.inf).topk(min(3, cost.shape[1]), 1, largest=False).indices.unbind(1))
         offsets = torch.stack([cx, cy], 1)
         starts = []
-        for idx in (best, other):
+        for idx in picks:
             motion = params[idx]
             a, g = amp.gather(1, idx[:, None])[:, 0], bg.gather(1, idx[:, None])[:, 0]
-            starts.append(torch.cat([offsets, motion, a[:, None], g[:, None]], 1))
+            starts.append(torch.cat([offsets - own[idx], motion, a[:, None], g[:, None]], 1))  # the kernel's origin where its centroid meets the light's
         return torch.stack(starts, 1)
 
     # --- refinement ------------------------------------------------------------------------
