@@ -132,7 +132,8 @@ def main() -> None:
     rate = n / (time.perf_counter() - t0)
     err = (fit.params[:, 5] - depth.numpy()) * SCALES.axial_scale_um
     rmse = float(np.sqrt(np.mean(err**2)))
-    print(json.dumps({"part": "static beads", "beads": n, "beads_per_s": round(rate, 1), "rmse_z_um": round(rmse, 4), "share_of_range": round(rmse / (hi - lo), 5)}))
+    share = round(rmse / (hi - lo), 5)
+    print(json.dumps({"part": "static beads", "beads": n, "beads_per_s": round(rate, 1), "rmse_z_um": round(rmse, 4), "share_of_range": share}))
 
 
 class _shifted:

@@ -9,13 +9,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src/blurflow"
 FLOORS = [
     ["__init__", "files", "logs", "schema", "devices"],  # nothing of blurflow (schema: the config's keys and defaults)
     ["camera", "optics"],
-    ["sources", "model"],
+    ["sources", "model", "psfmodel"],
     ["synthesis", "modelfile"],  # synthesis holds Setup: what every stage that makes images shares
     ["data", "testsets"],
     ["particles.fit"],  # the particles package, job by job
     ["particles.detection"],
     ["particles.frames"],
-    ["particles.scoring"],
+    ["particles.scoring", "particles.calibrate"],
     ["evaluate", "particles", "figures"],  # particles: the package's __init__, which gathers its modules
     ["train", "measurability", "study"],
     ["cli", "pipeline"],  # pipeline: the Snakemake glue, which the library never imports

@@ -129,6 +129,15 @@ def _shift_depth(planes: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.
     return out, (z + shift[:, None] >= -1e-6) & (z + shift[:, None] <= z[-1] + 1e-6)
 
 
+def _aligned(planes: np.ndarray, depth: np.ndarray, scale: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The beads' planes (B, Z, w, w) read ``depth`` (B,) planes further (:func:`_shift_depth`) as
+    spectra (B, Z, w*w) with their origin at w // 2, their weights (B, Z): ``scale`` (B,) where a
+    bead's shifted plane lies inside its stack, else 0, and that (B, Z) bool."""
+    shifted, inside = _shift_depth(planes, depth)
+    spectra = torch.fft.fft2(torch.fft.ifftshift(torch.from_numpy(shifted), dim=(-2, -1))).flatten(2)
+    return spectra, torch.from_numpy(inside * scale[:, None]), torch.from_numpy(inside)
+
+
 class _Grid:
     """The coarse (camera, w x w) and fine (w * os) frequency grids of the least squares: for each
     coarse frequency, the os^2 fine frequencies that fold onto it, in cycles per camera px."""
@@ -209,23 +218,33 @@ def calibrate(
         centres, planes, photons = centres[~faint], planes[~faint], photons[~faint]
         _enough(centres, left)
     focus = _focus(planes)
-    planes, inside = _shift_depth(planes, focus - np.median(focus))
+    depth = focus - np.median(focus)  # each bead's planes read this many planes further: the beads' foci aligned
     grid = _Grid(window, oversample)
-    spectra = torch.fft.fft2(torch.fft.ifftshift(torch.from_numpy(planes), dim=(-2, -1))).flatten(2)  # (B, Z, w*w), origin at w // 2
-    weight = torch.from_numpy(inside * (photons / photons.mean())[:, None])
-    top = planes.sum(1)
+    scale = photons / photons.mean()
+    top = planes.sum(1).clip(min=0)
     grid_px = np.arange(window) - window // 2
-    mass = np.clip(top, 0, None).sum((1, 2))
-    shift = torch.from_numpy(np.stack([(np.clip(top, 0, None) * grid_px).sum((1, 2)) / mass, (np.clip(top, 0, None) * grid_px[:, None]).sum((1, 2)) / mass], 1))
-    for _ in range(rounds):  # the table at the beads' positions, then their positions against the table
+    mass = top.sum((1, 2))
+    shift = torch.from_numpy(np.stack([(top * grid_px).sum((1, 2)) / mass, (top * grid_px[:, None]).sum((1, 2)) / mass], 1))
+    for _ in range(rounds):  # the table at the beads' positions, then their positions (x, y and depth) against the table
+        spectra, weight, seen = _aligned(planes, depth, scale)
         phase = grid.phases(shift)
         fine = _solve(spectra, weight, phase, grid)
         model, slope = _render(fine, phase, grid), _render(fine, phase, grid, derivative=True)
-        residual = (spectra - model) * inside[:, :, None]
-        jac = torch.einsum("bpzk,bqzk->bpq", slope.conj(), slope * torch.from_numpy(inside)[:, None, :, None]).real
+        residual = (spectra - model) * seen[:, :, None]
+        jac = torch.einsum("bpzk,bqzk->bpq", slope.conj(), slope * seen[:, None, :, None]).real
         step = torch.linalg.solve(jac + 1e-12 * torch.eye(2), torch.einsum("bpzk,bzk->bp", slope.conj(), residual).real[..., None])[..., 0]
         shift = shift + step.clamp(-1, 1)
         shift -= (shift * weight.sum(1, keepdim=True)).sum(0) / weight.sum()  # the table's origin: the beads' weighted mean position
+        along = torch.zeros_like(model)  # d model / d plane (central differences), where both neighbours exist
+        along[:, 1:-1] = (model[:, 2:] - model[:, :-2]) / 2
+        use = seen.clone()
+        use[:, [0, -1]] = False
+        num = (along.conj() * residual * use[:, :, None]).real.sum((1, 2))
+        den = (along.abs() ** 2 * use[:, :, None]).sum((1, 2)).clamp(min=1e-30)
+        depth = depth - (num / den).clamp(-1, 1).numpy()  # the aligned planes read a further eps where residual + eps * slope = 0
+        depth -= np.average(depth, weights=scale)
+    spectra, weight, seen = _aligned(planes, depth, scale)
+    inside = seen.numpy()
     m = window * oversample
     for _ in range(2):  # the table's origin: the centroid of its sharpest plane
         phase = grid.phases(shift)
@@ -245,14 +264,14 @@ def calibrate(
         k = k + 0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else k
     z = (np.arange(len(table)) - k) * z_step_um
     snr = table.max((1, 2)) / (np.median(residual, (1, 2)) / math.sqrt(len(centres)) + 1e-12)  # the mean bead's peak over its standard error
-    lo, hi = _run(snr >= SNR_MIN, int(round(k)))
+    lo, hi = _run(snr >= SNR_MIN, round(k))
     table, residual, z = table[lo:hi], residual[lo:hi], z[lo:hi]
     return PSFModel(
         table, z, optics, oversample, beads=len(centres), source="bead z-stack (blurflow calibrate)", stack_sha256=stack_hash(raw), residual=residual,
         extra={
             "left_out": left, "window_px": window, "offset": offset, "gain": gain, "saturation": saturation,
             "bead_rows": centres[:, 0].tolist(), "bead_cols": centres[:, 1].tolist(), "bead_photons": photons.tolist(),
-            "bead_focus_um": ((focus - k) * z_step_um).tolist(), "bead_shift_px": shift.numpy().tolist(),
+            "bead_focus_um": ((depth + np.median(focus) - k) * z_step_um).tolist(), "bead_shift_px": shift.numpy().tolist(),
             "relative_residual": float(np.linalg.norm(residual) / np.linalg.norm(table)), "stack_planes_kept": [lo, hi],
         },
     )  # fmt: skip

@@ -39,6 +39,7 @@ MOTION = slice(2, 6)
 CHUNK = 64  # kernels computed at once: their sums stay in the processor's cache (1.5x faster than all at once on 2 cores)
 NEAR = 0.05  # log-likelihood gain a rejected step must promise for the fit to go on (BeadFitter.refine)
 STILL_V3, PROBE_V3 = 0.05, 0.4  # fits with less axial motion than STILL_V3 are tried again from PROBE_V3 (BeadFitter._probe)
+STRAY_PX = 0.5  # px a bank kernel's light may stray from its origin before the bank is centred on the light (BeadFitter.bank)
 POOR_FIT = 2.0  # deviance per counted window pixel above which a fit does not explain its window (about 1 for a right model)
 
 
@@ -140,7 +141,8 @@ class BeadFitter:
     def bank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(motion parameters (N, 4), kernels (N, window**2), their light's centroids (N, 2) (x, y)
         px from the origin) of the coarse grid, built once; where a centroid strays from the origin
-        (a measured PSF's coma or tilt) the kernels are centred on their light (as the windows are)."""
+        by more than STRAY_PX (a measured PSF's coma or tilt) the kernels are centred on their light
+        (as the windows are) and the centroids kept, else they are taken as 0."""
         if self._bank is None:
             speeds = torch.linspace(0, min(self.v_max, 1.6), 9)
             angles = torch.arange(16) * (2 * math.pi / 16)
@@ -160,8 +162,10 @@ class BeadFitter:
             grid = torch.arange(self.window, dtype=torch.float32) - self.window // 2
             mass = light.sum((1, 2)).clamp(min=1e-12)
             centroid = torch.stack([(light.sum(1) * grid).sum(1), (light.sum(2) * grid).sum(1)], 1) / mass[:, None]  # (x, y) px
-            if centroid.abs().max() > 0.05:  # a PSF whose light leaves its origin with depth (coma, tilt): each kernel centred on its light
+            if centroid.abs().max() > STRAY_PX:  # a PSF whose light leaves its origin with depth (coma, tilt): each kernel centred on its light
                 light = self.psf(params, offset_px=-centroid)
+            else:  # (the ideal PSF's stray by < 0.15 px, where the window cuts their tails)
+                centroid = torch.zeros_like(centroid)
             self._bank = (params, light.reshape(len(rows), -1), centroid)
         return self._bank
 
@@ -237,7 +241,9 @@ class BeadFitter:
         mu = mu + known
         fisher = torch.einsum("bpn,bqn->bpq", jac * (weight / mu)[:, None], jac)
         cov = torch.linalg.pinv(fisher.double()).float()
-        return mu, torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()
+        std = torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()
+        std[:, self.held] = 0.0  # held, not measured
+        return mu, std
 
     @staticmethod
     def log_likelihood(counts: torch.Tensor, mu: torch.Tensor, weight: torch.Tensor | float = 1.0) -> torch.Tensor:
