@@ -356,12 +356,12 @@ class MotionPSF(torch.nn.Module):
         sub = self.source.oversample
         m = size * sub
         z = torch.linspace(lo, self.z_hi, nz, dtype=torch.float64)
-        otf = self.source.otf(z, m)
         k = torch.fft.fftfreq(m, d=1.0 / m, dtype=torch.float64).round().long()
         ky, kx = torch.meshgrid(k, k, indexing="ij")
         r_max = self.source.support_per_px * size + 1  # OTF support radius, in samples
         keep = (kx**2 + ky**2 <= r_max**2) & (kx % size <= size // 2)  # support x rfft half
-        table = otf[:, keep].to(torch.complex64)
+        rows = max(1, TABLE_BYTES // (16 * m * m))  # depths computed at once: a deep range on a fine grid would not fit in memory
+        table = torch.cat([self.source.otf(part, m)[:, keep].to(torch.complex64) for part in z.split(rows)])
         zero = table.new_zeros(1, table.shape[1])  # row nz of both: what a step beyond a kernel's own K reads
         self.register_buffer("_fy", ky[keep].to(torch.float32) / size, persistent=False)  # cycles/px
         self.register_buffer("_fx", kx[keep].to(torch.float32) / size, persistent=False)
@@ -521,6 +521,9 @@ class MotionPSF(torch.nn.Module):
             coarse += padded[:, column]
         kern = torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))
         return torch.fft.fftshift(kern, dim=(-2, -1))
+
+
+TABLE_BYTES = 2**28  # bytes of full-grid OTFs computed at once while MotionPSF builds its table
 
 
 def _fold_index(bins: torch.Tensor, n_bins: int) -> torch.Tensor:

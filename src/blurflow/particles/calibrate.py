@@ -304,19 +304,21 @@ def _smooth_depth(table: np.ndarray, z_step_um: float, optics: Optics) -> np.nda
 
 def bead_stack(
     optics: Optics | PSFSource, z_um: np.ndarray, shape: tuple[int, int] = (256, 256), beads: int = 16, photons: float = 2e5, background: float = 10.0,
-    focus_spread_um: float = 0.0, seed: int = 0, spacing_px: int = 40,
+    focus_spread_um: float = 0.0, seed: int = 0, spacing_px: int = 40, size_px: int | None = None,
 ) -> tuple[np.ndarray, dict]:  # fmt: skip
     """A simulated z-stack (Z, H, W) float32 of Poisson counts: ``beads`` point beads of ``photons``
     each at random sub-pixel positions on a jittered grid ``spacing_px`` apart, imaged at the
     planes ``z_um`` (Z,) by the PSF of ``optics`` (its aberrations included; or any PSF source,
     such as blurflow.optics.SpherePSF for beads that are not points) plus ``background``
     per pixel; each bead's focus offset drawn in +-``focus_spread_um`` (a tilted or curved
-    sample). Returns the stack and the truth {'rows', 'cols', 'focus_um'}."""
+    sample). Each bead's light is computed over ``size_px`` (default twice the spacing: its tails
+    reach the neighbours). Returns the stack and the truth {'rows', 'cols', 'focus_um'}."""
     from blurflow.optics import MotionPSF, MotionScales
 
     rng = np.random.default_rng(seed)
     h, w = shape
-    size = 2 * (spacing_px + spacing_px % 2)  # each bead's light over twice the spacing (the kernel's grid is periodic)
+    size = size_px or 2 * (spacing_px + spacing_px % 2)  # (the kernel's grid is periodic: its tails must not wrap)
+    size += size % 2
     cells = [(r, c) for r in range(spacing_px, h - spacing_px + 1, spacing_px) for c in range(spacing_px, w - spacing_px + 1, spacing_px)]
     if len(cells) < beads:
         raise ValueError(f"{beads} beads do not fit {spacing_px} px apart in {h} x {w} px")

@@ -36,7 +36,8 @@ from blurflow.psfmodel import PSFModel
 
 PARAMS = ("x_px", "y_px", "v1", "v2", "v3", "z0", "photons", "background")
 MOTION = slice(2, 6)
-CHUNK = 64  # kernels computed at once: their sums stay in the processor's cache (1.5x faster than all at once on 2 cores)
+CHUNK_SAMPLES = 64 * 2525  # kernels x OTF samples computed at once: 64 kernels of a 64 px window at NA 0.3, whose sums stay in the
+# processor's cache (1.5x faster than all at once on 2 cores); smaller windows take more kernels a chunk (the loop's overhead)
 NEAR = 0.05  # log-likelihood gain a rejected step must promise for the fit to go on (BeadFitter.refine)
 STILL_V3, PROBE_V3 = 0.05, 0.4  # fits with less axial motion than STILL_V3 are tried again from PROBE_V3 (BeadFitter._probe)
 STRAY_PX = 0.5  # px a bank kernel's light may stray from its origin before the bank is centred on the light (BeadFitter.bank)
@@ -113,7 +114,8 @@ class BeadFitter:
             optics if psf is None else psf, scales, window, z_range_um=(self.z_lo * scales.axial_scale_um - margin, self.z_hi * scales.axial_scale_um + margin),
             lateral_step_px=4.0, axial_steps_per_nyquist=8.0, device=self.device,
         )  # fmt: skip
-        self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.chunk = max(64, CHUNK_SAMPLES // self.psf._fx.numel())  # kernels a chunk
+        self._bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.lower = torch.tensor([-window / 4, -window / 4, -self.v_max, -self.v_max, 0.0, self.z_lo, 1.0, 1e-3])
         self.upper = torch.tensor([window / 4, window / 4, self.v_max, self.v_max, self.z_hi - self.z_lo, self.z_hi, math.inf, math.inf])
         self.held = torch.zeros(8, dtype=torch.bool)  # parameters not fitted
@@ -125,7 +127,7 @@ class BeadFitter:
 
     def expected(self, theta: torch.Tensor) -> torch.Tensor:
         """Expected counts (B, window, window) for parameters (B, 8) in PARAMS order."""
-        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=CHUNK)
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=self.chunk)
         return theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0)
 
     def light(self, theta: torch.Tensor) -> torch.Tensor:
@@ -225,7 +227,7 @@ class BeadFitter:
         (blurflow.optics.MotionPSF with ``gradient``; where the kernel is clamped at 0, by the
         position and motion alone), written into one tensor."""
         b = theta.shape[0]
-        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], gradient=True, chunk=CHUNK).reshape(b, 7, -1)
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], gradient=True, chunk=self.chunk).reshape(b, 7, -1)
         jac = torch.empty(b, 8, kernels.shape[2])
         torch.mul(theta[:, 6, None, None], kernels[:, 1:], out=jac[:, :6])
         torch.clamp(kernels[:, 0], min=0, out=jac[:, 6])
@@ -395,7 +397,7 @@ class BeadFitter:
             start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
         theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
         theta, ll, converged = self._probe(counts, theta, ll, converged, known, weight, iterations)
-        if self.signed:
+        if self.signed and not self.static:  # (static fits start from minima at either sign already)
             theta, ll, converged = self._mirror(counts, theta, ll, converged, known, weight, iterations)
         m, std = self.cramer_rao(theta, known, weight)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)

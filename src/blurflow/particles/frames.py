@@ -212,7 +212,8 @@ def _split(
     least 6 px and holds SPLIT_SHARE of the particle's photons, those pixels (grown by 2 px)
     become a new streak; but where two particles fitted in its window (:func:`_pair_trial`, for
     fits that explain their window poorly, PAIR_DEVIANCE, or did not converge, and are not
-    ``settled``: (N,) bool, unchanged since the last pass) gain PAIR_GAIN times its dispersion in
+    ``settled``: (N,) bool, unchanged since the last pass; against the median fit's deviance where
+    that exceeds the noise, as a measured PSF's does) gain PAIR_GAIN times its dispersion in
     log-likelihood over one, each with SPLIT_SHARE of their photons, the pixels where the
     second's light is the larger become the new streak, and the pair's fits the two streaks'
     starts. The new streak gets its own window, and the rest stays the particle's, re-centred.
@@ -246,7 +247,9 @@ def _split(
         for i in np.unique(owner[strong]):
             best = ids[strong & (owner == i)][np.argmax(excess[strong & (owner == i)])]
             new[int(i)] = ndimage.binary_dilation(blobs[i] == best, iterations=2) & stack.own[i], None
-    poor = (fit.deviance > PAIR_DEVIANCE * fit.dispersion * np.maximum(fit.pixels, 1)) | ~fit.converged
+    excess = fit.deviance / (fit.dispersion * np.maximum(fit.pixels, 1))  # deviance per pixel over what the noise explains
+    typical = max(1.0, float(np.median(excess)))  # above 1 where the PSF model itself falls short (a measured PSF): every fit explains less
+    poor = (excess > PAIR_DEVIANCE * typical) | ~fit.converged
     trial = np.flatnonzero(poor & (True if settled is None else ~settled))
     if len(trial):
         gain, pair, second = _pair_trial(
