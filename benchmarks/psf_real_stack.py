@@ -13,7 +13,7 @@ Data used in docs/particles.md (fetch from GitHub; CC BY 4.0): hoogenboom-group/
 520 nm, 108 nm px, 300 nm step) and data/sample_zstack_astigmatism (80 planes, NA 0.85, 520 nm,
 63.5 nm px, 100 nm step; notebooks/walkthrough.ipynb), each folder's planes stacked in name order.
 
-    python benchmarks/psf_real_stack.py STACK.tif --z-step-um 0.3 --pixel-um 0.108 --na 0.95 --wavelength-um 0.52 [--n 1.0] [--window 24]
+    python benchmarks/psf_real_stack.py STACK.tif --z-step-um 0.3 --pixel-um 0.108 --na 0.95 --wavelength-um 0.52 [--n 1.0] [--window 24] [--snr-min 20]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--wavelength-um", type=float, required=True)
     parser.add_argument("--window", type=int, help="px per bead (default as blurflow calibrate)")
     parser.add_argument("--clear-um", type=float, default=0.5, help="depth from focus beyond which a sign is scored")
+    parser.add_argument("--snr-min", type=float, default=20.0, help="as blurflow calibrate --snr-min")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,7 +54,7 @@ def main() -> None:
     print(json.dumps({"stack": args.stack, "shape": list(stack.shape), "window": window, "beads": len(centres), "left_out": left}), flush=True)
     for name, use in (("even beads -> odd", half), ("odd beads -> even", ~half)):
         t0 = time.perf_counter()
-        model = calibrate(stack, args.z_step_um, optics, window=window, use=use)
+        model = calibrate(stack, args.z_step_um, optics, window=window, use=use, snr_min=args.snr_min)
         seconds = time.perf_counter() - t0
         test = centres[~use]
         fitter = BeadFitter(optics, MotionScales(1.0, 1.0), window, psf=model, static=True)

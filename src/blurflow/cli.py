@@ -527,7 +527,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
             raise UsageError("--z-step-um: the z step between the stack's planes (um) is needed")
         stack = read_stack(Path(args.stack), args.repeats)
         try:
-            model = calibrate(stack, args.z_step_um, optics, args.offset, args.gain, args.window, args.oversample, args.saturation)
+            model = calibrate(stack, args.z_step_um, optics, args.offset, args.gain, args.window, args.oversample, args.saturation, snr_min=args.snr_min)
         except CalibrationError as exc:
             raise InputError(f"{args.stack}: {exc}") from None
     size = model.table.shape[-1] // model.oversample
@@ -678,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saturation", type=float, help="the camera's top value: beads reaching it are left out (default: the top of an integer dtype)")
     p.add_argument("--window", type=int, help="window per bead in camera px, even, 8-256 (default: what the stack's depth needs, <= 64; 64 without STACK)")
     p.add_argument("--oversample", type=int, help="model samples per camera px, 1-4 (default: the optics' smallest unaliased one)")
+    p.add_argument(
+        "--snr-min", type=float, default=20.0,
+        help="keep the planes about focus where the mean bead's peak stands this many standard errors above its noise (default 20; lower: deeper, noisier)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no messages")
     p.set_defaults(func=calibrate_command)
 
@@ -738,6 +742,8 @@ def _check(args: argparse.Namespace) -> None:
             raise UsageError(f"--repeats must be a positive number of planes, got {args.repeats}")
         if args.oversample is not None and not 1 <= args.oversample <= 4:
             raise UsageError(f"--oversample must be 1 to 4, got {args.oversample}")
+        if not (np.isfinite(args.snr_min) and args.snr_min >= 0):
+            raise UsageError(f"--snr-min must be a number >= 0, got {args.snr_min:g}")
     elif window < 16 or window > MAX_WINDOW or window % 2:
         raise UsageError(f"--window must be an even number of pixels from 16 to {MAX_WINDOW}, got {window}")
     threshold = getattr(args, "threshold", 5.0)

@@ -183,7 +183,7 @@ def _render(fine: torch.Tensor, phase: torch.Tensor, grid: _Grid, derivative: bo
 
 def calibrate(
     stack: np.ndarray, z_step_um: float, optics: Optics, offset: float = 0.0, gain: float = 1.0, window: int | None = None,
-    oversample: int | None = None, saturation: float | None = None, rounds: int = 3, use: np.ndarray | None = None,
+    oversample: int | None = None, saturation: float | None = None, rounds: int = 3, use: np.ndarray | None = None, snr_min: float = SNR_MIN,
 ) -> PSFModel:  # fmt: skip
     """PSF model from a z-stack of static beads ``stack`` (Z, H, W) in camera units (planes every
     ``z_step_um`` um; repeated planes averaged by the caller), ``offset`` and ``gain`` as in
@@ -192,8 +192,9 @@ def calibrate(
     blurflow.optics.Optics.min_oversample), ``saturation`` the camera's top value (default the
     largest value of an integer dtype): beads with a pixel at or above it are left out. ``use``
     (N,) bool: which of the beads found (:func:`find_beads`, in its order) to average (default
-    all; to keep some for testing the model). Raises CalibrationError (one line) where the stack
-    gives no model."""
+    all; to keep some for testing the model). ``snr_min``: the planes kept about focus are those
+    where the mean bead's peak stands ``snr_min`` standard errors above its noise. Raises
+    CalibrationError (one line) where the stack gives no model."""
     raw = np.asarray(stack)
     if raw.ndim != 3 or raw.shape[0] < 4:
         raise CalibrationError(f"a z-stack needs >= 4 planes of 2D images, got shape {raw.shape}")
@@ -264,7 +265,7 @@ def calibrate(
         k = k + 0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else k
     z = (np.arange(len(table)) - k) * z_step_um
     snr = table.max((1, 2)) / (np.median(residual, (1, 2)) / math.sqrt(len(centres)) + 1e-12)  # the mean bead's peak over its standard error
-    lo, hi = _run(snr >= SNR_MIN, round(k))
+    lo, hi = _run(snr >= snr_min, round(k))
     table, residual, z = table[lo:hi], residual[lo:hi], z[lo:hi]
     return PSFModel(
         table, z, optics, oversample, beads=len(centres), source="bead z-stack (blurflow calibrate)", stack_sha256=stack_hash(raw), residual=residual,
