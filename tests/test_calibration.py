@@ -206,3 +206,13 @@ def test_blurflow_calibrate_from_the_optics_and_its_bad_input(tmp_path, capsys, 
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
     assert not (tmp_path / "a.h5").exists() and not list(tmp_path.glob("a_calibration.png")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_bead_beyond_the_models_depths_is_flagged_at_bound(model):
+    """A still bead 3 um deeper than the model reaches: its depth ends at the model's edge, flagged."""
+    fitter = BeadFitter(Optics(), MotionScales(1.0, 1.0), 32, psf=model, static=True)
+    lo, hi = model.z_range_um
+    inside = BeadFitter(Optics(), MotionScales(1.0, 1.0), 32, psf=PSFModel.from_optics(ASTIGMATIC, (lo, hi + 6.0), 32), static=True)
+    truth = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, hi + 3.0, 20000.0, 5.0]])
+    fit = fitter.fit(inside.simulate(truth, torch.Generator().manual_seed(5)))
+    assert fit.at_bound[0] and fit.params[0, 5] == pytest.approx(hi, abs=0.5)
