@@ -9,17 +9,17 @@ import pandas as pd
 
 from blurflow import evaluate, figures, logs, particles
 from blurflow.data import ShardDataset
-from blurflow.optics import MotionScales, Optics
+from blurflow.optics import COMPONENTS, MotionScales, Optics
 
 log = logs.job(snakemake)
 table = pd.read_csv(snakemake.input.fits)
 attrs = ShardDataset([snakemake.input.testset]).attrs
 scales, pixel_um = MotionScales.from_config(attrs["scales"]), Optics.from_config(attrs["optics"]).pixel_um
-truth = table[[f"true_{c}" for c in particles.COMPONENTS]].to_numpy()
+truth = table[[f"true_{c}" for c in COMPONENTS]].to_numpy()
 network = evaluate.bead_estimates(snakemake.input.testset, snakemake.input.predictions)
 fitted = table["fitted"].to_numpy(bool) if "fitted" in table else np.ones(len(table), bool)
-fit = table[list(particles.COMPONENTS)].to_numpy()[fitted]
-std = table[[f"std_{c}" for c in particles.COMPONENTS]].to_numpy()[fitted]
+fit = table[list(COMPONENTS)].to_numpy()[fitted]
+std = table[[f"std_{c}" for c in COMPONENTS]].to_numpy()[fitted]
 scores = {
     "fit": {
         "fraction_fitted": float(fitted.mean()),
@@ -38,10 +38,10 @@ rows = [
         **({"within_1_std": s["within_1_std"][c], "within_2_std": s["within_2_std"][c]} if "within_1_std" in s else {}),
     }
     for m, s in scores.items()
-    for c in particles.COMPONENTS
+    for c in COMPONENTS
 ]
 pd.DataFrame(rows).to_csv(snakemake.output.csv, index=False)
 for method, s in scores.items():
-    log.info("%s on %d beads: R2 |v1| %.3f, |v2| %.3f, v3 %.3f, z0 %.3f", method, s["beads"], *(s["r2"][c] for c in particles.COMPONENTS))
+    log.info("%s on %d beads: R2 |v1| %.3f, |v2| %.3f, v3 %.3f, z0 %.3f", method, s["beads"], *(s["r2"][c] for c in COMPONENTS))
 log.info("fraction of the beads fitted: %.3f", scores["fit"]["fraction_fitted"])
 figures.fit_vs_truth(table, network).savefig(snakemake.output.figure, dpi=110)

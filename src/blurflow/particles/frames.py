@@ -159,6 +159,7 @@ SPLIT_SHARE = 0.15  # share of the particle's photons that unexplained light mus
 
 
 PAIR_GAIN = 50.0  # log-likelihood gain, per unit of the window's dispersion, at which two particles explain a streak better than one
+TYPICAL_FITS = 10  # fits from which the median deviance tells how well the PSF model explains a stack (_split)
 PAIR_DEVIANCE = 1.1  # deviance per counted pixel and unit of dispersion above which a one-particle fit is tried as two
 
 
@@ -248,7 +249,8 @@ def _split(
             best = ids[strong & (owner == i)][np.argmax(excess[strong & (owner == i)])]
             new[int(i)] = ndimage.binary_dilation(blobs[i] == best, iterations=2) & stack.own[i], None
     excess = fit.deviance / (fit.dispersion * np.maximum(fit.pixels, 1))  # deviance per pixel over what the noise explains
-    typical = max(1.0, float(np.median(excess)))  # above 1 where the PSF model itself falls short (a measured PSF): every fit explains less
+    # above 1 where the PSF model itself falls short (a measured PSF): every fit explains less (from enough fits to tell)
+    typical = max(1.0, float(np.median(excess))) if len(excess) >= TYPICAL_FITS else 1.0
     poor = (excess > PAIR_DEVIANCE * typical) | ~fit.converged
     trial = np.flatnonzero(poor & (True if settled is None else ~settled))
     if len(trial):
