@@ -140,8 +140,9 @@ def test_with_a_measured_asymmetric_psf_the_depth_is_signed_and_the_ideal_fit_ca
     mean = fit.params[:, 5] + fit.params[:, 4] / 2
     assert np.allclose(mean, (truth[:, 5] + truth[:, 4] / 2).numpy(), atol=0.05) and (np.sign(mean) == [1, -1]).all()
     assert np.allclose(fit.params[:, 2:4], truth[:, 2:4], atol=0.05)
+    assert fit.depth_sign_resolved.all()  # the mirror image in depth is far less likely
     ideal = BeadFitter(Optics(), SCALES, 32).fit(counts)
-    assert (ideal.params[:, 5] + ideal.params[:, 4] / 2 >= 0).all()
+    assert (ideal.params[:, 5] + ideal.params[:, 4] / 2 >= 0).all() and not ideal.depth_sign_resolved.any()
 
 
 def test_the_signed_report_starts_at_the_end_nearer_focus():
@@ -183,7 +184,7 @@ def test_blurflow_calibrate_writes_the_model_and_its_figure_and_particles_fits_w
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "beads_particles.csv")
-    assert len(table) == 1 and table["v1"].isna().all() and table["v3"].isna().all()
+    assert len(table) == 1 and table["v1"].isna().all() and table["v3"].isna().all() and table["depth_sign_resolved"].iloc[0]
     assert table["z0_um"].iloc[0] == pytest.approx(1.5, abs=0.2) and table[["x", "y"]].iloc[0].tolist() == pytest.approx([48, 48], abs=0.3)
 
 

@@ -318,7 +318,7 @@ def run_images(plan: dict[Path, Path], process, args: argparse.Namespace, comman
 PARTICLE_COLUMNS = (
     "particle", "frame", "x", "y", "mass", "x_px", "y_px", "x_um", "y_um", "x_std_px", "y_std_px", "dx_px", "dy_px",
     "v1", "v1_std", "v2", "v2_std", "v3", "v3_std", "z0_um", "z0_std_um", "speed_unit",
-    "photons", "photons_std", "background", "background_std", "deviance", "direction_resolved", "crosses_focus", "at_bound", "converged",
+    "photons", "photons_std", "background", "background_std", "deviance", "direction_resolved", "depth_sign_resolved", "crosses_focus", "at_bound", "converged",
     "group", "neighbours", "flag",
 )  # fmt: skip
 BELOW_OFFSET = 0.95  # an image with more of its pixels at or below the offset holds almost no signal: a warning, and a flag on its particles
@@ -348,7 +348,8 @@ def particle_table(particles, found: list, scales, pixel_um: float, exposure_ms:
             "v1": p[2] * lateral, "v1_std": sd[2] * lateral, "v2": p[3] * lateral, "v2_std": sd[3] * lateral,
             "v3": p[4] * axial * per, "v3_std": sd[4] * axial * per, "z0_um": p[5] * axial, "z0_std_um": sd[5] * axial,
             "speed_unit": "um/s" if exposure_ms else "um/exposure", "photons": p[6], "photons_std": sd[6], "background": p[7], "background_std": sd[7],
-            "deviance": fit.deviance[i], "direction_resolved": bool(fit.direction_resolved[i]), "crosses_focus": bool(fit.crosses_focus[i]),
+            "deviance": fit.deviance[i], "direction_resolved": bool(fit.direction_resolved[i]), "depth_sign_resolved": bool(fit.depth_sign_resolved[i]),
+            "crosses_focus": bool(fit.crosses_focus[i]),
             "at_bound": bool(fit.at_bound[i]), "converged": bool(fit.converged[i]), "group": int(particles.group[i]),
             "neighbours": int(particles.neighbours[i]), "flag": ";".join(f for f in (flag, poor) if f),
         })  # fmt: skip

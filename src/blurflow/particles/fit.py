@@ -40,6 +40,8 @@ CHUNK_SAMPLES = 64 * 2525  # kernels x OTF samples computed at once: 64 kernels 
 # processor's cache (1.5x faster than all at once on 2 cores); smaller windows take more kernels a chunk (the loop's overhead)
 NEAR = 0.05  # log-likelihood gain a rejected step must promise for the fit to go on (BeadFitter.refine)
 STILL_V3, PROBE_V3 = 0.05, 0.4  # fits with less axial motion than STILL_V3 are tried again from PROBE_V3 (BeadFitter._probe)
+SIGN_GAP = 2.0  # log-likelihood (per unit of dispersion) by which the mirror image in depth must lose for the sign to be resolved
+MIRROR_STATIC = 6  # iterations of a still bead's refinement from its mirror image in depth (what tells its gap)
 STRAY_PX = 0.5  # px a bank kernel's light may stray from its origin before the bank is centred on the light (BeadFitter.bank)
 POOR_FIT = 2.0  # deviance per counted window pixel above which a fit does not explain its window (about 1 for a right model)
 
@@ -52,7 +54,10 @@ class FitResult:
     ``log_likelihood``, ``direction_resolved``, ``at_bound``, ``converged``, ``crosses_focus``
     (the path passes through the focal plane), ``dispersion``: variance over mean of the counts
     about the fit where the particle adds less than 1 % of its peak (1 for Poisson counts; a
-    camera's read noise or offset adds to it, and the deviance grows by as much)."""
+    camera's read noise or offset adds to it, and the deviance grows by as much),
+    ``depth_sign_resolved``: with a PSF asymmetric in depth, the path at -z is less likely than
+    the fit by more than SIGN_GAP times the dispersion in log-likelihood, or lies beyond the
+    model's depths (always False with a symmetric PSF: the sign is not measured)."""
 
     params: np.ndarray
     std: np.ndarray
@@ -64,6 +69,7 @@ class FitResult:
     crosses_focus: np.ndarray
     pixels: np.ndarray
     dispersion: np.ndarray
+    depth_sign_resolved: np.ndarray
 
     def take(self, index: np.ndarray) -> FitResult:
         """The fits ``index`` (a copy)."""
@@ -216,10 +222,12 @@ class BeadFitter:
 
     # --- refinement ------------------------------------------------------------------------
 
-    def _clamp(self, theta: torch.Tensor) -> torch.Tensor:
-        theta = torch.maximum(torch.minimum(theta, self.upper), self.lower)
-        depth_end = theta[:, 4] + theta[:, 5]  # z0 + v3 within the table
-        theta[:, 4] = torch.where(depth_end > self.z_hi, self.z_hi - theta[:, 5], theta[:, 4]).clamp(min=0)
+    def _clamp(self, theta: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+        """``theta`` (B, 8) within the bounds (8,) or (B, 8), the path's end z0 + v3 within the upper depth."""
+        theta = torch.maximum(torch.minimum(theta, upper), lower)
+        depth_end = theta[:, 4] + theta[:, 5]
+        z_hi = upper[..., 5].expand(len(theta))
+        theta[:, 4] = torch.where(depth_end > z_hi, z_hi - theta[:, 5], theta[:, 4]).clamp(min=0)
         return theta
 
     def _jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,21 +263,22 @@ class BeadFitter:
 
     def refine(
         self, counts: torch.Tensor, theta: torch.Tensor, iterations: int = 30, tol: float = 1e-2, known: torch.Tensor | None = None,
-        weight: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Levenberg-Marquardt Fisher scoring from ``theta`` (B, 8) on counts (B, window**2) with
-        ``known`` light (B, window**2, default none) and pixel ``weight`` (B, window**2, default 1);
-        returns (theta, log-likelihood, converged (B,) bool). A window has converged when the
-        step's predicted or achieved gain in log-likelihood is below ``tol`` (the std of a
+        ``known`` light (B, window**2, default none) and pixel ``weight`` (B, window**2, default 1)
+        within ``bounds`` (lower, upper), (B, 8) each (default the fit ranges); returns (theta,
+        log-likelihood, converged (B,) bool). A window has converged when the step's predicted or achieved gain in log-likelihood is below ``tol`` (the std of a
         parameter is where it falls by 0.5); a rejected step is retried with more damping on the
         Fisher information already computed; a rejected step that promised less than NEAR ends
         the fit too (the optimum lies within about 0.3 std, where the kernel's time steps change
         their number and the likelihood its value by about as much)."""
         known = torch.zeros_like(counts) if known is None else known
         weight = torch.ones_like(counts) if weight is None else weight
-        theta = self._clamp(theta.clone())
-        ll = self.log_likelihood(counts, self.expected(theta).flatten(1) + known, weight)
         b = theta.shape[0]
+        lower, upper = bounds or (self.lower.expand(b, 8), self.upper.expand(b, 8))
+        theta = self._clamp(theta.clone(), lower, upper)
+        ll = self.log_likelihood(counts, self.expected(theta).flatten(1) + known, weight)
         damping = torch.full((b,), 1e-2)
         converged, stale = torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)
         fish, grad = torch.zeros(b, 8, 8), torch.zeros(b, 8)
@@ -290,14 +299,14 @@ class BeadFitter:
             step = torch.linalg.solve(system, g[..., None])[..., 0]
             # a parameter at a bound that the step would push beyond is held (its row and column out), and the rest solved again
             th = theta[active]
-            free = ~(((th <= self.lower + 1e-6) & (step < 0)) | ((th >= self.upper - 1e-6) & (step > 0)) | self.held)
+            free = ~(((th <= lower[active] + 1e-6) & (step < 0)) | ((th >= upper[active] - 1e-6) & (step > 0)) | self.held)
             g = g * free
             system = system * (free[:, :, None] & free[:, None, :]) + torch.diag_embed(scale * ~free)
             step = torch.linalg.solve(system, g[..., None])[..., 0]
             gain = (step * g).sum(1)  # about twice the predicted gain
             small = gain < 2 * tol
             go = active[~small]
-            trial = self._clamp(theta[go] + step[~small])
+            trial = self._clamp(theta[go] + step[~small], lower[go], upper[go])
             trial_ll = self.log_likelihood(counts[go], self.expected(trial).flatten(1) + known[go], weight[go])
             ll_before = ll[go]
             better = trial_ll > ll_before
@@ -346,21 +355,31 @@ class BeadFitter:
     def _mirror(
         self, counts: torch.Tensor, theta: torch.Tensor, ll: torch.Tensor, converged: torch.Tensor, known: torch.Tensor, weight: torch.Tensor,
         iterations: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """With a PSF asymmetric in depth, every fit is refined again from its mirror image in depth
-        (the path at -z, (-v1, -v2, v3, -z0 - v3) with v3 >= 0): where the asymmetry is weak the two
-        are nearby optima, and the search may have settled in the wrong one. The more likely kept."""
+        (the path at -z, (-v1, -v2, v3, -z0 - v3) with v3 >= 0), held on that side of focus: where
+        the asymmetry is weak the two are nearby optima, and the search may have settled in the
+        wrong one. The more likely kept; also returned: the gap (B,) in log-likelihood between the
+        best paths either side of focus (inf where the mirror lies beyond the model's depths)."""
         mirror = theta.clone()
         mirror[:, 2:4] = -theta[:, 2:4]
         mirror[:, 5] = -theta[:, 5] - theta[:, 4]
         inside = (mirror[:, 5] >= self.z_lo) & (mirror[:, 5] + mirror[:, 4] <= self.z_hi)
         which = inside.nonzero()[:, 0]
+        gap = torch.full_like(ll, math.inf)
         if not len(which):
-            return theta, ll, converged
-        tried, tried_ll, tried_ok = self.refine(counts[which], mirror[which], iterations, known=known[which], weight=weight[which])
+            return theta, ll, converged, gap
+        lower, upper = self.lower.repeat(len(which), 1), self.upper.repeat(len(which), 1)
+        deep = theta[which, 5] + theta[which, 4] / 2 >= 0  # the fit's side: the mirror is held on the other
+        upper[deep, 5] = 0.0  # the whole path at z <= 0
+        lower[~deep, 5] = 0.0  # at z >= 0 (v3 >= 0)
+        tried, tried_ll, tried_ok = self.refine(
+            counts[which], mirror[which], iterations, known=known[which], weight=weight[which], bounds=(lower, upper)
+        )
         better = tried_ll > ll[which]
+        gap[which] = (tried_ll - ll[which]).abs()
         theta[which[better]], ll[which[better]], converged[which[better]] = tried[better], tried_ll[better], tried_ok[better]
-        return theta, ll, converged
+        return theta, ll, converged, gap
 
     # --- the whole fit ---------------------------------------------------------------------
 
@@ -381,7 +400,7 @@ class BeadFitter:
         if b == 0:
             empty, flags = np.zeros((0, len(PARAMS)), np.float32), np.zeros(0, bool)
             nothing = np.zeros(0, np.float32)
-            return FitResult(empty, empty.copy(), nothing, nothing, flags, flags, flags, flags, nothing, nothing)
+            return FitResult(empty, empty.copy(), nothing, nothing, flags, flags, flags, flags, nothing, nothing, flags)
         known = torch.zeros_like(counts) if known is None else torch.as_tensor(known, dtype=torch.float32).reshape(b, -1)
         weight = torch.ones_like(counts) if weight is None else torch.as_tensor(weight, dtype=torch.float32).reshape(b, -1)
         if start is None or also:
@@ -397,8 +416,9 @@ class BeadFitter:
             start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
         theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
         theta, ll, converged = self._probe(counts, theta, ll, converged, known, weight, iterations)
-        if self.signed and not self.static:  # (static fits start from minima at either sign already)
-            theta, ll, converged = self._mirror(counts, theta, ll, converged, known, weight, iterations)
+        gap = torch.zeros_like(ll)
+        if self.signed:  # (static fits start from minima at either sign already: a short refinement tells the gap)
+            theta, ll, converged, gap = self._mirror(counts, theta, ll, converged, known, weight, MIRROR_STATIC if self.static else iterations)
         m, std = self.cramer_rao(theta, known, weight)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
@@ -413,7 +433,7 @@ class BeadFitter:
         return FitResult(
             params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(), direction_resolved=resolved(theta, std).numpy(),
             at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=crosses.numpy(), pixels=weight.sum(1).numpy(),
-            dispersion=dispersion.numpy(),
+            dispersion=dispersion.numpy(), depth_sign_resolved=(self.signed & (gap > SIGN_GAP * dispersion)).numpy(),
         )  # fmt: skip
 
 

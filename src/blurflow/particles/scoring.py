@@ -74,7 +74,7 @@ def fit_testset(testset: str | Path, device: torch.device | str = "cpu") -> pd.D
     table["true_photons"] = np.repeat(photons, n)
     for j, name in enumerate(PARAMS):
         table[name], table[f"std_{name}"] = fit.params[:, j], fit.std[:, j]
-    for flag in ("direction_resolved", "crosses_focus", "at_bound", "converged"):
+    for flag in ("direction_resolved", "depth_sign_resolved", "crosses_focus", "at_bound", "converged"):
         table[flag] = getattr(fit, flag)
     table["deviance"] = fit.deviance
     return table
@@ -129,7 +129,7 @@ def fit_dense_testset(testset: str | Path, device: torch.device | str = "cpu") -
     for j, name in enumerate(PARAMS):
         table[name] = np.where(index >= 0, fit.params[at, j], np.nan)
         table[f"std_{name}"] = np.where(index >= 0, fit.std[at, j], np.nan)
-    for flag in ("direction_resolved", "crosses_focus", "at_bound", "converged"):
+    for flag in ("direction_resolved", "depth_sign_resolved", "crosses_focus", "at_bound", "converged"):
         table[flag] = np.where(index >= 0, getattr(fit, flag)[at], False)
     table["deviance"] = np.where(index >= 0, fit.deviance[at], np.nan)
     table["neighbours"] = np.where(index >= 0, parts.neighbours[at], -1)
