@@ -41,7 +41,7 @@ CHUNK_SAMPLES = 64 * 2525  # kernels x OTF samples computed at once: 64 kernels 
 NEAR = 0.05  # log-likelihood gain a rejected step must promise for the fit to go on (BeadFitter.refine)
 STILL_V3, PROBE_V3 = 0.05, 0.4  # fits with less axial motion than STILL_V3 are tried again from PROBE_V3 (BeadFitter._probe)
 SIGN_GAP = 2.0  # log-likelihood (per unit of dispersion) by which the mirror image in depth must lose for the sign to be resolved
-MIRROR_STATIC = 6  # iterations of a still bead's refinement from its mirror image in depth (what tells its gap)
+MIRROR_STATIC = 4  # iterations of a still bead's refinement from its mirror image in depth (what tells its gap)
 STRAY_PX = 0.5  # px a bank kernel's light may stray from its origin before the bank is centred on the light (BeadFitter.bank)
 POOR_FIT = 2.0  # deviance per counted window pixel above which a fit does not explain its window (about 1 for a right model)
 
@@ -354,13 +354,15 @@ class BeadFitter:
 
     def _mirror(
         self, counts: torch.Tensor, theta: torch.Tensor, ll: torch.Tensor, converged: torch.Tensor, known: torch.Tensor, weight: torch.Tensor,
-        iterations: int,
+        iterations: int, replace: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """With a PSF asymmetric in depth, every fit is refined again from its mirror image in depth
         (the path at -z, (-v1, -v2, v3, -z0 - v3) with v3 >= 0), held on that side of focus: where
         the asymmetry is weak the two are nearby optima, and the search may have settled in the
-        wrong one. The more likely kept; also returned: the gap (B,) in log-likelihood between the
-        best paths either side of focus (inf where the mirror lies beyond the model's depths)."""
+        wrong one. The more likely kept (with ``replace``); also returned: the gap (B,) in
+        log-likelihood by which the fit kept beats the best path on the other side of focus
+        (negative where that is better and not taken; inf where the mirror lies beyond the model's
+        depths)."""
         mirror = theta.clone()
         mirror[:, 2:4] = -theta[:, 2:4]
         mirror[:, 5] = -theta[:, 5] - theta[:, 4]
@@ -376,8 +378,8 @@ class BeadFitter:
         tried, tried_ll, tried_ok = self.refine(
             counts[which], mirror[which], iterations, known=known[which], weight=weight[which], bounds=(lower, upper)
         )
-        better = tried_ll > ll[which]
-        gap[which] = (tried_ll - ll[which]).abs()
+        better = (tried_ll > ll[which]) & replace
+        gap[which] = torch.where(better, tried_ll - ll[which], ll[which] - tried_ll)
         theta[which[better]], ll[which[better]], converged[which[better]] = tried[better], tried_ll[better], tried_ok[better]
         return theta, ll, converged, gap
 
@@ -417,8 +419,10 @@ class BeadFitter:
         theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
         theta, ll, converged = self._probe(counts, theta, ll, converged, known, weight, iterations)
         gap = torch.zeros_like(ll)
-        if self.signed:  # (static fits start from minima at either sign already: a short refinement tells the gap)
-            theta, ll, converged, gap = self._mirror(counts, theta, ll, converged, known, weight, MIRROR_STATIC if self.static else iterations)
+        if self.signed:  # static fits start from minima at either sign already: a short refinement tells the gap, and the fit stays
+            theta, ll, converged, gap = self._mirror(
+                counts, theta, ll, converged, known, weight, MIRROR_STATIC if self.static else iterations, replace=not self.static
+            )
         m, std = self.cramer_rao(theta, known, weight)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
