@@ -217,3 +217,12 @@ def test_a_bead_beyond_the_models_depths_is_flagged_at_bound(model):
     truth = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, hi + 3.0, 20000.0, 5.0]])
     fit = fitter.fit(inside.simulate(truth, torch.Generator().manual_seed(5)))
     assert fit.at_bound[0] and fit.params[0, 5] == pytest.approx(hi, abs=0.5)
+
+
+def test_the_finer_grid_asks_for_enough_beads():
+    """Each camera frequency holds oversample^2 unknowns: 4 beads give a camera-grid table by default,
+    and 2 samples per px (8 beads needed) is refused in one line."""
+    counts, _ = bead_stack(Optics(), np.arange(-6, 7) * 1.0, shape=(144, 144), beads=4, spacing_px=48)
+    assert calibrate(counts, 1.0, Optics(), window=32).oversample == 1
+    with pytest.raises(CalibrationError, match="2 samples per px need >= 8 beads, the stack has 4"):
+        calibrate(counts, 1.0, Optics(), window=32, oversample=2)

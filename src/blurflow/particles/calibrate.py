@@ -27,6 +27,7 @@ from blurflow.psfmodel import PSFModel, stack_hash
 
 MIN_BEADS = 3  # beads needed for a model
 SNR_MIN = 20.0  # the mean bead's peak over its standard error below which planes far from focus are left out of the model
+BEADS_PER_UNKNOWN = 2  # beads for each of the oversample^2 unknowns per camera frequency (their sub-pixel offsets tell them apart)
 FAINT = 0.1  # share of the median bead's photons below which a peak is left out ('faint')
 RIDGE = 1e-4  # Tikhonov weight per unit of bead weight in the per-frequency least squares
 
@@ -189,7 +190,8 @@ def calibrate(
     ``z_step_um`` um; repeated planes averaged by the caller), ``offset`` and ``gain`` as in
     blurflow particles. ``window`` px (default :func:`auto_window` for half the stack's depth),
     ``oversample`` the table's samples per camera px (default the optics' smallest unaliased one,
-    blurflow.optics.Optics.min_oversample), ``saturation`` the camera's top value (default the
+    blurflow.optics.Optics.min_oversample, as far as the beads allow: BEADS_PER_UNKNOWN beads for
+    each of its oversample^2 unknowns per camera frequency), ``saturation`` the camera's top value (default the
     largest value of an integer dtype): beads with a pixel at or above it are left out. ``use``
     (N,) bool: which of the beads found (:func:`find_beads`, in its order) to average (default
     all; to keep some for testing the model). ``snr_min``: the planes kept about focus are those
@@ -207,7 +209,6 @@ def calibrate(
     if not np.isfinite(counts).all():
         raise CalibrationError("the stack holds NaN or Inf pixels")
     window = window or auto_window(optics, (raw.shape[0] - 1) * z_step_um / 2)
-    oversample = oversample or optics.min_oversample
     centres, left = find_beads(counts, window, saturated)
     if use is not None:
         centres = centres[use]
@@ -218,6 +219,11 @@ def calibrate(
         left["faint"] = int(faint.sum())
         centres, planes, photons = centres[~faint], planes[~faint], photons[~faint]
         _enough(centres, left)
+    # each camera frequency takes oversample^2 unknowns from the beads' offsets: at least BEADS_PER_UNKNOWN beads for each
+    oversample = oversample or max(1, min(optics.min_oversample, math.isqrt(len(centres) // BEADS_PER_UNKNOWN)))
+    if oversample**2 * BEADS_PER_UNKNOWN > len(centres) and oversample > 1:
+        need = oversample**2 * BEADS_PER_UNKNOWN
+        raise CalibrationError(f"{oversample} samples per px need >= {need} beads, the stack has {len(centres)} (use a lower --oversample)")
     focus = _focus(planes)
     depth = focus - np.median(focus)  # each bead's planes read this many planes further: the beads' foci aligned
     grid = _Grid(window, oversample)
