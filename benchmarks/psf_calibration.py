@@ -32,7 +32,7 @@ import torch
 
 from blurflow.optics import MotionPSF, MotionScales, Optics, PupilPSF, SpherePSF
 from blurflow.particles import BeadFitter, bead_scores
-from blurflow.particles.calibrate import bead_stack, calibrate
+from blurflow.particles.calibrate import bead_stack, calibrate, sharpest_plane
 from blurflow.psfmodel import PSFModel
 
 SCALES = MotionScales(24, 10)
@@ -53,14 +53,11 @@ def same_physics(optics: Optics, n: int = 1000) -> dict:
 
 
 def sharpest_um(source, z_um: np.ndarray) -> float:
-    """Depth (um) of the sharpest image (peak of the sum of squares, a parabola through the best
-    three of ``z_um``) of a PSF source, on the camera grid: what calibration calls z = 0."""
+    """Depth (um) of the sharpest image (blurflow.particles.calibrate.sharpest_plane over ``z_um``)
+    of a PSF source, on the camera grid: what calibration calls z = 0."""
     psf = MotionPSF(source, MotionScales(1.0, 1.0), WINDOW, z_range_um=(float(z_um[0]) - 1, float(z_um[-1]) + 1))
     kernels = psf(torch.stack([torch.zeros(len(z_um)), torch.zeros(len(z_um)), torch.zeros(len(z_um)), torch.from_numpy(z_um).float()], 1))
-    sharp = (kernels**2).sum((1, 2)).double().numpy()
-    k = int(np.clip(sharp.argmax(), 1, len(sharp) - 2))
-    a, b, c = sharp[k - 1 : k + 2]
-    return float(z_um[k] + 0.5 * (a - c) / (a - 2 * b + c) * (z_um[1] - z_um[0]))
+    return float(z_um[0] + sharpest_plane(kernels.double().numpy()) * (z_um[1] - z_um[0]))
 
 
 def signed_scores(truth: np.ndarray, fit, pixel_um: float) -> dict:

@@ -34,18 +34,25 @@ class UsageError(InputError):
 SOFTWARE = f"blurflow {__version__}"  # written into every output, so outputs are never taken as inputs
 
 
+def read_pixels(path: Path) -> np.ndarray:
+    """The pixels of an image file as stored (blurflow.sources.read_image); one line if unreadable."""
+    from blurflow.sources import read_image
+
+    try:
+        return np.asarray(read_image(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is 'unreadable'
+        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+
+
 def load_planes(path: Path) -> np.ndarray:
     """Image planes (T, H, W) float32 of a TIFF (2D or stack), PNG or JPEG file, in its own units.
 
     RGB(A) images are converted to grey by luminance with a warning; NaN/Inf pixels, images of
     more than 4 dimensions and images smaller than 32 px are errors.
     """
-    from blurflow.sources import luminance, read_image
+    from blurflow.sources import luminance
 
-    try:
-        data = np.asarray(read_image(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is 'unreadable'
-        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+    data = read_pixels(path)
     if data.size == 0:
         raise InputError(f"{path}: cannot read image (no pixel data)")
     if data.ndim >= 3 and data.shape[-1] in (3, 4):  # (…, H, W, RGB[A]); a stack ends in W >= 32
@@ -487,12 +494,7 @@ def particles_command(args: argparse.Namespace) -> int:
 def read_stack(path: Path, repeats: int) -> np.ndarray:
     """A z-stack (Z, H, W) in its own dtype: a 3-D TIFF, or a 4-D one (planes, repeats, H, W), or
     ``repeats`` consecutive planes per step; repeated planes are averaged (float32 then)."""
-    from blurflow.sources import read_image
-
-    try:
-        data = np.asarray(read_image(path))
-    except Exception as exc:  # noqa: BLE001 - any reader failure is 'unreadable'
-        raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+    data = read_pixels(path)
     if data.ndim == 3 and repeats > 1:
         if data.shape[0] % repeats:
             raise InputError(f"{path}: {data.shape[0]} planes are not a whole number of steps of --repeats {repeats}")

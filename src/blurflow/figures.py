@@ -370,22 +370,25 @@ def calibration(model, ideal) -> plt.Figure:
     the calibration's residual (rms over the beads, same scale as the model's)."""
     fig, axes = plt.subplots(2, 3, figsize=(11, 6.5), constrained_layout=True)
     label = f"PSF model ({model.beads} beads)" if model.beads else "PSF model"
+
+    def extent(psf) -> tuple[float, float, float, float]:  # of an xz or yz section, um
+        half = psf.table.shape[-1] / psf.oversample * psf.pixel_um / 2
+        return -half, half, psf.z_um[0], psf.z_um[-1]
+
     for row, (psf, name) in enumerate(((model, label), (ideal, "ideal optics"))):
         s = psf.table.shape[-1]
-        half = s / psf.oversample * psf.pixel_um / 2
         for col, (section, axis) in enumerate(((psf.table[:, s // 2, :], "x"), (psf.table[:, :, s // 2], "y"))):
             ax = axes[row, col]
-            ax.imshow(np.sqrt(section.clip(min=0)), origin="lower", aspect="auto", extent=(-half, half, psf.z_um[0], psf.z_um[-1]), cmap="magma")
+            ax.imshow(np.sqrt(section.clip(min=0)), origin="lower", aspect="auto", extent=extent(psf), cmap="magma")
             ax.set(xlabel=f"{axis} (um)", ylabel="z (um)", title=f"{name}: {axis}z section")
         peak = psf.table.max((1, 2))
         axes[0, 2].plot(psf.z_um, peak / peak.max(), "-" if row == 0 else "--", label=name)
     axes[0, 2].set(xlabel="z (um)", ylabel="peak / peak of the sharpest plane", title="focus curves")
     axes[0, 2].legend(fontsize=8)
     s = model.table.shape[-1]
-    half = s / model.oversample * model.pixel_um / 2
     residual = model.residual if model.residual is not None else np.zeros_like(model.table)
     axes[1, 2].imshow(
-        np.sqrt(residual[:, s // 2, :].clip(min=0)), origin="lower", aspect="auto", extent=(-half, half, model.z_um[0], model.z_um[-1]), cmap="magma",
+        np.sqrt(residual[:, s // 2, :].clip(min=0)), origin="lower", aspect="auto", extent=extent(model), cmap="magma",
         vmax=float(np.sqrt(model.table[:, s // 2, :].clip(min=0).max())),
     )  # fmt: skip
     axes[1, 2].set(xlabel="x (um)", ylabel="z (um)", title="residual: xz section (rms over beads)")

@@ -250,7 +250,8 @@ def paper_sign(estimate: np.ndarray, resolved: np.ndarray) -> np.ndarray:
 
 class PSFSource(Protocol):
     """What MotionPSF needs of a 3D PSF: its OTF at any depth, pixel-integrated, on a grid fine
-    enough to hold it unaliased (pitch ``pixel_um / oversample``), value 1 at DC."""
+    enough to hold it unaliased (pitch ``pixel_um / oversample``); at DC the share of a point's
+    light it holds (1 for the pupil; less far from focus for a measured PSF's window)."""
 
     pixel_um: float  # camera pixel projected to the sample, um
     oversample: int  # fine-grid samples per camera pixel (each axis)
@@ -259,7 +260,7 @@ class PSFSource(Protocol):
     symmetric: bool  # whether +z and -z image alike (the depth's sign cannot be measured)
 
     def otf(self, z_um: torch.Tensor, m: int) -> torch.Tensor:
-        """(B, m, m) complex128 OTFs at depths ``z_um`` (B,) float64, FFT order, value 1 at DC."""
+        """(B, m, m) complex128 OTFs at depths ``z_um`` (B,) float64, FFT order."""
         ...
 
 

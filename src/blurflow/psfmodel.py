@@ -31,7 +31,6 @@ from blurflow.optics import Optics, psf3d
 FORMAT, VERSION = "blurflow-psf", 1
 SYMMETRY_TOL = 0.1  # relative L2 difference of the planes at +z and -z below which a model is symmetric in depth
 PIXEL_TOL = 1e-3  # relative difference of pixel sizes within which a model serves an image's optics
-SUPPORT_TOL = 1e-4  # share of the OTF's value at DC below which a model's spatial frequencies are left out of its motion PSF
 ENERGY_TOL = 0.05  # a plane may hold up to 1 + ENERGY_TOL of the light (noise of a measured PSF)
 
 
@@ -87,19 +86,11 @@ class PSFModel:
         """The axial Nyquist pitch of the optics given (um): the depth over which the PSF changes."""
         return self.optics.axial_nyquist_um
 
-    @cached_property
+    @property
     def support_per_px(self) -> float:
-        """Radius of the OTF's support (cycles per camera px): where the table's OTF, at its largest
-        over depth, stays below SUPPORT_TOL of its value at DC (a bead of finite size, a measured
-        PSF: often well inside the band limit), within the band limit 2 NA / wavelength of the
-        optics as given (beyond it a measured OTF holds only noise) and the table's grid."""
-        s = self.table.shape[-1]
-        otf = np.abs(np.fft.fft2(np.fft.ifftshift(self.table, axes=(-2, -1)))).max(0)
-        f = np.fft.fftfreq(s, d=1.0 / self.oversample)  # cycles per camera px
-        radius = np.hypot(f[:, None], f[None, :])
-        above = radius[otf > SUPPORT_TOL * otf[0, 0]]
-        measured = float(above.max()) + self.oversample / s  # one sample of margin
-        return min(measured, 2 * self.optics.cutoff * self.optics.pixel_um, self.oversample / 2 * math.sqrt(2))
+        """Radius of the OTF's support (cycles per camera px): the band limit 2 NA / wavelength of
+        the optics as given (beyond it a measured OTF holds only noise), within the table's grid."""
+        return min(2 * self.optics.cutoff * self.optics.pixel_um, self.oversample / 2 * math.sqrt(2))
 
     @property
     def z_step_um(self) -> float:

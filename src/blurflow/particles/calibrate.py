@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from blurflow.optics import Optics, PSFSource
+from blurflow.particles.fit import centroid
 from blurflow.psfmodel import PSFModel, stack_hash
 
 MIN_BEADS = 3  # beads needed for a model
@@ -107,15 +108,15 @@ def _planes(counts: np.ndarray, centres: np.ndarray, window: int) -> tuple[np.nd
     return cut / np.maximum(photons, 1e-9)[:, None, None, None], photons
 
 
-def _focus(planes: np.ndarray) -> np.ndarray:
-    """Each bead's plane of sharpest image (B,), fractional: the peak of its sum of squared
-    normalised intensities (a parabola through the highest plane and its neighbours)."""
+def sharpest_plane(planes: np.ndarray) -> np.ndarray:
+    """The plane of sharpest image of each stack (...,) of ``planes`` (..., Z, w, w), fractional:
+    the peak of the sum of squared intensities (a parabola through the highest plane and its
+    neighbours)."""
     sharp = (planes**2).sum((-2, -1))
-    k = sharp.argmax(1).clip(1, sharp.shape[1] - 2)
-    rows = np.arange(len(sharp))
-    a, b, c = sharp[rows, k - 1], sharp[rows, k], sharp[rows, k + 1]
+    k = sharp.argmax(-1).clip(1, sharp.shape[-1] - 2)[..., None]
+    a, b, c = (np.take_along_axis(sharp, k + d, -1)[..., 0] for d in (-1, 0, 1))
     curv = a - 2 * b + c
-    return k + np.where(curv < 0, 0.5 * (a - c) / np.where(curv < 0, curv, -1), 0.0).clip(-1, 1)
+    return k[..., 0] + np.where(curv < 0, 0.5 * (a - c) / np.where(curv < 0, curv, -1), 0.0).clip(-1, 1)
 
 
 def _shift_depth(planes: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,14 +225,11 @@ def calibrate(
     if oversample**2 * BEADS_PER_UNKNOWN > len(centres) and oversample > 1:
         need = oversample**2 * BEADS_PER_UNKNOWN
         raise CalibrationError(f"{oversample} samples per px need >= {need} beads, the stack has {len(centres)} (use a lower --oversample)")
-    focus = _focus(planes)
+    focus = sharpest_plane(planes)
     depth = focus - np.median(focus)  # each bead's planes read this many planes further: the beads' foci aligned
     grid = _Grid(window, oversample)
     scale = photons / photons.mean()
-    top = planes.sum(1).clip(min=0)
-    grid_px = np.arange(window) - window // 2
-    mass = top.sum((1, 2))
-    shift = torch.from_numpy(np.stack([(top * grid_px).sum((1, 2)) / mass, (top * grid_px[:, None]).sum((1, 2)) / mass], 1))
+    shift = centroid(torch.from_numpy(planes.sum(1).clip(min=0)))  # each bead's (x, y) from its window's centre, px
     for _ in range(rounds):  # the table at the beads' positions, then their positions (x, y and depth) against the table
         spectra, weight, seen = _aligned(planes, depth, scale)
         phase = grid.phases(shift)
@@ -244,10 +242,10 @@ def calibrate(
         shift -= (shift * weight.sum(1, keepdim=True)).sum(0) / weight.sum()  # the table's origin: the beads' weighted mean position
         along = torch.zeros_like(model)  # d model / d plane (central differences), where both neighbours exist
         along[:, 1:-1] = (model[:, 2:] - model[:, :-2]) / 2
-        use = seen.clone()
-        use[:, [0, -1]] = False
-        num = (along.conj() * residual * use[:, :, None]).real.sum((1, 2))
-        den = (along.abs() ** 2 * use[:, :, None]).sum((1, 2)).clamp(min=1e-30)
+        interior = seen.clone()
+        interior[:, [0, -1]] = False
+        num = (along.conj() * residual * interior[:, :, None]).real.sum((1, 2))
+        den = (along.abs() ** 2 * interior[:, :, None]).sum((1, 2)).clamp(min=1e-30)
         depth = depth - (num / den).clamp(-1, 1).numpy()  # the aligned planes read a further eps where residual + eps * slope = 0
         depth -= np.average(depth, weights=scale)
     spectra, weight, seen = _aligned(planes, depth, scale)
@@ -258,17 +256,12 @@ def calibrate(
         fine = _solve(spectra, weight, phase, grid)
         table = torch.fft.fftshift(torch.fft.ifft2(fine.reshape(-1, m, m)).real, dim=(-2, -1)).numpy()
         sharpest = table[(table**2).sum((1, 2)).argmax()].clip(min=0)
-        at = (np.arange(m) - m // 2) / oversample  # camera px
-        shift += torch.tensor([(sharpest.sum(0) * at).sum(), (sharpest.sum(1) * at).sum()]) / sharpest.sum()
+        shift += centroid(torch.from_numpy(sharpest[None]), pitch=1 / oversample)[0]  # camera px
     misfit = torch.fft.ifft2((spectra - _render(fine, phase, grid)).reshape(*spectra.shape[:2], window, window)).real.numpy()
     rms = np.sqrt((misfit**2 * inside[..., None, None]).sum(0) / np.maximum(inside.sum(0), 1)[:, None, None])
     residual = np.fft.fftshift(rms, axes=(-2, -1)).repeat(oversample, 1).repeat(oversample, 2) / oversample**2  # per fine sample
     table = _smooth_depth(table, z_step_um, optics)
-    sharp = (table**2).sum((1, 2))
-    k = int(sharp.argmax())
-    if 0 < k < len(sharp) - 1:
-        a, b, c = sharp[k - 1 : k + 2]
-        k = k + 0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else k
+    k = float(sharpest_plane(table))
     z = (np.arange(len(table)) - k) * z_step_um
     snr = table.max((1, 2)) / (np.median(residual, (1, 2)) / math.sqrt(len(centres)) + 1e-12)  # the mean bead's peak over its standard error
     lo, hi = _run(snr >= snr_min, round(k))

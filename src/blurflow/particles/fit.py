@@ -167,14 +167,12 @@ class BeadFitter:
             ]  # fmt: skip
             params = torch.tensor(rows)
             light = self.psf(params).clamp(min=0)
-            grid = torch.arange(self.window, dtype=torch.float32) - self.window // 2
-            mass = light.sum((1, 2)).clamp(min=1e-12)
-            centroid = torch.stack([(light.sum(1) * grid).sum(1), (light.sum(2) * grid).sum(1)], 1) / mass[:, None]  # (x, y) px
-            if centroid.abs().max() > STRAY_PX:  # a PSF whose light leaves its origin with depth (coma, tilt): each kernel centred on its light
-                light = self.psf(params, offset_px=-centroid)
+            stray = centroid(light)
+            if stray.abs().max() > STRAY_PX:  # a PSF whose light leaves its origin with depth (coma, tilt): each kernel centred on its light
+                light = self.psf(params, offset_px=-stray)
             else:  # (the ideal PSF's stray by < 0.15 px, where the window cuts their tails)
-                centroid = torch.zeros_like(centroid)
-            self._bank = (params, light.reshape(len(rows), -1), centroid)
+                stray = torch.zeros_like(stray)
+            self._bank = (params, light.reshape(len(rows), -1), stray)
         return self._bank
 
     def _starts(self, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -186,10 +184,7 @@ class BeadFitter:
         flat = counts.reshape(b, -1)
         background = torch.where(weight.reshape(b, -1) > 0, flat, torch.nan).nanquantile(0.2, dim=1).nan_to_num(1e-3).clamp(min=1e-3)
         signal = (flat - background[:, None]).clamp(min=0) * weight.reshape(b, -1)
-        grid = torch.arange(w, dtype=torch.float32) - w // 2
-        total = signal.sum(1).clamp(min=1)
-        cx = (signal.reshape(b, w, w).sum(1) * grid).sum(1) / total
-        cy = (signal.reshape(b, w, w).sum(2) * grid).sum(1) / total
+        cx, cy = centroid(signal.reshape(b, w, w), floor=1.0).unbind(1)
         shift = (-cy.round().long(), -cx.round().long())
         centred = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(counts, *shift)]).reshape(b, -1)
         mask = torch.stack([torch.roll(c, (int(sy), int(sx)), (0, 1)) for c, sy, sx in zip(weight, *shift)]).reshape(b, -1)
@@ -268,11 +263,12 @@ class BeadFitter:
         """Levenberg-Marquardt Fisher scoring from ``theta`` (B, 8) on counts (B, window**2) with
         ``known`` light (B, window**2, default none) and pixel ``weight`` (B, window**2, default 1)
         within ``bounds`` (lower, upper), (B, 8) each (default the fit ranges); returns (theta,
-        log-likelihood, converged (B,) bool). A window has converged when the step's predicted or achieved gain in log-likelihood is below ``tol`` (the std of a
-        parameter is where it falls by 0.5); a rejected step is retried with more damping on the
-        Fisher information already computed; a rejected step that promised less than NEAR ends
-        the fit too (the optimum lies within about 0.3 std, where the kernel's time steps change
-        their number and the likelihood its value by about as much)."""
+        log-likelihood, converged (B,) bool). A window has converged when the step's predicted or
+        achieved gain in log-likelihood is below ``tol`` (the std of a parameter is where it falls
+        by 0.5); a rejected step is retried with more damping on the Fisher information already
+        computed; a rejected step that promised less than NEAR ends the fit too (the optimum lies
+        within about 0.3 std, where the kernel's time steps change their number and the likelihood
+        its value by about as much)."""
         known = torch.zeros_like(counts) if known is None else known
         weight = torch.ones_like(counts) if weight is None else weight
         b = theta.shape[0]
@@ -363,9 +359,7 @@ class BeadFitter:
         log-likelihood by which the fit kept beats the best path on the other side of focus
         (negative where that is better and not taken; inf where the mirror lies beyond the model's
         depths)."""
-        mirror = theta.clone()
-        mirror[:, 2:4] = -theta[:, 2:4]
-        mirror[:, 5] = -theta[:, 5] - theta[:, 4]
+        mirror = mirror_in_depth(theta)
         inside = (mirror[:, 5] >= self.z_lo) & (mirror[:, 5] + mirror[:, 4] <= self.z_hi)
         which = inside.nonzero()[:, 0]
         gap = torch.full_like(ll, math.inf)
@@ -375,9 +369,7 @@ class BeadFitter:
         deep = theta[which, 5] + theta[which, 4] / 2 >= 0  # the fit's side: the mirror is held on the other
         upper[deep, 5] = 0.0  # the whole path at z <= 0
         lower[~deep, 5] = 0.0  # at z >= 0 (v3 >= 0)
-        tried, tried_ll, tried_ok = self.refine(
-            counts[which], mirror[which], iterations, known=known[which], weight=weight[which], bounds=(lower, upper)
-        )
+        tried, tried_ll, tried_ok = self.refine(counts[which], mirror[which], iterations, known=known[which], weight=weight[which], bounds=(lower, upper))
         better = (tried_ll > ll[which]) & replace
         gap[which] = torch.where(better, tried_ll - ll[which], ll[which] - tried_ll)
         theta[which[better]], ll[which[better]], converged[which[better]] = tried[better], tried_ll[better], tried_ok[better]
@@ -460,11 +452,26 @@ def toward_focus(theta: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def mirror_in_depth(theta: torch.Tensor) -> torch.Tensor:
+    """(x, y, v1, v2, v3, z0, A, b) -> (x, y, -v1, -v2, v3, -z0 - v3, A, b): the path at -z, run
+    backwards in time so that v3 keeps its sign (a symmetric PSF images both alike)."""
+    out = theta.clone()
+    out[:, 2:4] = -theta[:, 2:4]
+    out[:, 5] = -theta[:, 5] - theta[:, 4]
+    return out
+
+
 def canonical(theta: torch.Tensor) -> torch.Tensor:
     """The representative of (x, y, v1, v2, v3, z0, A, b) whose mean depth z0 + v3 / 2 is >= 0:
-    (v1, v2, v3, z0) and (-v1, -v2, v3, -z0 - v3) are the same image (depth sign and time reversal)."""
-    out = theta.clone()
+    it and its :func:`mirror_in_depth` are the same image (depth sign and time reversal)."""
     flip = theta[:, 5] + theta[:, 4] / 2 < 0
-    out[flip, 2:4] = -theta[flip, 2:4]
-    out[flip, 5] = -theta[flip, 5] - theta[flip, 4]
-    return out
+    return torch.where(flip[:, None], mirror_in_depth(theta), theta)
+
+
+def centroid(light: torch.Tensor, floor: float = 1e-12, pitch: float = 1.0) -> torch.Tensor:
+    """(B, 2) (x, y) centroids of ``light`` (B, w, w) from index w // 2, in units of ``pitch``
+    (its total held at ``floor`` or above)."""
+    w = light.shape[-1]
+    grid = (torch.arange(w, dtype=light.dtype) - w // 2) * pitch
+    mass = light.sum((1, 2)).clamp(min=floor)
+    return torch.stack([(light.sum(1) * grid).sum(1), (light.sum(2) * grid).sum(1)], 1) / mass[:, None]
