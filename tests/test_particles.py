@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import blurflow.particles.fit as fit_module
 from blurflow.optics import MotionPSF, MotionScales, Optics
 from blurflow.particles import BeadFitter, canonical, detect, windows
 from blurflow.synthesis import Setup
@@ -95,6 +96,21 @@ def test_motion_psf_derivatives_by_the_motion_equal_central_differences(max_step
         assert ((mine - central).abs().amax((1, 2)) <= tol * central.abs().amax((1, 2))).all(), i
 
 
+def test_the_fitters_coarse_time_steps_keep_the_cramer_rao_std_of_fine_ones(fitter, monkeypatch):
+    """The fitter's kernels take time steps of LATERAL_STEP_PX and 1/AXIAL_STEPS of the axial
+    Nyquist pitch; their Cramér-Rao std of v1, v2, v3, z0 stay within 2 % (median) and 8 % (90 %
+    of 100 random beads) of those of steps of 0.5 px and 1/32 (measured: 1 % and 4.6 %)."""
+    g = torch.Generator().manual_seed(3)
+    beads = torch.cat([torch.rand(100, 2, generator=g) - 0.5, 2 * torch.rand(100, 2, generator=g) - 1, torch.rand(100, 2, generator=g)], 1)
+    beads = torch.cat([beads, torch.full((100, 1), 5000.0), torch.full((100, 1), 3.0)], 1)
+    coarse = fitter.cramer_rao(beads)[1][:, 2:6]
+    monkeypatch.setattr(fit_module, "LATERAL_STEP_PX", 0.5)
+    monkeypatch.setattr(fit_module, "AXIAL_STEPS", 32.0)
+    fine = BeadFitter(Optics(), SCALES, 64).cramer_rao(beads)[1][:, 2:6]
+    error = (coarse / fine - 1).abs()
+    assert (error.median(0).values < 0.02).all() and (error.quantile(0.9, dim=0) < 0.08).all(), error.quantile(0.9, dim=0)
+
+
 def test_detection_groups_neighbours_leaves_out_the_border_and_the_joint_fit_finds_each_bead(fitter):
     """A 300 x 400 image with four beads: one isolated, one too near the border for its window,
     two whose windows hold each other's streak, 40 px apart. Detection keeps three, the two as
@@ -124,7 +140,7 @@ def test_detection_groups_neighbours_leaves_out_the_border_and_the_joint_fit_fin
     position = fit.params[:, :2] + found.centres[:, ::-1] - np.array(centres)[[0, 2, 3]][:, ::-1]
     assert np.abs(position).max() < 0.3 and np.abs(fit.params[:, 2:6] - truth[:, 2:6]).max() < 0.1
     alone = fitter.cramer_rao(torch.from_numpy(fit.params[1:]))[1].numpy()
-    assert np.allclose(fit.std[1:, 2:6], alone[:, 2:6], rtol=1e-5)
+    assert np.allclose(fit.std[1:, 2:6], alone[:, 2:6] * np.sqrt(fit.dispersion[1:, None]), rtol=1e-5)  # (quasi-Poisson: times the dispersion's root)
 
 
 def test_the_joint_std_grows_where_a_neighbours_streak_covers_the_particles():
