@@ -204,8 +204,10 @@ class BeadFitter:
         return self.expected(theta) - theta[:, 7, None, None]
 
     def simulate(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Poisson camera counts (B, window, window) float32 for parameters (B, 8)."""
-        return torch.poisson(self.expected(theta), generator=generator)
+        """Poisson camera counts (B, window, window) float32 for parameters (B, 8): the light of the
+        whole window (the fits' boxes leave out the farthest of it)."""
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=max(64, CHUNK_SAMPLES // self.psf._fx.numel()))
+        return torch.poisson(theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0), generator=generator)
 
     # --- the coarse search -----------------------------------------------------------------
 
