@@ -407,7 +407,7 @@ class MotionPSF(torch.nn.Module):
 
     def forward(
         self, params: torch.Tensor, step_factor: int = 1, chunk: int | None = None, offset_px: torch.Tensor | None = None, gradient: bool = False,
-        check: bool = True,
+        check: bool = True, motion: bool = True,
     ) -> torch.Tensor:  # fmt: skip
         """Kernels (B, size, size) float32 for params (B, 4) = (v1, v2, v3, z0), normalised units,
         computed ``chunk`` kernels at a time (all at once by default). ``offset_px`` (B, 2): (x, y)
@@ -415,40 +415,44 @@ class MotionPSF(torch.nn.Module):
         sampled on the camera grid). With ``gradient``, (B, 7, size, size): the kernels and their
         derivatives by the x and y offsets (per px) and by v1, v2, v3, z0 (analytic: the sums over
         time steps carry the step's time and the table's slope along; a step count or table row
-        that changes with the parameters is held). ``check``: :meth:`check` the params first."""
+        that changes with the parameters is held); without ``motion`` (still paths, whose v1, v2, v3
+        are held), (B, 4, size, size): the kernels and their derivatives by x, y and z0 alone.
+        ``check``: :meth:`check` the params first."""
         params = torch.as_tensor(params, dtype=torch.float32, device=self.device).reshape(-1, 4)
         if check:
             self.check(params)
         offset = None if offset_px is None else torch.as_tensor(offset_px, dtype=torch.float32, device=self.device).reshape(-1, 2)
         steps = self.n_steps(params, step_factor)
         if self.max_steps is not None:  # static: every kernel in one pass, in its own place
-            return self._from_otf(self._kernels(params, steps, offset, self.max_steps * step_factor, gradient=gradient), gradient)
-        out = torch.empty(params.shape[0], 7 if gradient else 1, self.size, self.size, device=self.device)
+            return self._from_otf(self._kernels(params, steps, offset, self.max_steps * step_factor, gradient=gradient, motion=motion), gradient)
+        out = torch.empty(params.shape[0], (7 if motion else 4) if gradient else 1, self.size, self.size, device=self.device)
         order = torch.argsort(steps, descending=True, stable=True)  # the loop below shrinks to the kernels still stepping
         for start in range(0, params.shape[0], chunk or max(1, params.shape[0])):
             idx = order[start : start + (chunk or params.shape[0])]
-            acc = self._kernels(params[idx], steps[idx], None if offset is None else offset[idx], int(steps[idx[0]]), shrink=True, gradient=gradient)
+            acc = self._kernels(params[idx], steps[idx], None if offset is None else offset[idx], int(steps[idx[0]]), True, gradient, motion)
             out[idx] = self._from_otf(acc, gradient).reshape(len(idx), -1, self.size, self.size)
         return out if gradient else out[:, 0]
 
     def _from_otf(self, acc: torch.Tensor, gradient: bool) -> torch.Tensor:
-        """Kernels (B, size, size) from fine-grid OTF samples (B, support), or (B, 7, size, size)
-        from (B, 5, support) (the kernel's and its motion derivatives' samples) with the offset
+        """Kernels (B, size, size) from fine-grid OTF samples (B, support), or (B, 2 + M, size, size)
+        from (B, M, support) (the kernel's and its motion derivatives' samples) with the offset
         derivatives (d/ds of exp(-2 pi i f s) is -2 pi i f: the same sum, weighted)."""
         if not gradient:
             return self._image(acc)
-        b = acc.shape[0]
+        b, m = acc.shape[:2]
         parts = torch.cat([acc[:, :1], acc[:, :1] * (-2j * math.pi * self._fx), acc[:, :1] * (-2j * math.pi * self._fy), acc[:, 1:]], 1)
-        return self._image(parts.reshape(b * 7, -1)).reshape(b, 7, self.size, self.size)
+        return self._image(parts.reshape(b * (m + 2), -1)).reshape(b, m + 2, self.size, self.size)
 
     def _kernels(
         self, params: torch.Tensor, steps: torch.Tensor, offset: torch.Tensor | None, total: int, shrink: bool = False, gradient: bool = False,
+        motion: bool = True,
     ) -> torch.Tensor:  # fmt: skip
         """Fine-grid OTF samples (B, support) of the kernels, shifted by ``offset`` (px), in
         ``total`` time steps; a kernel's steps beyond its own count read the table's zero row.
         ``shrink`` (params sorted by descending step count): each step touches only the kernels
         that still need it, whose numbers are read back to the host once. With ``gradient``,
-        (B, 5, support): the kernel's and its derivatives' by v1, v2, v3, z0."""
+        (B, 5, support): the kernel's and its derivatives' by v1, v2, v3, z0; without ``motion``
+        (B, 2, support): the kernel's and its derivative by z0."""
         kf = steps.to(torch.float32)[:, None]
         d = params[:, :2] * self.scales.lateral_scale_px  # (dx, dy) px over the exposure
         a = d[:, :1] * self._fx + d[:, 1:2] * self._fy  # cycles of phase over the exposure
@@ -464,7 +468,8 @@ class MotionPSF(torch.nn.Module):
         u = ((z - self.z_lo) / self.dz).clamp(0, last + 1)
         rows = torch.where(k < steps[:, None], u.floor().long().clamp(max=last), zero)
         within = (u - rows).to(torch.complex64)[..., None]
-        if gradient:  # the same sums weighted by each step's time t_k (exposure units, 0 at the midpoint)
+        timed_sums = gradient and motion
+        if timed_sums:  # the same sums weighted by each step's time t_k (exposure units, 0 at the midpoint)
             acc_t, acc_slope_t = torch.zeros_like(phase), torch.zeros_like(phase)
             time = ((k + 0.5) / kf - 0.5).to(torch.complex64)[..., None]
         if shrink:  # kernels with more than k steps: one read for the whole loop
@@ -476,7 +481,7 @@ class MotionPSF(torch.nn.Module):
             value = self._table[j] + within[:n, k] * slope
             acc[:n].addcmul_(value, phase[:n])
             acc_slope[:n].addcmul_(slope, phase[:n])
-            if gradient:
+            if timed_sums:
                 timed = phase[:n] * time[:n, k]
                 acc_t[:n].addcmul_(value, timed)
                 acc_slope_t[:n].addcmul_(slope, timed)
@@ -490,7 +495,8 @@ class MotionPSF(torch.nn.Module):
         sinc = torch.sinc(x)
         dsinc = torch.where(small, -(math.pi**2) * x / 3, (torch.cos(math.pi * x) - sinc) / safe)
         within_step = (1j * h**2 / (2 * math.pi)) * dsinc
-        if gradient:  # d/da of the step integral, a the phase cycles; d/dz0 and d/dv3 through the table's slope
+        by_z0 = rows_per_z * acc_slope * (h * sinc) if gradient else None
+        if timed_sums:  # d/da of the step integral, a the phase cycles; d/dz0 and d/dv3 through the table's slope
             d2sinc = torch.where(small, -(math.pi**2) / 3, -(math.pi**2) * sinc - 2 * dsinc / safe)
             rho = (params[:, 2] * rows_per_z).to(torch.complex64)[:, None]  # rows per exposure
             by_a = (
@@ -498,13 +504,14 @@ class MotionPSF(torch.nn.Module):
                 + acc * (h**2 * dsinc)
                 + rho * (acc_slope_t * (h**2 * dsinc) + acc_slope * ((1j * h**3 / (2 * math.pi)) * d2sinc))
             )
-            by_z0 = rows_per_z * acc_slope * (h * sinc)
             by_v3 = rows_per_z * ((acc_slope_t + 0.5 * acc_slope) * (h * sinc) + acc_slope * within_step)
         acc_slope.mul_((params[:, 2] * self.scales.axial_scale_um / self.dz).to(torch.complex64)[:, None])  # rows per exposure
         acc.mul_(h * sinc).addcmul_(acc_slope, within_step)
-        if gradient:
+        if timed_sums:
             lateral = self.scales.lateral_scale_px
             acc = torch.stack([acc, by_a * (lateral * self._fx), by_a * (lateral * self._fy), by_v3, by_z0], 1)
+        elif gradient:
+            acc = torch.stack([acc, by_z0], 1)
         if offset is not None:
             shift = torch.polar(ones, -2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy))
             acc.mul_(shift[:, None] if gradient else shift)

@@ -178,18 +178,20 @@ class BeadFitter:
         return size.clamp(min=min(MIN_KERNEL_PX, self.window), max=self.window)
 
     def _kernels(self, theta: torch.Tensor, gradient: bool = False) -> torch.Tensor:
-        """Kernels (B, window**2), or with ``gradient`` (B, 7, window**2) (blurflow.optics.MotionPSF),
+        """Kernels (B, window**2), or with ``gradient`` (B, 7, window**2) (blurflow.optics.MotionPSF;
+        (B, 4, window**2) for still beads: their derivatives by x, y, z0),
         each computed in a box of :meth:`kernel_sizes` about the nearest pixel to its path's
         midpoint, the rest of the window 0; a box of the window's size is the window, periodic (as
         a PSF model's table is: calibration fits its beads' offsets as phases)."""
         b, w = theta.shape[0], self.window
-        out = theta.new_empty(b, 7 if gradient else 1, w * w)
+        out = theta.new_empty(b, (4 if self.static else 7) if gradient else 1, w * w)
         sizes = self.kernel_sizes(theta)
         for size in sizes.unique().tolist():
             idx = (sizes == size).nonzero()[:, 0]
             op, part = self.operator(size), theta[idx]
             whole = part[:, :2].round() if size < w else torch.zeros_like(part[:, :2])
-            k = op(part[:, MOTION], offset_px=part[:, :2] - whole, gradient=gradient, chunk=max(64, CHUNK_SAMPLES // op._fx.numel()))
+            chunk = max(64, CHUNK_SAMPLES // op._fx.numel())
+            k = op(part[:, MOTION], offset_px=part[:, :2] - whole, gradient=gradient, chunk=chunk, motion=not self.static)
             k = k.reshape(len(idx), -1, size * size)
             out[idx] = _place(k, whole, size, w) if size < w else k
         return out if gradient else out[:, 0]
@@ -297,9 +299,14 @@ class BeadFitter:
         (blurflow.optics.MotionPSF with ``gradient``; where the kernel is clamped at 0, by the
         position and motion alone), written into one tensor."""
         b = theta.shape[0]
-        kernels = self._kernels(theta, gradient=True)
+        kernels, photons = self._kernels(theta, gradient=True), theta[:, 6, None, None]
         jac = torch.empty(b, 8, kernels.shape[2])
-        torch.mul(theta[:, 6, None, None], kernels[:, 1:], out=jac[:, :6])
+        if self.static:  # (kernel, d/dx, d/dy, d/dz0): the motion's rows held at 0
+            torch.mul(photons, kernels[:, 1:3], out=jac[:, :2])
+            torch.mul(photons, kernels[:, 3:], out=jac[:, 5:6])
+            jac[:, 2:5] = 0.0
+        else:
+            torch.mul(photons, kernels[:, 1:], out=jac[:, :6])
         torch.clamp(kernels[:, 0], min=0, out=jac[:, 6])
         jac[:, 7] = 1.0
         jac[:, self.held] = 0.0  # held parameters: no row in the Fisher information (their std 0)
