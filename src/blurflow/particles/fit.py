@@ -317,11 +317,14 @@ class BeadFitter:
         ``known`` light (B, window**2) in the windows and pixel ``weight`` (0: not counted)."""
         mu, jac = self._jacobian(theta)
         mu = mu + known
-        fisher = torch.einsum("bpn,bqn->bpq", jac * (weight / mu)[:, None], jac)
+        return mu, self._std(torch.einsum("bpn,bqn->bpq", jac * (weight / mu)[:, None], jac))
+
+    def _std(self, fisher: torch.Tensor) -> torch.Tensor:
+        """Cramér-Rao standard deviations (B, 8) from the Fisher information (B, 8, 8); 0 for held parameters."""
         cov = torch.linalg.pinv(fisher.double()).float()
         std = torch.diagonal(cov, dim1=1, dim2=2).clamp(min=0).sqrt()
         std[:, self.held] = 0.0  # held, not measured
-        return mu, std
+        return std
 
     @staticmethod
     def log_likelihood(counts: torch.Tensor, mu: torch.Tensor, weight: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -346,11 +349,11 @@ class BeadFitter:
     def refine(
         self, counts: torch.Tensor, theta: torch.Tensor, iterations: int = 30, tol: float = 1e-2, known: torch.Tensor | None = None,
         weight: torch.Tensor | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Levenberg-Marquardt Fisher scoring from ``theta`` (B, 8) on counts (B, window**2) with
         ``known`` light (B, window**2, default none) and pixel ``weight`` (B, window**2, default 1)
         within ``bounds`` (lower, upper), (B, 8) each (default the fit ranges); returns (theta,
-        log-likelihood, converged (B,) bool). A window has converged when the step's predicted or
+        log-likelihood, converged (B,) bool, the Fisher information (B, 8, 8) at theta). A window has converged when the step's predicted or
         achieved gain in log-likelihood is below ``tol`` (the std of a parameter is where it falls
         by 0.5); a rejected step is retried with more damping on the Fisher information already
         computed; a rejected step that promised less than NEAR ends the fit too (the optimum lies
@@ -363,7 +366,7 @@ class BeadFitter:
         theta = self._clamp(theta.clone(), lower, upper)
         ll, fish, grad = self._scored(counts, theta, known, weight)
         damping = torch.full((b,), 1e-2)
-        converged = torch.zeros(b, dtype=torch.bool)
+        converged, stale = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
         for iteration in range(iterations):
             active = (~converged).nonzero()[:, 0]
             if not len(active):
@@ -389,7 +392,9 @@ class BeadFitter:
             done = better & (trial_ll - ll_before < tol)
             keep = go[better]
             theta[keep], ll[keep] = trial[better], trial_ll[better]
-            if not last:
+            if last:
+                stale[keep] = True
+            else:
                 fish[keep], grad[keep] = trial_fish[better], trial_grad[better]
             ratio = (trial_ll - ll_before) / (0.5 * gain[~small])  # achieved over predicted gain
             damping[go] = torch.where(better, damping[go] * torch.where(ratio > 0.75, 1 / 3, torch.where(ratio < 0.25, 2.0, 1.0)), damping[go] * 10).clamp(
@@ -397,64 +402,69 @@ class BeadFitter:
             )
             converged[active[small]] = True
             converged[go] = done | (damping[go] >= 1e8) | (~better & (gain[~small] < 2 * NEAR))
-        return theta, ll, converged
+        if stale.any():  # moved in the last iteration, whose trials were scored without it
+            fish[stale] = self._scored(counts[stale], theta[stale], known[stale], weight[stale])[1]
+        return theta, ll, converged, fish
 
     def _probe(
-        self, counts: torch.Tensor, theta: torch.Tensor, ll: torch.Tensor, converged: torch.Tensor, known: torch.Tensor, weight: torch.Tensor,
-        iterations: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Fits that end where Fisher scoring cannot leave a wrong answer are refined again from
+        self, counts: torch.Tensor, fit: tuple[torch.Tensor, ...], known: torch.Tensor, weight: torch.Tensor, iterations: int,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """Of ``fit``, :meth:`refine`'s (theta, log-likelihood, converged, Fisher information) (changed
+        in place and returned), fits that end where Fisher scoring cannot leave a wrong answer are refined again from
         other starts, in both lateral directions, and the most likely kept. Without axial motion
         (v3 < STILL_V3): from v3 = PROBE_V3 about the same mean depth (at v3 = 0 the derivative by
         v3 is half that by z0, so a fit that started in the wrong direction ends there). Through
         focus (z0 < 0 < z0 + v3): from v3 = STILL_V3 at the path's root-mean-square depth (a path
         through focus blurs about as one that stays at that depth, two optima apart)."""
+        theta, ll = fit[:2]
         z0, v3 = theta[:, 5], theta[:, 4]
         still, through = (v3 < STILL_V3).nonzero()[:, 0], ((z0 < 0) & (z0 + v3 > 0)).nonzero()[:, 0]
         which = torch.cat([still, through])
         if not len(which) or self.static:
-            return theta, ll, converged
+            return fit
         probes = theta[which, None].repeat(1, 2, 1)
         probes[:, 1, 2:4] *= -1  # either direction: at v3 = 0 the two are one image
         rms = (z0[through] ** 2 + z0[through] * v3[through] + v3[through] ** 2 / 3).sqrt()
         depth = torch.cat([z0[still] + (v3[still] - PROBE_V3) / 2, rms - STILL_V3 / 2])
         probes[:, :, 4] = torch.cat([torch.full((len(still),), PROBE_V3), torch.full((len(through),), STILL_V3)])[:, None]
         probes[:, :, 5] = depth[:, None]
-        tried, tried_ll, tried_ok = self.refine(
+        tried = self.refine(
             counts[which].repeat_interleave(2, 0), probes.reshape(-1, 8), iterations,
             known=known[which].repeat_interleave(2, 0), weight=weight[which].repeat_interleave(2, 0),
         )  # fmt: skip
-        best = tried_ll.reshape(-1, 2).argmax(1) + torch.arange(len(which)) * 2
-        better = tried_ll[best] > ll[which]
-        theta[which[better]], ll[which[better]], converged[which[better]] = tried[best[better]], tried_ll[best[better]], tried_ok[best[better]]
-        return theta, ll, converged
+        best = tried[1].reshape(-1, 2).argmax(1) + torch.arange(len(which)) * 2
+        better = tried[1][best] > ll[which]
+        for mine, theirs in zip(fit, tried):
+            mine[which[better]] = theirs[best[better]]
+        return fit
 
     def _mirror(
-        self, counts: torch.Tensor, theta: torch.Tensor, ll: torch.Tensor, converged: torch.Tensor, known: torch.Tensor, weight: torch.Tensor,
-        iterations: int, replace: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """With a PSF asymmetric in depth, every fit is refined again from its mirror image in depth
+        self, counts: torch.Tensor, fit: tuple[torch.Tensor, ...], known: torch.Tensor, weight: torch.Tensor, iterations: int, replace: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        """With a PSF asymmetric in depth, every fit (``fit`` as :meth:`_probe`'s, changed in place) is refined again from its mirror image in depth
         (the path at -z, (-v1, -v2, v3, -z0 - v3) with v3 >= 0), held on that side of focus: where
         the asymmetry is weak the two are nearby optima, and the search may have settled in the
-        wrong one. The more likely kept (with ``replace``); also returned: the gap (B,) in
+        wrong one. The more likely kept (with ``replace``). Returns the gap (B,) in
         log-likelihood by which the fit kept beats the best path on the other side of focus
         (negative where that is better and not taken; inf where the mirror lies beyond the model's
         depths)."""
+        theta, ll = fit[:2]
         mirror = mirror_in_depth(theta)
         inside = (mirror[:, 5] >= self.z_lo) & (mirror[:, 5] + mirror[:, 4] <= self.z_hi)
         which = inside.nonzero()[:, 0]
         gap = torch.full_like(ll, math.inf)
         if not len(which):
-            return theta, ll, converged, gap
+            return gap
         lower, upper = self.lower.repeat(len(which), 1), self.upper.repeat(len(which), 1)
         deep = theta[which, 5] + theta[which, 4] / 2 >= 0  # the fit's side: the mirror is held on the other
         upper[deep, 5] = 0.0  # the whole path at z <= 0
         lower[~deep, 5] = 0.0  # at z >= 0 (v3 >= 0)
-        tried, tried_ll, tried_ok = self.refine(counts[which], mirror[which], iterations, known=known[which], weight=weight[which], bounds=(lower, upper))
-        better = (tried_ll > ll[which]) & replace
-        gap[which] = torch.where(better, tried_ll - ll[which], ll[which] - tried_ll)
-        theta[which[better]], ll[which[better]], converged[which[better]] = tried[better], tried_ll[better], tried_ok[better]
-        return theta, ll, converged, gap
+        tried = self.refine(counts[which], mirror[which], iterations, known=known[which], weight=weight[which], bounds=(lower, upper))
+        better = (tried[1] > ll[which]) & replace
+        gap[which] = torch.where(better, tried[1] - ll[which], ll[which] - tried[1])
+        for mine, theirs in zip(fit, tried):
+            mine[which[better]] = theirs[better]
+        return gap
 
     # --- the whole fit ---------------------------------------------------------------------
 
@@ -493,19 +503,18 @@ class BeadFitter:
                 return x[:, None].expand(b, s, w * w).reshape(b * s, w * w)
 
             if screen:
-                theta, ll, _ = self.refine(repeat(counts), starts.reshape(b * s, 8), screen, known=repeat(known), weight=repeat(weight))
+                theta, ll, *_ = self.refine(repeat(counts), starts.reshape(b * s, 8), screen, known=repeat(known), weight=repeat(weight))
             else:
                 theta = self._clamp(starts.reshape(b * s, 8), self.lower, self.upper)
                 ll = self.log_likelihood(repeat(counts), self.expected(theta).flatten(1) + repeat(known), repeat(weight))
             start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
-        theta, ll, converged = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
-        theta, ll, converged = self._probe(counts, theta, ll, converged, known, weight, iterations)
-        gap = torch.zeros_like(ll)
+        found = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
+        found = self._probe(counts, found, known, weight, iterations)
+        gap = torch.zeros(b)
         if self.signed:  # static fits start from minima at either sign already: a short refinement tells the gap, and the fit stays
-            theta, ll, converged, gap = self._mirror(
-                counts, theta, ll, converged, known, weight, MIRROR_STATIC if self.static else iterations, replace=not self.static
-            )
-        m, std = self.cramer_rao(theta, known, weight)
+            gap = self._mirror(counts, found, known, weight, MIRROR_STATIC if self.static else iterations, replace=not self.static)
+        theta, ll, converged, fisher = found
+        m, std = self.expected(theta).flatten(1) + known, self._std(fisher)
         at_bound = ((theta - self.lower).abs() < 1e-6) | ((self.upper - theta).abs() < 1e-6)
         at_bound[:, 4] &= theta[:, 4] > 1e-6  # v3 = 0 is a value, not a bound hit
         at_bound[:, self.held] = False
