@@ -363,6 +363,7 @@ class MotionPSF(torch.nn.Module):
         keep = (kx**2 + ky**2 <= r_max**2) & (kx % size <= size // 2)  # support x rfft half
         rows = max(1, TABLE_BYTES // (16 * m * m))  # depths computed at once: a deep range on a fine grid would not fit in memory
         table = torch.cat([self.source.otf(part, m)[:, keep].to(torch.complex64) for part in z.split(rows)])
+        table *= (1 - 2 * ((kx + ky)[keep] % 2)).to(table.dtype)  # (-1)^(kx + ky): the kernel's origin moved to index size // 2 (fftshift)
         zero = table.new_zeros(1, table.shape[1])  # row nz of both: what a step beyond a kernel's own K reads
         self.register_buffer("_fy", ky[keep].to(torch.float32) / size, persistent=False)  # cycles/px
         self.register_buffer("_fx", kx[keep].to(torch.float32) / size, persistent=False)
@@ -527,8 +528,7 @@ class MotionPSF(torch.nn.Module):
         coarse = padded[:, self._fold[:, 0]]
         for column in self._fold.unbind(1)[1:]:
             coarse += padded[:, column]
-        kern = torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))
-        return torch.fft.fftshift(kern, dim=(-2, -1))
+        return torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))  # origin at size // 2: the table's signs
 
 
 TABLE_BYTES = 2**28  # bytes of full-grid OTFs computed at once while MotionPSF builds its table
