@@ -178,24 +178,21 @@ class BeadFitter:
         size = (torch.ceil(need / SIZE_STEP_PX) * SIZE_STEP_PX).long()
         return size.clamp(min=min(MIN_KERNEL_PX, self.window), max=self.window)
 
-    def _kernels(self, theta: torch.Tensor, gradient: bool = False) -> torch.Tensor:
-        """Kernels (B, window**2), or with ``gradient`` (B, 7, window**2) (blurflow.optics.MotionPSF;
-        (B, 4, window**2) for still beads: their derivatives by x, y, z0),
-        each computed in a box of :meth:`kernel_sizes` about the nearest pixel to its path's
-        midpoint, the rest of the window 0; a box of the window's size is the window, periodic (as
-        a PSF model's table is: calibration fits its beads' offsets as phases)."""
+    def _kernels(self, theta: torch.Tensor) -> torch.Tensor:
+        """Kernels (B, window**2) (blurflow.optics.MotionPSF), each computed in a box of
+        :meth:`kernel_sizes` about the nearest pixel to its path's midpoint, the rest of the window
+        0; a box of the window's size is the window, periodic (as a PSF model's table is:
+        calibration fits its beads' offsets as phases)."""
         b, w = theta.shape[0], self.window
-        out = theta.new_empty(b, (4 if self.static else 7) if gradient else 1, w * w)
+        out = theta.new_empty(b, w * w)
         sizes = self.kernel_sizes(theta)
         for size in sizes.unique().tolist():
             idx = (sizes == size).nonzero()[:, 0]
             op, part = self.operator(size), theta[idx]
-            whole = part[:, :2].round() if size < w else torch.zeros_like(part[:, :2])
-            chunk = max(64, CHUNK_SAMPLES // op._fx.numel())
-            k = op(part[:, MOTION], offset_px=part[:, :2] - whole, gradient=gradient, chunk=chunk, motion=not self.static)
-            k = k.reshape(len(idx), -1, size * size)
-            out[idx] = _place(k, whole, size, w) if size < w else k
-        return out if gradient else out[:, 0]
+            whole = _whole(part, size, w)
+            k = op(part[:, MOTION], offset_px=part[:, :2] - whole, chunk=max(64, CHUNK_SAMPLES // op._fx.numel())).reshape(len(idx), 1, -1)
+            out[idx] = (_place(k, whole, size, w) if size < w else k)[:, 0]
+        return out
 
     def expected(self, theta: torch.Tensor) -> torch.Tensor:
         """Expected counts (B, window, window) for parameters (B, 8) in PARAMS order."""
@@ -293,22 +290,41 @@ class BeadFitter:
         theta[:, 4] = torch.where(depth_end > z_hi, z_hi - theta[:, 5], theta[:, 4]).clamp(min=0)
         return theta
 
-    def _jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(expected counts (B, window**2), d mu / d theta (B, 8, window**2)), analytic
-        (blurflow.optics.MotionPSF with ``gradient``; where the kernel is clamped at 0, by the
-        position and motion alone), written into one tensor."""
-        b = theta.shape[0]
-        kernels, photons = self._kernels(theta, gradient=True), theta[:, 6, None, None]
-        jac = torch.empty(b, 8, kernels.shape[2])
+    def _box_jacobian(self, theta: torch.Tensor, whole: torch.Tensor, size: int) -> torch.Tensor:
+        """d mu / d theta (B, 8, size**2) in each bead's box of ``size`` px about the pixel ``whole``
+        (B, 2) (x, y) from the window's centre (the window itself, periodic, where ``size`` is the
+        window's), analytic (blurflow.optics.MotionPSF with ``gradient``; still beads': by x, y and
+        z0 alone); row 6, by the photons, is the kernel (clamped at 0, where the kernel's rows are
+        the position's and motion's alone)."""
+        op = self.operator(size)
+        k = op(
+            theta[:, MOTION], offset_px=theta[:, :2] - whole, gradient=True, chunk=max(64, CHUNK_SAMPLES // op._fx.numel()), motion=not self.static
+        ).flatten(2)  # fmt: skip
+        photons = theta[:, 6, None, None]
+        jac = torch.empty(len(theta), 8, k.shape[2])
         if self.static:  # (kernel, d/dx, d/dy, d/dz0): the motion's rows held at 0
-            torch.mul(photons, kernels[:, 1:3], out=jac[:, :2])
-            torch.mul(photons, kernels[:, 3:], out=jac[:, 5:6])
+            torch.mul(photons, k[:, 1:3], out=jac[:, :2])
+            torch.mul(photons, k[:, 3:], out=jac[:, 5:6])
             jac[:, 2:5] = 0.0
         else:
-            torch.mul(photons, kernels[:, 1:], out=jac[:, :6])
-        torch.clamp(kernels[:, 0], min=0, out=jac[:, 6])
+            torch.mul(photons, k[:, 1:], out=jac[:, :6])
+        torch.clamp(k[:, 0], min=0, out=jac[:, 6])
         jac[:, 7] = 1.0
         jac[:, self.held] = 0.0  # held parameters: no row in the Fisher information (their std 0)
+        return jac
+
+    def _jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expected counts (B, window**2), d mu / d theta (B, 8, window**2)): :meth:`_box_jacobian`
+        placed in the window."""
+        b, w = theta.shape[0], self.window
+        jac = theta.new_empty(b, 8, w * w)
+        sizes = self.kernel_sizes(theta)
+        for size in sizes.unique().tolist():
+            idx = (sizes == size).nonzero()[:, 0]
+            whole = _whole(theta[idx], size, w)
+            box = self._box_jacobian(theta[idx], whole, size)
+            jac[idx] = _place(box, whole, size, w) if size < w else box
+        jac[:, 7] = 1.0  # the background's, beyond the boxes too
         return theta[:, 7, None] + theta[:, 6, None] * jac[:, 6], jac
 
     def cramer_rao(self, theta: torch.Tensor, known: torch.Tensor | float = 0.0, weight: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,10 +357,33 @@ class BeadFitter:
         (without ``information``, the likelihood alone: (ll, None, None))."""
         if not information:
             return self.log_likelihood(counts, self.expected(theta).flatten(1) + known, weight), None, None
-        mu, jac = self._jacobian(theta)
-        mu = mu + known
-        scaled = jac * (weight / mu)[:, None]
-        return self.log_likelihood(counts, mu, weight), torch.einsum("bpn,bqn->bpq", scaled, jac), torch.einsum("bpn,bn->bp", scaled, counts - mu)
+        b, w = theta.shape[0], self.window
+        rest = theta[:, 7, None] + known  # the window's expected counts without the particle
+        # beyond the particle's box only the background's row of the Jacobian (1) is not 0: the likelihood and the
+        # background's terms there are the window's less the box's
+        outside = torch.stack([weight * (counts * rest.clamp(min=1e-9).log() - rest), weight / rest, weight * (counts - rest) / rest], 1)
+        totals = outside.sum(2)  # (B, 3)
+        ll, fish, score = theta.new_empty(b), theta.new_empty(b, 8, 8), theta.new_empty(b, 8)
+        sizes = self.kernel_sizes(theta)
+        for size in sizes.unique().tolist():
+            idx = (sizes == size).nonzero()[:, 0]
+            part = theta[idx]
+            whole = _whole(part, size, w)
+            jac = self._box_jacobian(part, whole, size)
+            if size < w:  # the box's pixels of the window (those beyond it: weight 0)
+                at = _box_index(whole, size, w)
+                c, k, wt = (_padded(x[idx]).gather(1, at) for x in (counts, known, weight))
+                beyond = totals[idx] - _padded(outside[idx].flatten(0, 1)).gather(1, at.repeat_interleave(3, 0)).reshape(-1, 3, size * size).sum(2)
+            else:
+                c, k, wt, beyond = counts[idx], known[idx], weight[idx], torch.zeros_like(totals[idx])
+            mu = part[:, 7, None] + part[:, 6, None] * jac[:, 6] + k
+            scaled = jac * (wt / mu)[:, None]
+            ll[idx] = (wt * (c * mu.clamp(min=1e-9).log() - mu)).sum(1) + beyond[:, 0]
+            fish[idx] = torch.einsum("bpn,bqn->bpq", scaled, jac)
+            fish[idx, 7, 7] += beyond[:, 1]
+            score[idx] = torch.einsum("bpn,bn->bp", scaled, c - mu)
+            score[idx, 7] += beyond[:, 2]
+        return ll, fish, score
 
     def refine(
         self, counts: torch.Tensor, theta: torch.Tensor, iterations: int = 30, tol: float = 1e-2, known: torch.Tensor | None = None,
@@ -585,6 +624,27 @@ def _binned(images: torch.Tensor, side: int) -> torch.Tensor:
     """(B, w / side, w / side): ``images`` (B, w, w) summed over bins of ``side`` x ``side`` px."""
     b, w = images.shape[0], images.shape[-1] // side
     return images.reshape(b, w, side, w, side).sum((2, 4))
+
+
+def _whole(theta: torch.Tensor, size: int, window: int) -> torch.Tensor:
+    """(B, 2) the pixel (x, y from the window's centre) about which each path's box of ``size`` px
+    lies: the nearest to its midpoint, or the centre for a box of the window's size (periodic)."""
+    return theta[:, :2].round() if size < window else torch.zeros_like(theta[:, :2])
+
+
+def _box_index(whole: torch.Tensor, size: int, window: int) -> torch.Tensor:
+    """(B, size**2) the window pixel (row-major index) of each pixel of boxes of ``size`` px whose
+    origins (index size // 2) lie at ``whole`` (B, 2) (x, y) px from the window's centre;
+    window**2 for those beyond the window (:func:`_padded`'s 0)."""
+    grid = torch.arange(size, device=whole.device) - size // 2 + window // 2
+    rows, cols = grid[None] + whole[:, 1:2].long(), grid[None] + whole[:, 0:1].long()
+    inside = ((rows >= 0) & (rows < window))[:, :, None] & ((cols >= 0) & (cols < window))[:, None, :]
+    return torch.where(inside, rows[:, :, None] * window + cols[:, None, :], window * window).flatten(1)
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """(B, N + 1): ``x`` (B, N) with a 0 appended to each row."""
+    return torch.cat([x, x.new_zeros(len(x), 1)], 1)
 
 
 def _place(kernels: torch.Tensor, whole: torch.Tensor, size: int, window: int, periodic: bool = False) -> torch.Tensor:
