@@ -364,9 +364,11 @@ class MotionPSF(torch.nn.Module):
         rows = max(1, TABLE_BYTES // (16 * m * m))  # depths computed at once: a deep range on a fine grid would not fit in memory
         table = torch.cat([self.source.otf(part, m)[:, keep].to(torch.complex64) for part in z.split(rows)])
         table *= (1 - 2 * ((kx + ky)[keep] % 2)).to(table.dtype)  # (-1)^(kx + ky): the kernel's origin moved to index size // 2 (fftshift)
+        table = torch.cat([table, table.new_zeros(nz, 1)], 1)  # a last sample 0 at every depth: where the fold's padding points
         zero = table.new_zeros(1, table.shape[1])  # row nz of both: what a step beyond a kernel's own K reads
-        self.register_buffer("_fy", ky[keep].to(torch.float32) / size, persistent=False)  # cycles/px
-        self.register_buffer("_fx", kx[keep].to(torch.float32) / size, persistent=False)
+        nothing = torch.zeros(1)
+        self.register_buffer("_fy", torch.cat([ky[keep].to(torch.float32) / size, nothing]), persistent=False)  # cycles/px
+        self.register_buffer("_fx", torch.cat([kx[keep].to(torch.float32) / size, nothing]), persistent=False)
         self.register_buffer("_fold", _fold_index((ky[keep] % size) * (size // 2 + 1) + kx[keep] % size, size * (size // 2 + 1)), persistent=False)
         self.register_buffer("_table", torch.cat([table, zero]), persistent=False)
         self.register_buffer("_slope", torch.cat([torch.diff(table, dim=0), zero, zero]), persistent=False)
@@ -425,24 +427,15 @@ class MotionPSF(torch.nn.Module):
         offset = None if offset_px is None else torch.as_tensor(offset_px, dtype=torch.float32, device=self.device).reshape(-1, 2)
         steps = self.n_steps(params, step_factor)
         if self.max_steps is not None:  # static: every kernel in one pass, in its own place
-            return self._from_otf(self._kernels(params, steps, offset, self.max_steps * step_factor, gradient=gradient, motion=motion), gradient)
+            acc = self._kernels(params, steps, offset, self.max_steps * step_factor, gradient=gradient, motion=motion)
+            return self._image(acc, offsets=True) if gradient else self._image(acc[:, None])[:, 0]
         out = torch.empty(params.shape[0], (7 if motion else 4) if gradient else 1, self.size, self.size, device=self.device)
         order = torch.argsort(steps, descending=True, stable=True)  # the loop below shrinks to the kernels still stepping
         for start in range(0, params.shape[0], chunk or max(1, params.shape[0])):
             idx = order[start : start + (chunk or params.shape[0])]
             acc = self._kernels(params[idx], steps[idx], None if offset is None else offset[idx], int(steps[idx[0]]), True, gradient, motion)
-            out[idx] = self._from_otf(acc, gradient).reshape(len(idx), -1, self.size, self.size)
+            out[idx] = self._image(acc, offsets=True) if gradient else self._image(acc[:, None])
         return out if gradient else out[:, 0]
-
-    def _from_otf(self, acc: torch.Tensor, gradient: bool) -> torch.Tensor:
-        """Kernels (B, size, size) from fine-grid OTF samples (B, support), or (B, 2 + M, size, size)
-        from (B, M, support) (the kernel's and its motion derivatives' samples) with the offset
-        derivatives (d/ds of exp(-2 pi i f s) is -2 pi i f: the same sum, weighted)."""
-        if not gradient:
-            return self._image(acc)
-        b, m = acc.shape[:2]
-        parts = torch.cat([acc[:, :1], acc[:, :1] * (-2j * math.pi * self._fx), acc[:, :1] * (-2j * math.pi * self._fy), acc[:, 1:]], 1)
-        return self._image(parts.reshape(b * (m + 2), -1)).reshape(b, m + 2, self.size, self.size)
 
     def _kernels(
         self, params: torch.Tensor, steps: torch.Tensor, offset: torch.Tensor | None, total: int, shrink: bool = False, gradient: bool = False,
@@ -478,8 +471,8 @@ class MotionPSF(torch.nn.Module):
         for k in range(total):
             n = active[k] if shrink else params.shape[0]  # (all, when static)
             j = rows[:n, k]
-            slope = self._slope[j]
-            value = self._table[j] + within[:n, k] * slope
+            slope = self._slope.index_select(0, j)
+            value = self._table.index_select(0, j).addcmul_(within[:n, k], slope)
             acc[:n].addcmul_(value, phase[:n])
             acc_slope[:n].addcmul_(slope, phase[:n])
             if timed_sums:
@@ -518,17 +511,23 @@ class MotionPSF(torch.nn.Module):
             acc.mul_(shift[:, None] if gradient else shift)
         return acc
 
-    def _image(self, acc: torch.Tensor) -> torch.Tensor:
-        """Kernels (B, size, size) on the camera grid from fine-grid OTF samples (B, support):
+    def _image(self, acc: torch.Tensor, offsets: bool = False) -> torch.Tensor:
+        """Images (B, M, size, size) on the camera grid from fine-grid OTF samples (B, M, support):
         each camera-grid frequency sums the fine samples that fold onto it (gathers added column by
         column of the fold index, in a fixed order: deterministic on every device, and 3x faster
-        than one gather of all columns summed)."""
-        b = acc.shape[0]
-        padded = torch.cat([acc, acc.new_zeros(b, 1)], 1)
-        coarse = padded[:, self._fold[:, 0]]
-        for column in self._fold.unbind(1)[1:]:
-            coarse += padded[:, column]
-        return torch.fft.irfft2(coarse.reshape(b, self.size, -1), s=(self.size, self.size))  # origin at size // 2: the table's signs
+        than one gather of all columns summed). With ``offsets``, (B, M + 2, size, size): after the
+        first image, its derivatives by the x and y offsets (its samples weighted by -2 pi i f)."""
+        b, m = acc.shape[:2]
+        coarse = acc.new_zeros(b, m + 2 if offsets else m, self._fold.shape[0])
+        for column in self._fold.unbind(1):
+            part = acc[:, :, column]
+            if offsets:
+                coarse[:, 1].addcmul_(part[:, 0], self._fx[column] * (-2j * math.pi))
+                coarse[:, 2].addcmul_(part[:, 0], self._fy[column] * (-2j * math.pi))
+                coarse[:, 3:] += part[:, 1:]
+            coarse[:, 0] += part[:, 0]
+        coarse = coarse.reshape(b * coarse.shape[1], self.size, -1)
+        return torch.fft.irfft2(coarse, s=(self.size, self.size)).reshape(b, -1, self.size, self.size)  # origin at size // 2: the table's signs
 
 
 TABLE_BYTES = 2**28  # bytes of full-grid OTFs computed at once while MotionPSF builds its table
@@ -536,7 +535,7 @@ TABLE_BYTES = 2**28  # bytes of full-grid OTFs computed at once while MotionPSF 
 
 def _fold_index(bins: torch.Tensor, n_bins: int) -> torch.Tensor:
     """(n_bins, m) indices into the samples whose bin is each bin (``bins``: the bin of each
-    sample), padded with the index ``len(bins)`` (a zero sample appended by the caller)."""
+    sample), padded with the index ``len(bins)`` (a sample 0 that the caller appends)."""
     order = torch.argsort(bins, stable=True)
     counts = torch.bincount(bins, minlength=n_bins)
     first = torch.cumsum(counts, 0) - counts

@@ -190,7 +190,7 @@ class BeadFitter:
             idx = (sizes == size).nonzero()[:, 0]
             op, part = self.operator(size), theta[idx]
             whole = _whole(part, size, w)
-            k = op(part[:, MOTION], offset_px=part[:, :2] - whole, chunk=max(64, CHUNK_SAMPLES // op._fx.numel())).reshape(len(idx), 1, -1)
+            k = op(part[:, MOTION], offset_px=part[:, :2] - whole, chunk=_chunk(op)).reshape(len(idx), 1, -1)
             out[idx] = (_place(k, whole, size, w) if size < w else k)[:, 0]
         return out
 
@@ -206,7 +206,7 @@ class BeadFitter:
     def simulate(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Poisson camera counts (B, window, window) float32 for parameters (B, 8): the light of the
         whole window (the fits' boxes leave out the farthest of it)."""
-        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=max(64, CHUNK_SAMPLES // self.psf._fx.numel()))
+        kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=_chunk(self.psf))
         return torch.poisson(theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0), generator=generator)
 
     # --- the coarse search -----------------------------------------------------------------
@@ -298,7 +298,7 @@ class BeadFitter:
         the position's and motion's alone)."""
         op = self.operator(size)
         k = op(
-            theta[:, MOTION], offset_px=theta[:, :2] - whole, gradient=True, chunk=max(64, CHUNK_SAMPLES // op._fx.numel()), motion=not self.static
+            theta[:, MOTION], offset_px=theta[:, :2] - whole, gradient=True, chunk=_chunk(op), motion=not self.static
         ).flatten(2)  # fmt: skip
         photons = theta[:, 6, None, None]
         jac = torch.empty(len(theta), 8, k.shape[2])
@@ -624,6 +624,11 @@ def _binned(images: torch.Tensor, side: int) -> torch.Tensor:
     """(B, w / side, w / side): ``images`` (B, w, w) summed over bins of ``side`` x ``side`` px."""
     b, w = images.shape[0], images.shape[-1] // side
     return images.reshape(b, w, side, w, side).sum((2, 4))
+
+
+def _chunk(psf: MotionPSF) -> int:
+    """Kernels of ``psf`` computed at once: CHUNK_SAMPLES OTF samples' worth, at least 64."""
+    return max(64, CHUNK_SAMPLES // psf._fx.numel())
 
 
 def _whole(theta: torch.Tensor, size: int, window: int) -> torch.Tensor:
