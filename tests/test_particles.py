@@ -111,6 +111,16 @@ def test_the_fitters_coarse_time_steps_keep_the_cramer_rao_std_of_fine_ones(fitt
     assert (error.median(0).values < 0.02).all() and (error.quantile(0.9, dim=0) < 0.08).all(), error.quantile(0.9, dim=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fit_on_a_cuda_device_gives_the_cpus_fits(fitter):
+    """The whole fit runs on the device (its bookkeeping too) and finds the CPU's fits, within 0.2
+    of their std."""
+    truth = torch.cat([bead(0.3, 0.3, 0.8, 0.3), bead(-1.2, 0.7, 0.6, 0.1, 8000, 2), bead(0.0, 0.05, 0.5, 1.2)])  # moving: each a direction
+    counts = fitter.simulate(truth, torch.Generator().manual_seed(4))
+    cpu, gpu = fitter.fit(counts), BeadFitter(Optics(), SCALES, 64, device="cuda").fit(counts)
+    assert (np.abs(gpu.params[:, :6] - cpu.params[:, :6]) <= 0.2 * cpu.std[:, :6] + 1e-6).all() and np.allclose(gpu.std, cpu.std, rtol=0.01)
+
+
 def test_detection_groups_neighbours_leaves_out_the_border_and_the_joint_fit_finds_each_bead(fitter):
     """A 300 x 400 image with four beads: one isolated, one too near the border for its window,
     two whose windows hold each other's streak, 40 px apart. Detection keeps three, the two as

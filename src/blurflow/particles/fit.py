@@ -129,14 +129,19 @@ class BeadFitter:
         self._reach = self._reach_table()
         self._bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._bank_bins: torch.Tensor | None = None  # the bank's kernels binned by BANK_BIN (N, (window / BANK_BIN)**2)
-        self.lower = torch.tensor([-window / 4, -window / 4, -self.v_max, -self.v_max, 0.0, self.z_lo, 1.0, 1e-3])
-        self.upper = torch.tensor([window / 4, window / 4, self.v_max, self.v_max, self.z_hi - self.z_lo, self.z_hi, math.inf, math.inf])
-        self.held = torch.zeros(8, dtype=torch.bool)  # parameters not fitted
+        on = {"device": self.device}
+        self.lower = torch.tensor([-window / 4, -window / 4, -self.v_max, -self.v_max, 0.0, self.z_lo, 1.0, 1e-3], **on)
+        self.upper = torch.tensor([window / 4, window / 4, self.v_max, self.v_max, self.z_hi - self.z_lo, self.z_hi, math.inf, math.inf], **on)
+        self.held = torch.zeros(8, dtype=torch.bool, **on)  # parameters not fitted
         if static:
             self.held[2:5] = True
             self.lower[2:5] = self.upper[2:5] = 0.0
 
     # --- the forward model -----------------------------------------------------------------
+
+    def _on(self, x: torch.Tensor | np.ndarray | float) -> torch.Tensor:
+        """``x`` as float32 on the fitter's device."""
+        return torch.as_tensor(x, dtype=torch.float32, device=self.device)
 
     def operator(self, size: int) -> MotionPSF:
         """The motion PSF of kernels ``size`` px wide (built once, when first asked for)."""
@@ -152,12 +157,12 @@ class BeadFitter:
         fitted range: the largest distance from the origin of a pixel holding REACH of its peak;
         (R, R) its largest value over the depths i..j, i <= j): blur, rings and coma of the PSF
         as it is, measured or ideal."""
-        z = torch.linspace(self.z_lo, self.z_hi, REACH_DEPTHS)
+        z = torch.linspace(self.z_lo, self.z_hi, REACH_DEPTHS, device=self.device)
         light = self.psf(torch.stack([torch.zeros_like(z), torch.zeros_like(z), torch.zeros_like(z), z], 1)).clamp(min=0)
-        grid = torch.arange(self.window, dtype=torch.float32) - self.window // 2
+        grid = torch.arange(self.window, dtype=torch.float32, device=self.device) - self.window // 2
         dist = torch.hypot(grid[None, :], grid[:, None])
         reach = torch.where(light >= REACH * light.amax((1, 2), keepdim=True), dist, 0).amax((1, 2))
-        spans = torch.zeros(REACH_DEPTHS, REACH_DEPTHS)
+        spans = torch.zeros(REACH_DEPTHS, REACH_DEPTHS, device=self.device)
         for i in range(REACH_DEPTHS):
             spans[i, i:] = torch.cummax(reach[i:], 0).values
         return reach, spans
@@ -196,16 +201,18 @@ class BeadFitter:
 
     def expected(self, theta: torch.Tensor) -> torch.Tensor:
         """Expected counts (B, window, window) for parameters (B, 8) in PARAMS order."""
+        theta = self._on(theta)
         kernels = self._kernels(theta).reshape(-1, self.window, self.window)
         return theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0)
 
     def light(self, theta: torch.Tensor) -> torch.Tensor:
         """Each particle's own expected counts (B, window, window): :meth:`expected` less the background."""
-        return self.expected(theta) - theta[:, 7, None, None]
+        return self.expected(theta) - self._on(theta)[:, 7, None, None]
 
     def simulate(self, theta: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Poisson camera counts (B, window, window) float32 for parameters (B, 8): the light of the
         whole window (the fits' boxes leave out the farthest of it)."""
+        theta = self._on(theta)
         kernels = self.psf(theta[:, MOTION], offset_px=theta[:, :2], chunk=_chunk(self.psf))
         return torch.poisson(theta[:, 7, None, None] + theta[:, 6, None, None] * kernels.clamp(min=0), generator=generator)
 
@@ -230,7 +237,7 @@ class BeadFitter:
                 for s in speeds for a in (angles if s > 0 else angles[:1]) for v3 in v3s for z0 in z0s
                 if self.z_lo <= z0 and z0 + v3 <= self.z_hi
             ]  # fmt: skip
-            params = torch.tensor(rows)
+            params = torch.tensor(rows, device=self.device)
             light = self.psf(params).clamp(min=0)
             stray = centroid(light)
             if stray.abs().max() > STRAY_PX:  # a PSF whose light leaves its origin with depth (coma, tilt): each kernel centred on its light
@@ -247,6 +254,7 @@ class BeadFitter:
         bank match and the best match of the other v3 class (< or >= 0.3); pixels of weight 0
         do not count. (A start in the wrong direction ends at v3 = 0, where
         :meth:`_probe` tries both.)"""
+        counts, weight = self._on(counts), self._on(weight)
         b, w = counts.shape[0], self.window
         flat = counts.reshape(b, -1)
         background = torch.where(weight.reshape(b, -1) > 0, flat, torch.nan).nanquantile(0.2, dim=1).nan_to_num(1e-3).clamp(min=1e-3)
@@ -255,7 +263,7 @@ class BeadFitter:
         shift = -torch.stack([cx, cy], 1).round()  # each window centred on its light (as the bank's kernels are)
         centred, mask = _place(torch.stack([counts, weight], 1).reshape(b, 2, -1), shift, w, w, periodic=True).unbind(1)
         params, kernels, own = self.bank()
-        cost, amp, bg = (torch.empty(b, len(params)) for _ in range(3))
+        cost, amp, bg = (counts.new_empty(b, len(params)) for _ in range(3))
         binned = (mask == 1).all(1) & (self._bank_bins is not None)  # windows all of whose pixels count: compared on bins
         if binned.any():
             c, a, g = _bank_match(_binned(centred[binned].reshape(-1, w, w), BANK_BIN).flatten(1), self._bank_bins)
@@ -301,7 +309,7 @@ class BeadFitter:
             theta[:, MOTION], offset_px=theta[:, :2] - whole, gradient=True, chunk=_chunk(op), motion=not self.static
         ).flatten(2)  # fmt: skip
         photons = theta[:, 6, None, None]
-        jac = torch.empty(len(theta), 8, k.shape[2])
+        jac = k.new_empty(len(theta), 8, k.shape[2])
         if self.static:  # (kernel, d/dx, d/dy, d/dz0): the motion's rows held at 0
             torch.mul(photons, k[:, 1:3], out=jac[:, :2])
             torch.mul(photons, k[:, 3:], out=jac[:, 5:6])
@@ -316,6 +324,7 @@ class BeadFitter:
     def _jacobian(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expected counts (B, window**2), d mu / d theta (B, 8, window**2)): :meth:`_box_jacobian`
         placed in the window."""
+        theta = self._on(theta)
         b, w = theta.shape[0], self.window
         jac = theta.new_empty(b, 8, w * w)
         sizes = self.kernel_sizes(theta)
@@ -332,8 +341,8 @@ class BeadFitter:
         of the diagonal of the inverse Poisson Fisher information at ``theta`` (B, 8), with
         ``known`` light (B, window**2) in the windows and pixel ``weight`` (0: not counted)."""
         mu, jac = self._jacobian(theta)
-        mu = mu + known
-        return mu, self._std(torch.einsum("bpn,bqn->bpq", jac * (weight / mu)[:, None], jac))
+        mu = mu + self._on(known)
+        return mu, self._std(torch.einsum("bpn,bqn->bpq", jac * (self._on(weight) / mu)[:, None], jac))
 
     def _std(self, fisher: torch.Tensor) -> torch.Tensor:
         """Cramér-Rao standard deviations (B, 8) from the Fisher information (B, 8, 8); 0 for held parameters."""
@@ -398,14 +407,15 @@ class BeadFitter:
         computed; a rejected step that promised less than NEAR ends the fit too (the optimum lies
         within about 0.3 std, where the kernel's time steps change their number and the likelihood
         its value by about as much)."""
-        known = torch.zeros_like(counts) if known is None else known
-        weight = torch.ones_like(counts) if weight is None else weight
+        counts, theta = self._on(counts), self._on(theta)
+        known = torch.zeros_like(counts) if known is None else self._on(known)
+        weight = torch.ones_like(counts) if weight is None else self._on(weight)
         b = theta.shape[0]
-        lower, upper = bounds or (self.lower.expand(b, 8), self.upper.expand(b, 8))
+        lower, upper = (self._on(x) for x in bounds) if bounds else (self.lower.expand(b, 8), self.upper.expand(b, 8))
         theta = self._clamp(theta.clone(), lower, upper)
         ll, fish, grad = self._scored(counts, theta, known, weight)
-        damping = torch.full((b,), 1e-2)
-        converged, stale = torch.zeros(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
+        damping = theta.new_full((b,), 1e-2)
+        converged, stale = theta.new_zeros(b, dtype=torch.bool), theta.new_zeros(b, dtype=torch.bool)
         for iteration in range(iterations):
             active = (~converged).nonzero()[:, 0]
             if not len(active):
@@ -452,7 +462,7 @@ class BeadFitter:
         theta = self._clamp(candidates.reshape(b * k, 8), self.lower, self.upper)
         c, light, wt = (x.repeat_interleave(k, 0) for x in (counts, known, weight))
         ll = self.log_likelihood(c, self.expected(theta).flatten(1) + light, wt).reshape(b, k)
-        return theta.reshape(b, k, 8)[torch.arange(b), ll.argmax(1)]
+        return theta.reshape(b, k, 8)[torch.arange(b, device=theta.device), ll.argmax(1)]
 
     def _probe(
         self, counts: torch.Tensor, fit: tuple[torch.Tensor, ...], known: torch.Tensor, weight: torch.Tensor, iterations: int,
@@ -529,33 +539,33 @@ class BeadFitter:
         ``iterations`` more; with it, only
         the refinement from it, or with ``also`` it is one more start of the search."""
         w = self.window
-        counts = torch.as_tensor(counts, dtype=torch.float32).reshape(-1, w * w)
+        counts = self._on(counts).reshape(-1, w * w)
         b = counts.shape[0]
         if b == 0:
             empty, flags = np.zeros((0, len(PARAMS)), np.float32), np.zeros(0, bool)
             nothing = np.zeros(0, np.float32)
             return FitResult(empty, empty.copy(), nothing, nothing, flags, flags, flags, flags, nothing, nothing, flags)
-        known = torch.zeros_like(counts) if known is None else torch.as_tensor(known, dtype=torch.float32).reshape(b, -1)
-        weight = torch.ones_like(counts) if weight is None else torch.as_tensor(weight, dtype=torch.float32).reshape(b, -1)
+        known = torch.zeros_like(counts) if known is None else self._on(known).reshape(b, -1)
+        weight = torch.ones_like(counts) if weight is None else self._on(weight).reshape(b, -1)
         if screen is None:
             screen = SCREEN_STATIC if self.static else 0
         if start is None or also:
             starts = self._starts((counts - known).clamp(min=0).reshape(b, w, w), weight.reshape(b, w, w))
             if start is not None:
-                starts = torch.cat([starts, torch.as_tensor(start, dtype=torch.float32)[:, None]], 1)
+                starts = torch.cat([starts, self._on(start)[:, None]], 1)
             s = starts.shape[1]
             if screen:
                 c, light, wt = (x.repeat_interleave(s, 0) for x in (counts, known, weight))
                 theta, ll, *_ = self.refine(c, starts.reshape(b * s, 8), screen, known=light, weight=wt)
-                start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b) * s]
+                start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b, device=self.device) * s]
             else:
                 start = self._likeliest(counts, known, weight, starts)
-            still = (start[:, 4] < STILL_V3).nonzero()[:, 0] if not self.static else torch.zeros(0, dtype=torch.long)
+            still = (start[:, 4] < STILL_V3).nonzero()[:, 0] if not self.static else torch.zeros(0, dtype=torch.long, device=self.device)
             if len(still):  # a start without axial motion is also tried either way from PROBE_V3 (as _probe does a fit)
                 start[still] = self._likeliest(counts[still], known[still], weight[still], torch.cat([start[still, None], _turned(start[still])], 1))
-        found = self.refine(counts, torch.as_tensor(start, dtype=torch.float32), iterations, known=known, weight=weight)
+        found = self.refine(counts, self._on(start), iterations, known=known, weight=weight)
         found = self._probe(counts, found, known, weight, iterations)
-        gap = torch.zeros(b)
+        gap = counts.new_zeros(b)
         if self.signed:  # static fits start from minima at either sign already: a short refinement tells the gap, and the fit stays
             gap = self._mirror(counts, found, known, weight, MIRROR_STATIC if self.static else iterations, replace=not self.static)
         theta, ll, converged, fisher = found
@@ -570,11 +580,12 @@ class BeadFitter:
         quiet = (weight * (signal < 0.01 * signal.amax(1, keepdim=True))).clamp(max=1)
         dispersion = ((quiet * (counts - m) ** 2).sum(1) / (quiet * m).sum(1).clamp(min=1e-6)).clamp(min=1)
         std = std * dispersion.sqrt()[:, None]  # quasi-Poisson: noise beyond Poisson widens the bound by as much
-        return FitResult(
-            params=theta.numpy(), std=std.numpy(), deviance=deviance.numpy(), log_likelihood=ll.numpy(), direction_resolved=resolved(theta, std).numpy(),
-            at_bound=at_bound.any(1).numpy(), converged=converged.numpy(), crosses_focus=crosses.numpy(), pixels=weight.sum(1).numpy(),
-            dispersion=dispersion.numpy(), depth_sign_resolved=(self.signed & (gap > SIGN_GAP * dispersion)).numpy(),
-        )  # fmt: skip
+        out = {
+            "params": theta, "std": std, "deviance": deviance, "log_likelihood": ll, "direction_resolved": resolved(theta, std), "at_bound": at_bound.any(1),
+            "converged": converged, "crosses_focus": crosses, "pixels": weight.sum(1), "dispersion": dispersion,
+            "depth_sign_resolved": self.signed & (gap > SIGN_GAP * dispersion),
+        }
+        return FitResult(**{k: v.cpu().numpy() for k, v in out.items()})  # fmt: skip
 
 
 def resolved(theta: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -688,6 +699,6 @@ def centroid(light: torch.Tensor, floor: float = 1e-12, pitch: float = 1.0) -> t
     """(B, 2) (x, y) centroids of ``light`` (B, w, w) from index w // 2, in units of ``pitch``
     (its total held at ``floor`` or above)."""
     w = light.shape[-1]
-    grid = (torch.arange(w, dtype=light.dtype) - w // 2) * pitch
+    grid = (torch.arange(w, dtype=light.dtype, device=light.device) - w // 2) * pitch
     mass = light.sum((1, 2)).clamp(min=floor)
     return torch.stack([(light.sum(1) * grid).sum(1), (light.sum(2) * grid).sum(1)], 1) / mass[:, None]

@@ -98,7 +98,7 @@ class _Stack:
 def _light(fitter: BeadFitter, theta: torch.Tensor, centres: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(each particle's own light, the light of its neighbours ``pairs`` in its window), both
     (N, w, w) float32, for parameters ``theta`` (N, 8) of windows centred on ``centres``."""
-    own = fitter.light(theta).numpy()
+    own = fitter.light(theta).cpu().numpy()
     return own, place(own, centres, pairs, fitter.window)
 
 
@@ -176,8 +176,9 @@ def _pair_trial(
     the pair (P, 2, 8) and (P, w, w) bool: the streak's pixels where the second particle's light
     exceeds the first's."""
     p, w = len(theta), fitter.window
+    counts, weight, known, theta = (fitter._on(x) for x in (counts, weight, known, theta))  # on the fitter's device
     one_mu = fitter.expected(theta).flatten(1) + known
-    light = (counts - known - theta[:, 7, None]).clamp(min=0).reshape(p, w, w).numpy() * own
+    light = (counts - known - theta[:, 7, None]).clamp(min=0).reshape(p, w, w).cpu().numpy() * own
     rows, cols = np.mgrid[:w, :w]
     mass = light.sum((1, 2)) + 1e-9
     cy, cx = (light * rows).sum((1, 2)) / mass, (light * cols).sum((1, 2)) / mass
@@ -185,7 +186,7 @@ def _pair_trial(
     syy, sxx, sxy = ((light * dy * dy).sum((1, 2)), (light * dx * dx).sum((1, 2)), (light * dx * dy).sum((1, 2)))
     angle = 0.5 * np.arctan2(2 * sxy, sxx - syy)[:, None, None] + np.array([0, np.pi / 2])[:, None, None, None]  # (2, P, 1, 1): the streak's axes
     second = own & (dx * np.cos(angle) + dy * np.sin(angle) > 0)  # (2, P, w, w): the halves across each axis
-    halves = torch.from_numpy(np.stack([~second, ~(own & ~second)], 1).reshape(4 * p, -1).astype(np.float32))  # (axis, member, window)
+    halves = fitter._on(np.stack([~second, ~(own & ~second)], 1).reshape(4 * p, -1).astype(np.float32))  # (axis, member, window)
     free = (counts - known).clamp(min=0)
     split = fitter._starts(free.repeat(4, 1).reshape(-1, w, w), (weight.repeat(4, 1) * halves).reshape(-1, w, w))[:, 0]
     extra = fitter._starts((counts - one_mu).clamp(min=0).reshape(-1, w, w), weight.reshape(-1, w, w))[:, 0]
@@ -199,10 +200,10 @@ def _pair_trial(
     signal = fitter.light(pair).reshape(3, 2, p, -1)
     pair = pair.reshape(3, 2, p, 8)
     two = torch.stack([fitter.log_likelihood(counts, pair[c, 0, :, 7, None] + signal[c].sum(0) + known, weight) for c in range(3)])
-    best, every = two.argmax(0), torch.arange(p)
+    best, every = two.argmax(0), torch.arange(p, device=two.device)
     pair, signal = pair[best, :, every], signal[best, :, every]  # (P, 2, ...): the more likely start's pair
     gain = two.max(0).values - fitter.log_likelihood(counts, one_mu, weight)
-    return gain.numpy(), pair.numpy(), own & (signal[:, 1] > signal[:, 0]).reshape(p, w, w).numpy()
+    return gain.cpu().numpy(), pair.cpu().numpy(), own & (signal[:, 1] > signal[:, 0]).reshape(p, w, w).cpu().numpy()
 
 
 def _split(
@@ -336,7 +337,7 @@ def joint_std(
     A neighbour's streak over the particle's shows in its std: what the neighbour could explain
     is no longer the particle's alone."""
     w = fitter.window
-    mu_all, jac_all = fitter._jacobian(theta)
+    mu_all, jac_all = (x.cpu() for x in fitter._jacobian(theta))
     signal = (mu_all - theta[:, 7, None]).reshape(-1, w, w).numpy()
     jac_all = jac_all[:, :7].reshape(-1, 7, w, w).numpy()
     weight = weight.reshape(-1, w, w).numpy()
