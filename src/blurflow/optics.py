@@ -370,6 +370,8 @@ class MotionPSF(torch.nn.Module):
         self.register_buffer("_fy", torch.cat([ky[keep].to(torch.float32) / size, nothing]), persistent=False)  # cycles/px
         self.register_buffer("_fx", torch.cat([kx[keep].to(torch.float32) / size, nothing]), persistent=False)
         self.register_buffer("_fold", _fold_index((ky[keep] % size) * (size // 2 + 1) + kx[keep] % size, size * (size // 2 + 1)), persistent=False)
+        rates = torch.stack([self._fx, self._fy]) * (-2j * math.pi)  # d/ds of exp(-2 pi i f s): the offsets' derivatives
+        self.register_buffer("_rates", rates[:, self._fold.T], persistent=False)  # (2, columns, bins) as the fold gathers them
         self.register_buffer("_table", torch.cat([table, zero]), persistent=False)
         self.register_buffer("_slope", torch.cat([torch.diff(table, dim=0), zero, zero]), persistent=False)
         self.to(device or "cpu")
@@ -451,7 +453,10 @@ class MotionPSF(torch.nn.Module):
         d = params[:, :2] * self.scales.lateral_scale_px  # (dx, dy) px over the exposure
         a = d[:, :1] * self._fx + d[:, 1:2] * self._fy  # cycles of phase over the exposure
         ones = torch.ones_like(a)
-        phase = torch.polar(ones, -2 * math.pi * a * (0.5 / kf - 0.5))  # step 0, path midpoint = 0
+        angle = -2 * math.pi * a * (0.5 / kf - 0.5)  # step 0, path midpoint = 0
+        if offset is not None:  # the shift's phase ramp taken in at step 0: every sum below is linear in the phase
+            angle -= 2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy)
+        phase = torch.polar(ones, angle)
         ratio = torch.polar(ones, -2 * math.pi * a / kf)
         acc = torch.zeros_like(phase)  # sum of OTF(z_k) * shift_k
         acc_slope = torch.zeros_like(phase)  # sum of dOTF/dz(z_k) * shift_k, per table row
@@ -506,9 +511,6 @@ class MotionPSF(torch.nn.Module):
             acc = torch.stack([acc, by_a * (lateral * self._fx), by_a * (lateral * self._fy), by_v3, by_z0], 1)
         elif gradient:
             acc = torch.stack([acc, by_z0], 1)
-        if offset is not None:
-            shift = torch.polar(ones, -2 * math.pi * (offset[:, :1] * self._fx + offset[:, 1:2] * self._fy))
-            acc.mul_(shift[:, None] if gradient else shift)
         return acc
 
     def _image(self, acc: torch.Tensor, offsets: bool = False) -> torch.Tensor:
@@ -519,11 +521,11 @@ class MotionPSF(torch.nn.Module):
         first image, its derivatives by the x and y offsets (its samples weighted by -2 pi i f)."""
         b, m = acc.shape[:2]
         coarse = acc.new_zeros(b, m + 2 if offsets else m, self._fold.shape[0])
-        for column in self._fold.unbind(1):
+        for i, column in enumerate(self._fold.unbind(1)):
             part = acc[:, :, column]
             if offsets:
-                coarse[:, 1].addcmul_(part[:, 0], self._fx[column] * (-2j * math.pi))
-                coarse[:, 2].addcmul_(part[:, 0], self._fy[column] * (-2j * math.pi))
+                coarse[:, 1].addcmul_(part[:, 0], self._rates[0, i])
+                coarse[:, 2].addcmul_(part[:, 0], self._rates[1, i])
                 coarse[:, 3:] += part[:, 1:]
             coarse[:, 0] += part[:, 0]
         coarse = coarse.reshape(b * coarse.shape[1], self.size, -1)

@@ -264,11 +264,13 @@ class BeadFitter:
         centred, mask = _place(torch.stack([counts, weight], 1).reshape(b, 2, -1), shift, w, w, periodic=True).unbind(1)
         params, kernels, own = self.bank()
         cost, amp, bg = (counts.new_empty(b, len(params)) for _ in range(3))
-        binned = (mask == 1).all(1) & (self._bank_bins is not None)  # windows all of whose pixels count: compared on bins
-        if binned.any():
-            c, a, g = _bank_match(_binned(centred[binned].reshape(-1, w, w), BANK_BIN).flatten(1), self._bank_bins)
-            cost[binned], amp[binned], bg[binned] = c, a, g / BANK_BIN**2
-        rest = ~binned
+        whole = (mask == 1).all(1)  # windows all of whose pixels count: compared without a mask (moving beads': on bins)
+        if whole.any() and self._bank_bins is not None:
+            c, a, g = _bank_match(_binned(centred[whole].reshape(-1, w, w), BANK_BIN).flatten(1), self._bank_bins, pearson=False)
+            cost[whole], amp[whole], bg[whole] = c, a, g / BANK_BIN**2
+        elif whole.any():
+            cost[whole], amp[whole], bg[whole] = _bank_match(centred[whole], kernels)
+        rest = ~whole
         if rest.any():
             cost[rest], amp[rest], bg[rest] = _bank_match(centred[rest], kernels, mask[rest])
         small_v3 = params[:, 2] < 0.3
@@ -370,8 +372,11 @@ class BeadFitter:
         rest = theta[:, 7, None] + known  # the window's expected counts without the particle
         # beyond the particle's box only the background's row of the Jacobian (1) is not 0: the likelihood and the
         # background's terms there are the window's less the box's
-        outside = torch.stack([weight * (counts * rest.clamp(min=1e-9).log() - rest), weight / rest, weight * (counts - rest) / rest], 1)
-        totals = outside.sum(2)  # (B, 3)
+        outside = counts.new_empty(3, *counts.shape)  # (3, B, P), in place: the window is large
+        torch.div(weight, rest, out=outside[1])
+        torch.sub(counts, rest, out=outside[2]).mul_(outside[1])
+        torch.log(rest.clamp(min=1e-9), out=outside[0]).mul_(counts).sub_(rest).mul_(weight)
+        totals = outside.sum(2).T  # (B, 3)
         ll, fish, score = theta.new_empty(b), theta.new_empty(b, 8, 8), theta.new_empty(b, 8)
         sizes = self.kernel_sizes(theta)
         for size in sizes.unique().tolist():
@@ -380,9 +385,10 @@ class BeadFitter:
             whole = _whole(part, size, w)
             jac = self._box_jacobian(part, whole, size)
             if size < w:  # the box's pixels of the window (those beyond it: weight 0)
-                at = _box_index(whole, size, w)
-                c, k, wt = (_padded(x[idx]).gather(1, at) for x in (counts, known, weight))
-                beyond = totals[idx] - _padded(outside[idx].flatten(0, 1)).gather(1, at.repeat_interleave(3, 0)).reshape(-1, 3, size * size).sum(2)
+                at, inside = _box_index(whole, size, w)
+                at += idx[:, None] * (w * w)
+                c, k, wt = counts.take(at), known.take(at), weight.take(at) * inside
+                beyond = totals[idx] - (outside.take(at[:, None] + (torch.arange(3, device=at.device) * (b * w * w))[:, None]) * inside[:, None]).sum(2)
             else:
                 c, k, wt, beyond = counts[idx], known[idx], weight[idx], torch.zeros_like(totals[idx])
             mu = part[:, 7, None] + part[:, 6, None] * jac[:, 6] + k
@@ -433,6 +439,9 @@ class BeadFitter:
             gain = (step * g).sum(1)  # about twice the predicted gain
             small = gain < 2 * tol
             go = active[~small]
+            if not len(go):  # every step promises too little
+                converged[active] = True
+                break
             trial = self._clamp(theta[go] + step[~small], lower[go], upper[go])
             last = iteration == iterations - 1  # no step follows: the likelihood alone
             trial_ll, trial_fish, trial_grad = self._scored(counts[go], trial, known[go], weight[go], information=not last)
@@ -536,8 +545,10 @@ class BeadFitter:
         iterations (0: taken as it is; default SCREEN_STATIC for still beads, whose starts are
         depths far apart, else 0: screening moving beads' starts changed no R² of the isolated
         benchmark by more than 0.001 at 1.5x the cost), the most likely one per window for up to
-        ``iterations`` more; with it, only
-        the refinement from it, or with ``also`` it is one more start of the search."""
+        ``iterations`` more (unscreened, the bank's best match: choosing between its two starts by
+        their likelihood changed no R² of the isolated or the dense benchmark by more than 0.001);
+        with it, only the refinement from it, or with ``also`` it is one more start of the search,
+        the likeliest taken."""
         w = self.window
         counts = self._on(counts).reshape(-1, w * w)
         b = counts.shape[0]
@@ -559,7 +570,7 @@ class BeadFitter:
                 theta, ll, *_ = self.refine(c, starts.reshape(b * s, 8), screen, known=light, weight=wt)
                 start = theta[ll.reshape(b, s).argmax(1) + torch.arange(b, device=self.device) * s]
             else:
-                start = self._likeliest(counts, known, weight, starts)
+                start = self._likeliest(counts, known, weight, starts) if also else starts[:, 0]
             still = (start[:, 4] < STILL_V3).nonzero()[:, 0] if not self.static else torch.zeros(0, dtype=torch.long, device=self.device)
             if len(still):  # a start without axial motion is also tried either way from PROBE_V3 (as _probe does a fit)
                 start[still] = self._likeliest(counts[still], known[still], weight[still], torch.cat([start[still, None], _turned(start[still])], 1))
@@ -623,18 +634,25 @@ def canonical(theta: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None], mirror_in_depth(theta), theta)
 
 
-def _bank_match(counts: torch.Tensor, kernels: torch.Tensor, mask: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bank_match(counts: torch.Tensor, kernels: torch.Tensor, mask: torch.Tensor | None = None, pearson: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cost, photons, background) (B, N) of counts (B, P) ~ background + photons x kernel for every
-    kernel (N, P), by weighted least squares (weights 1 / (counts + 1), Pearson; pixels of ``mask``
-    (B, P) 0 do not count): the coarse search's comparison."""
-    wt = mask / (counts + 1)
-    sw, swn = wt.sum(1, keepdim=True), (wt * counts).sum(1, keepdim=True)
-    swk, swkk, swnk = wt @ kernels.T, wt @ (kernels**2).T, (wt * counts) @ kernels.T
+    kernel (N, P), by least squares, weighted by 1 / (counts + 1) (Pearson) or with ``pearson``
+    False unweighted (one product with the kernels instead of three); pixels of ``mask`` (B, P) 0
+    do not count: the coarse search's comparison."""
+    if not pearson and mask is None:
+        sw = counts.new_full((len(counts), 1), counts.shape[1])
+        swk, swkk = kernels.sum(1)[None], (kernels**2).sum(1)[None]
+        swn, swnn, swnk = counts.sum(1, keepdim=True), (counts**2).sum(1, keepdim=True), counts @ kernels.T
+    else:
+        wt = (1.0 if mask is None else mask) / (counts + 1 if pearson else 1)
+        sw, swk, swkk = wt.sum(1, keepdim=True), wt @ kernels.T, wt @ (kernels**2).T
+        swn, swnn, swnk = (wt * counts).sum(1, keepdim=True), (wt * counts**2).sum(1, keepdim=True), (wt * counts) @ kernels.T
     det = (sw * swkk - swk**2).clamp(min=1e-12)
-    amp = ((sw * swnk - swk * swn) / det).clamp(min=1)
-    bg = ((swn - amp * swk) / sw).clamp(min=1e-3)
-    swnn = (wt * counts**2).sum(1, keepdim=True)
-    return swnn - 2 * amp * swnk - 2 * bg * swn + amp**2 * swkk + 2 * amp * bg * swk + bg**2 * sw, amp, bg
+    amp = torch.mul(swnk, sw).addcmul_(swk, swn, value=-1).div_(det).clamp_(min=1)
+    bg = torch.addcmul(swn, amp, swk, value=-1).div_(sw).clamp_(min=1e-3)
+    # the squared residual, swnn + amp (amp swkk - 2 swnk + 2 bg swk) + bg (bg sw - 2 swn), in place: (B, N) is large
+    cost = torch.mul(amp, swkk).sub_(swnk, alpha=2).addcmul_(bg, swk, value=2).mul_(amp)
+    return cost.addcmul_(bg, torch.mul(bg, sw).sub_(swn, alpha=2)).add_(swnn), amp, bg
 
 
 def _binned(images: torch.Tensor, side: int) -> torch.Tensor:
@@ -664,19 +682,15 @@ def _whole(theta: torch.Tensor, size: int, window: int) -> torch.Tensor:
     return theta[:, :2].round() if size < window else torch.zeros_like(theta[:, :2])
 
 
-def _box_index(whole: torch.Tensor, size: int, window: int) -> torch.Tensor:
-    """(B, size**2) the window pixel (row-major index) of each pixel of boxes of ``size`` px whose
-    origins (index size // 2) lie at ``whole`` (B, 2) (x, y) px from the window's centre;
-    window**2 for those beyond the window (:func:`_padded`'s 0)."""
+def _box_index(whole: torch.Tensor, size: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the window pixel (row-major index) (B, size**2) of each pixel of boxes of ``size`` px
+    whose origins (index size // 2) lie at ``whole`` (B, 2) (x, y) px from the window's centre,
+    the nearest window pixel for those beyond it; whether within the window (B, size**2), 1 or 0)."""
     grid = torch.arange(size, device=whole.device) - size // 2 + window // 2
     rows, cols = grid[None] + whole[:, 1:2].long(), grid[None] + whole[:, 0:1].long()
     inside = ((rows >= 0) & (rows < window))[:, :, None] & ((cols >= 0) & (cols < window))[:, None, :]
-    return torch.where(inside, rows[:, :, None] * window + cols[:, None, :], window * window).flatten(1)
-
-
-def _padded(x: torch.Tensor) -> torch.Tensor:
-    """(B, N + 1): ``x`` (B, N) with a 0 appended to each row."""
-    return torch.cat([x, x.new_zeros(len(x), 1)], 1)
+    index = rows.clamp(0, window - 1)[:, :, None] * window + cols.clamp(0, window - 1)[:, None, :]
+    return index.flatten(1), inside.flatten(1).to(whole.dtype)
 
 
 def _place(kernels: torch.Tensor, whole: torch.Tensor, size: int, window: int, periodic: bool = False) -> torch.Tensor:
