@@ -150,7 +150,9 @@ def test_detection_groups_neighbours_leaves_out_the_border_and_the_joint_fit_fin
     position = fit.params[:, :2] + found.centres[:, ::-1] - np.array(centres)[[0, 2, 3]][:, ::-1]
     assert np.abs(position).max() < 0.3 and np.abs(fit.params[:, 2:6] - truth[:, 2:6]).max() < 0.1
     alone = fitter.cramer_rao(torch.from_numpy(fit.params[1:]))[1].numpy()
-    assert np.allclose(fit.std[1:, 2:6], alone[:, 2:6] * np.sqrt(fit.dispersion[1:, None]), rtol=1e-5)  # (quasi-Poisson: times the dispersion's root)
+    # quasi-Poisson: times the dispersion's root; the information is the last point's evaluated (the last Newton step, promising
+    # < 0.05 in log-likelihood, is taken untried: within 0.3 std of it), where the bound differs by at most a few %
+    assert np.allclose(fit.std[1:, 2:6], alone[:, 2:6] * np.sqrt(fit.dispersion[1:, None]), rtol=0.03)
 
 
 def test_the_joint_std_grows_where_a_neighbours_streak_covers_the_particles():
