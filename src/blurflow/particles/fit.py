@@ -640,7 +640,9 @@ def canonical(theta: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None], mirror_in_depth(theta), theta)
 
 
-def _bank_match(counts: torch.Tensor, kernels: torch.Tensor, mask: torch.Tensor | None = None, pearson: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bank_match(
+    counts: torch.Tensor, kernels: torch.Tensor, mask: torch.Tensor | None = None, pearson: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cost, photons, background) (B, N) of counts (B, P) ~ background + photons x kernel for every
     kernel (N, P), by least squares, weighted by 1 / (counts + 1) (Pearson) or with ``pearson``
     False unweighted (one product with the kernels instead of three); pixels of ``mask`` (B, P) 0
