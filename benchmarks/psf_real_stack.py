@@ -1,7 +1,8 @@
 """A real bead z-stack split in two halves by bead: calibrate on one half (blurflow calibrate's
 model), fit the other half's beads plane by plane as static beads (blurflow particles --psf
 --static), and score the depths against the stack's known steps (docs/particles.md, "A real
-stack").
+stack"). Beside each rmse, the Cramér-Rao bound's: the rmse an efficient estimator
+would reach on the same planes (the root-mean-square of the fits' std).
 
 Scores: the rmse of z against the steps after one offset per bead (its focus), as a share of the
 calibrated range, over the planes whose depth lies inside the model's range less 0.5 um at each
@@ -79,12 +80,15 @@ def main() -> None:
         slopes = [float(np.polyfit(truth[m], fitted[i, m], 1)[0]) for i, m in enumerate(inside) if m.sum() > 3]
         depth = np.round((truth - focus) / args.z_step_um).astype(int)  # planes from each bead's focus
         by_depth = {int(d): round(float(np.sqrt(np.nanmean(err[depth == d] ** 2))), 3) for d in np.unique(depth[inside])}
+        std = np.where(inside, fit.std[:, 5].reshape(b, z), np.nan)  # Cramér-Rao std of each depth (x the dispersion's root)
+        bound_by_depth = {int(d): round(float(np.sqrt(np.nanmean(std[depth == d] ** 2))), 3) for d in np.unique(depth[inside])}
         print(json.dumps({
             "split": name, "calibration_beads": model.beads, "test_beads": b, "planes": z, "calibrate_s": round(seconds, 1),
             "z_range_um": [round(lo, 3), round(hi, 3)], "asymmetry": round(model.asymmetry, 3), "signed": fitter.signed,
             "rmse_z_um": round(rmse, 4), "share_of_range": round(rmse / (hi - lo), 4), "depth_sign_right": round(sign_right, 4),
             "slope_median": round(float(np.median(slopes)), 3), "static_beads_per_s": round(rate, 1),
-            "rmse_um_by_planes_from_focus": by_depth,
+            "rmse_um_by_planes_from_focus": by_depth, "bound_rmse_z_um": round(float(np.sqrt(np.nanmean(std**2))), 4),
+            "bound_um_by_planes_from_focus": bound_by_depth,
         }), flush=True)  # fmt: skip
 
 
