@@ -173,9 +173,9 @@ def _pair_trial(
     half's pixels left out; and the one-particle fit with the best bank match of the light it
     leaves. From each, each particle is refined with the other's light known; then the likeliest
     start's pair alone, ``rounds`` - 1 times more (all three for both rounds: 1.1x slower on the
-    dense benchmark, 93.8 % fitted instead of 92.7 %, the mean R² 0.953 instead of 0.947). Returns (P,) the log-likelihood gain of two particles over one,
-    the pair (P, 2, 8) and (P, w, w) bool: the streak's pixels where the second particle's light
-    exceeds the first's."""
+    dense benchmark, 93.8 % fitted instead of 92.7 %, the mean R² 0.953 instead of 0.947).
+    Returns (P,) the log-likelihood gain of two particles over one, the pair (P, 2, 8) and
+    (P, w, w) bool: the streak's pixels where the second particle's light exceeds the first's."""
     p, w = len(theta), fitter.window
     counts, weight, known, theta = (fitter._on(x) for x in (counts, weight, known, theta))  # on the fitter's device
     one_mu = fitter.expected(theta).flatten(1) + known
@@ -193,24 +193,21 @@ def _pair_trial(
     extra = fitter._starts((counts - one_mu).clamp(min=0).reshape(-1, w, w), weight.reshape(-1, w, w))[:, 0]
     kept = theta.clone()
     kept[:, 6] = (theta[:, 6] - extra[:, 6]).clamp(min=0.5 * theta[:, 6])
-    pair = torch.cat([split, kept, extra])  # (6P, 8): (start, member, window): (halves, halves, one plus the rest) x (first, second)
+    pair = torch.cat([split, kept, extra]).reshape(3, 2, p, 8)  # (start, member, window): (halves, halves, one plus the rest) x (first, second)
     every = torch.arange(p, device=pair.device)
     for r in range(rounds + 1):
-        starts = len(pair) // (2 * p)
-        signal = fitter.light(pair).reshape(starts, 2, p, -1)
-        if r == rounds or (r == 1 and starts > 1):  # after the first round only the likeliest start's pair goes on
-            background = pair.reshape(starts, 2, p, 8)[:, 0, :, 7, None]  # (starts, P, 1): the first member's
-            two = torch.stack([fitter.log_likelihood(counts, background[c] + signal[c].sum(0) + known, weight) for c in range(starts)])
+        signal = fitter.light(pair.reshape(-1, 8)).reshape(*pair.shape[:3], -1)
+        if r in (1, rounds):  # after the first round only the likeliest start's pair goes on
+            two = torch.stack([fitter.log_likelihood(counts, pair[c, 0, :, 7, None] + signal[c].sum(0) + known, weight) for c in range(len(pair))])
             best = two.argmax(0)
-            pair, signal = pair.reshape(starts, 2, p, 8)[best, :, every].transpose(0, 1).reshape(2 * p, 8), signal[best, :, every].transpose(0, 1)[None]
-            starts = 1
+            pair, signal = pair[best, :, every].transpose(0, 1)[None], signal[best, :, every].transpose(0, 1)[None]
         if r == rounds:
             break
-        light = known.repeat(2 * starts, 1) + signal.flip(1).reshape(2 * starts * p, -1)  # the partner's light known
-        pair = fitter.refine(counts.repeat(2 * starts, 1), pair, 6, known=light, weight=weight.repeat(2 * starts, 1))[0]
+        n = pair.shape[0] * 2
+        light = known.repeat(n, 1) + signal.flip(1).reshape(n * p, -1)  # the partner's light known
+        pair = fitter.refine(counts.repeat(n, 1), pair.reshape(-1, 8), 6, known=light, weight=weight.repeat(n, 1))[0].reshape(-1, 2, p, 8)
     gain = two.max(0).values - fitter.log_likelihood(counts, one_mu, weight)
-    pair, signal = pair.reshape(2, p, 8).transpose(0, 1), signal[0]  # (P, 2, 8); signal (2, P, w*w)
-    return gain.cpu().numpy(), pair.cpu().numpy(), own & (signal[1] > signal[0]).reshape(p, w, w).cpu().numpy()
+    return gain.cpu().numpy(), pair[0].transpose(0, 1).cpu().numpy(), own & (signal[0, 1] > signal[0, 0]).reshape(p, w, w).cpu().numpy()
 
 
 def _split(
