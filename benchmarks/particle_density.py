@@ -13,9 +13,10 @@ beads/s (detection and fits; the kernel bank is built before the clock: its time
 once as the start-up), and in the same run the floor of that speed: beads/s of detection and each
 streak's fit alone (fit_frames with no rounds with neighbours and no splits), what every bead
 costs before its neighbours are fitted with it. ``--repeat`` times both that many times (the fits
-are the same each time).
+are the same each time). With ``--stages``, one more pass under cProfile prints the seconds
+spent in each stage of fit_frames (cumulative, so nested stages count in their callers too).
 
-    python benchmarks/particle_density.py [--densities 1 3 6 10] [--frames 4] [--size 512] [--threads 2] [--repeat 1]
+    python benchmarks/particle_density.py [--densities 1 3 6 10] [--frames 4] [--size 512] [--threads 2] [--repeat 1] [--stages]
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="timings of each density")
+    ap.add_argument("--stages", action="store_true", help="also the seconds of each stage of one pass (cProfile)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     setup = Setup.from_config({})
@@ -88,6 +90,27 @@ def main() -> None:
             row.update(r2={k: round(v, 3) for k, v in scores["r2"].items()}, within_1_std=scores["within_1_std"], within_2_std=scores["within_2_std"])
             row["jointly"] = round(float((parts.neighbours[fitted] > 0).mean()), 3)
         print(json.dumps(row), flush=True)
+        if args.stages:
+            print(json.dumps({"beads_per_128px": density, "stage_s": stages(fitter, frames, window)}), flush=True)
+
+
+STAGES = {
+    "detection": "detect", "fits_with_neighbours": "_fit_groups", "coarse_search": "_starts", "splits": "_split", "pair_trials": "_pair_trial",
+    "finish": "_finish", "joint_std": "joint_std", "total": "fit_frames",
+}  # fmt: skip
+
+
+def stages(fitter: BeadFitter, frames: list[np.ndarray], window: int) -> dict[str, float]:
+    """Seconds (cumulative) in each of STAGES' functions over one detection and fit of ``frames``."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    fit_frames(fitter, frames, [detect(f, window) for f in frames])
+    profile.disable()
+    seconds = {name: ct for (_, _, name), (_, _, _, ct, _) in pstats.Stats(profile).stats.items()}
+    return {stage: round(seconds.get(name, 0.0), 2) for stage, name in STAGES.items()}
 
 
 if __name__ == "__main__":

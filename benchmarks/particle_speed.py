@@ -13,10 +13,14 @@ and the share of resolved directions and of those resolved the right way.
 With --table1, also the paper's Table 1 bead cases a-d: ``--beads`` beads of each motion, with
 the same photon and background draws, and the mean fit per case against the truth.
 
+With --true-start, each timing also fits from the true parameters instead of the coarse search's
+start: the speed and R² a perfect start proposer (a network trained on simulated windows, as
+DECODE's) could give at no cost of its own, the ceiling of that lever.
+
 With --psf, the beads are fitted with that PSF model file (blurflow calibrate; simulated with the
 ideal optics as ever): ``blurflow calibrate --out ideal.h5`` gives the same fits as without it.
 
-    python benchmarks/particle_speed.py [--beads 200] [--repeats 3] [--threads 2] [--table1] [--psf PSF.h5] [--device cuda]
+    python benchmarks/particle_speed.py [--beads 200] [--repeats 3] [--threads 2] [--table1] [--true-start] [--psf PSF.h5] [--device cuda]
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table1", action="store_true", help="also fit Table 1's bead cases a-d")
     parser.add_argument("--psf", help="fit with this PSF model file (blurflow calibrate)")
+    parser.add_argument("--true-start", action="store_true", help="also time fits that start from the true parameters (a perfect start)")
     parser.add_argument("--device", default="cpu", help="fit on this torch device (cuda: the prepared GPU check)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -70,13 +75,15 @@ def main() -> None:
     simulator = fitter if psf is None and args.device == "cpu" else BeadFitter(Optics(), MotionScales(24, 10), 64)
     counts = simulator.simulate(truth, torch.Generator().manual_seed(1))
     fitter.fit(counts[:200])  # warm-up: the kernel boxes' operators are built when first needed
-    rates = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        fit = fitter.fit(counts)
-        rates.append(args.beads / (time.perf_counter() - t0))
-        print(json.dumps({"beads": args.beads, "threads": args.threads, "device": args.device, "particles_per_s": round(rates[-1], 2)}), flush=True)
-    print(json.dumps({"min_per_s": round(min(rates), 2), "median_per_s": round(statistics.median(rates), 2), **accuracy(fitter, truth, fit)}))
+    for start in [None, truth] if args.true_start else [None]:
+        rates = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fit = fitter.fit(counts, start=start)
+            rates.append(args.beads / (time.perf_counter() - t0))
+            row = {"beads": args.beads, "threads": args.threads, "device": args.device, "start": "search" if start is None else "truth"}
+            print(json.dumps({**row, "particles_per_s": round(rates[-1], 2)}), flush=True)
+        print(json.dumps({"min_per_s": round(min(rates), 2), "median_per_s": round(statistics.median(rates), 2), **accuracy(fitter, truth, fit)}))
     if args.table1:
         from blurflow.testsets import TABLE1
 

@@ -68,16 +68,21 @@ def main() -> None:
         fitted = fit.params[:, 5].reshape(b, z)  # um (A = 1 um)
         truth = np.arange(z) * args.z_step_um
         lo, hi = model.z_range_um
-        offset = np.median(fitted - truth, 1, keepdims=True)  # each bead's focus
-        inside = (truth + offset > lo + 0.5) & (truth + offset < hi - 0.5)
-        err = np.where(inside, fitted - truth - offset, np.nan)
-        offset = offset + np.nanmean(err, 1, keepdims=True)  # the least-squares offset over the planes inside
-        err = np.where(inside, fitted - truth - offset, np.nan)
-        rmse = float(np.sqrt(np.nanmean(err**2)))
+        if fitter.signed:
+            offset = np.median(fitted - truth, 1, keepdims=True)  # each bead's focus
+            inside = (truth + offset > lo + 0.5) & (truth + offset < hi - 0.5)
+            err = np.where(inside, fitted - truth - offset, np.nan)
+            offset = offset + np.nanmean(err, 1, keepdims=True)  # the least-squares offset over the planes inside
+        else:  # a symmetric model: depth folded (>= 0), each bead's focus where |truth - focus| fits best
+            offset = -np.array([_best_focus(fitted[i], truth, args.z_step_um, hi) for i in range(b)])[:, None]
+            inside = np.abs(truth + offset) < hi - 0.5
         focus = -offset  # the bead's focus on the stack's z axis
+        depth_true = truth - focus if fitter.signed else np.abs(truth - focus)
+        err = np.where(inside, fitted - depth_true, np.nan)
+        rmse = float(np.sqrt(np.nanmean(err**2)))
         clear = inside & (np.abs(truth - focus) > args.clear_um)
-        sign_right = float((np.sign(fitted - offset - focus) == np.sign(truth - focus))[clear].mean())
-        slopes = [float(np.polyfit(truth[m], fitted[i, m], 1)[0]) for i, m in enumerate(inside) if m.sum() > 3]
+        sign_right = float((np.sign(fitted - offset - focus) == np.sign(truth - focus))[clear].mean()) if fitter.signed else None
+        slopes = [float(np.polyfit(depth_true[i, m], fitted[i, m], 1)[0]) for i, m in enumerate(inside) if m.sum() > 3]
         depth = np.round((truth - focus) / args.z_step_um).astype(int)  # planes from each bead's focus
         by_depth = {int(d): round(float(np.sqrt(np.nanmean(err[depth == d] ** 2))), 3) for d in np.unique(depth[inside])}
         std = np.where(inside, fit.std[:, 5].reshape(b, z), np.nan)  # Cramér-Rao std of each depth (x the dispersion's root)
@@ -85,11 +90,25 @@ def main() -> None:
         print(json.dumps({
             "split": name, "calibration_beads": model.beads, "test_beads": b, "planes": z, "calibrate_s": round(seconds, 1),
             "z_range_um": [round(lo, 3), round(hi, 3)], "asymmetry": round(model.asymmetry, 3), "signed": fitter.signed,
-            "rmse_z_um": round(rmse, 4), "share_of_range": round(rmse / (hi - lo), 4), "depth_sign_right": round(sign_right, 4),
+            "rmse_z_um": round(rmse, 4), "share_of_range": round(rmse / (hi - lo), 4), "depth_sign_right": sign_right and round(sign_right, 4),
             "slope_median": round(float(np.median(slopes)), 3), "static_beads_per_s": round(rate, 1),
             "rmse_um_by_planes_from_focus": by_depth, "bound_rmse_z_um": round(float(np.sqrt(np.nanmean(std**2))), 4),
             "bound_um_by_planes_from_focus": bound_by_depth,
         }), flush=True)  # fmt: skip
+
+
+def _folded_error(fitted: np.ndarray, truth: np.ndarray, focus: float, reach: float) -> float:
+    """Mean squared error (um²) of folded depths ``fitted`` against |``truth`` - ``focus``| over
+    the planes within ``reach`` - 0.5 um of focus."""
+    inside = np.abs(truth - focus) < reach - 0.5
+    return float(np.mean((fitted[inside] - np.abs(truth[inside] - focus)) ** 2)) if inside.any() else np.inf
+
+
+def _best_focus(fitted: np.ndarray, truth: np.ndarray, step: float, reach: float) -> float:
+    """The focus (um, on the stack's axis) that fits folded depths best (:func:`_folded_error`):
+    the best plane, then to 1/100 of a ``step`` within one step of it."""
+    near = min(truth, key=lambda f: _folded_error(fitted, truth, f, reach))
+    return min(near + step * np.linspace(-1, 1, 201), key=lambda f: _folded_error(fitted, truth, f, reach))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from blurflow.cli import main
 from blurflow.optics import MotionPSF, MotionScales, Optics, PupilPSF, SpherePSF, psf3d
 from blurflow.particles import BeadFitter
-from blurflow.particles.calibrate import CalibrationError, bead_stack, calibrate
+from blurflow.particles.calibrate import CalibrationError, bead_stack, calibrate, find_beads
 from blurflow.particles.fit import toward_focus
 from blurflow.psfmodel import PSFModel, PSFModelError
 
@@ -114,6 +114,17 @@ def test_a_stack_that_gives_no_model_is_one_line_naming_why(case, words):
     with pytest.raises(CalibrationError, match=words) as err:
         calibrate(counts, 1.0, Optics(), window=32)
     assert "\n" not in str(err.value) and "needs >= 3" in str(err.value)
+
+
+def test_a_bead_with_a_dim_neighbour_closer_than_half_a_window_is_crowded():
+    """A neighbour at a third of the bead's brightness 12 px away (closer than the peaks' spacing of
+    half a window, so no peak of its own) makes the bead crowded: its light would enter the model."""
+    counts, truth = bead_stack(Optics(), np.arange(-4, 4) * 1.0, shape=(144, 144), beads=4, spacing_px=48)
+    assert len(find_beads(counts, 32, np.zeros(counts.shape, bool))[0]) == 4
+    y, x = int(round(truth["rows"][0])), int(round(truth["cols"][0]))
+    counts[:, y - 16 + 12 : y + 16 + 12, x - 16 : x + 16] += (counts[:, y - 16 : y + 16, x - 16 : x + 16] - 10.0) / 3  # the bead's light, dimmer, 12 px down
+    centres, left = find_beads(counts, 32, np.zeros(counts.shape, bool))
+    assert len(centres) == 3 and left["crowded"] == 1 and not (np.abs(centres - (y, x)).max(1) < 3).any()
 
 
 def test_a_sphere_conserves_energy_and_a_wider_bead_is_dimmer_at_focus():

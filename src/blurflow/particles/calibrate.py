@@ -30,6 +30,7 @@ MIN_BEADS = 3  # beads needed for a model
 SNR_MIN = 20.0  # the mean bead's peak over its standard error below which planes far from focus are left out of the model
 BEADS_PER_UNKNOWN = 2  # beads for each of the oversample^2 unknowns per camera frequency (their sub-pixel offsets tell them apart)
 FAINT = 0.1  # share of the median bead's photons below which a peak is left out ('faint')
+CROWD_PROMINENCE = 0.05  # of the median bead's peak height: a maximum as prominent is another bead (find_beads)
 RIDGE = 1e-4  # Tikhonov weight per unit of bead weight in the per-frequency least squares
 
 
@@ -50,27 +51,34 @@ def find_beads(counts: np.ndarray, window: int, saturated: np.ndarray, threshold
     """(row, col) centres (N, 2) int of the beads of a stack of counts (Z, H, W) that stand alone:
     the peaks of the smoothed maximum projection (at least ``window`` / 2 px apart) that rise above
     ``threshold`` noise std (median absolute deviation) over at least 4 px, whose ``window`` px
-    window lies inside the image and holds no other peak within ``window`` px; and counts of those
-    left out: {'border', 'crowded', 'saturated'} (``saturated`` (Z, H, W) bool: a bead with a
-    saturated pixel in its window)."""
+    window lies inside the image and holds no other maximum within ``window`` px (a maximum: one
+    that rises CROWD_PROMINENCE of the median peak's height above the light around it, however close:
+    a neighbour 12 px from a bead is no peak ``window`` / 2 px apart); and counts of those left out:
+    {'border', 'crowded', 'saturated'} (``saturated`` (Z, H, W) bool: a bead with a saturated pixel
+    in its window)."""
     from scipy import ndimage
-    from skimage import feature, measure
+    from skimage import feature, measure, morphology
 
     top = ndimage.gaussian_filter(counts.max(0), 1.0)
-    noise = 1.4826 * np.median(np.abs(top - np.median(top))) + 1e-9
-    labels = measure.label(top > np.median(top) + threshold * noise)
+    floor = np.median(top)
+    noise = 1.4826 * np.median(np.abs(top - floor)) + 1e-9
+    labels = measure.label(top > floor + threshold * noise)
     labels[np.isin(labels, [r.label for r in measure.regionprops(labels) if r.area < 4])] = 0
     peaks = feature.peak_local_max(top, min_distance=max(1, window // 2), labels=labels, exclude_border=False)
+    height = float(np.median(top[tuple(peaks.T)])) - floor if len(peaks) else 0.0
+    maxima = morphology.h_maxima(top, max(CROWD_PROMINENCE * height, threshold * noise)) & (labels > 0)
+    marks = measure.label(maxima)
+    every = np.array([r.centroid for r in measure.regionprops(marks)]).reshape(-1, 2)
     half = window // 2
     h, w = top.shape
     hit = saturated.any(0)
     left = {"border": 0, "crowded": 0, "saturated": 0}
     keep = []
     for cy, cx in peaks:
-        others = np.abs(peaks - (cy, cx)).max(1)
+        near = (np.abs(every - (cy, cx)).max(1) < window) & (np.hypot(*(every - (cy, cx)).T) > 2)  # other maxima (not the peak's own)
         if cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
             left["border"] += 1
-        elif (others < window).sum() > 1:
+        elif near.any() or (np.abs(peaks - (cy, cx)).max(1) < window).sum() > 1:
             left["crowded"] += 1
         elif hit[cy - half : cy + half, cx - half : cx + half].any():
             left["saturated"] += 1
