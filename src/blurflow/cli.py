@@ -512,7 +512,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     """``blurflow calibrate``: a PSF model file from a bead z-stack, or from the ideal optics."""
     from blurflow import figures
     from blurflow.particles.calibrate import CalibrationError, calibrate
-    from blurflow.psfmodel import PSFModel
+    from blurflow.psfmodel import SYMMETRY_TOL, PSFModel
 
     out = Path(args.out)
     if out.suffix.lower() not in (".h5", ".hdf5"):
@@ -543,7 +543,15 @@ def calibrate_command(args: argparse.Namespace) -> int:
         lo, hi = model.z_range_um
         left = ", ".join(f"{n} {k}" for k, n in model.extra.get("left_out", {}).items() if n)
         made = f"{model.beads} beads" + (f" (left out: {left})" if left else "") if model.beads else "the ideal optics"
-        depth = "symmetric in depth" if model.symmetric else f"asymmetric in depth ({model.asymmetry:.2f}): depths are fitted signed"
+        check = model.extra.get("sign_check", {})
+        if model.asymmetry < SYMMETRY_TOL:
+            depth = "symmetric in depth: depths are folded"
+        elif model.symmetric:
+            depth = f"asymmetric in depth ({model.asymmetry:.2f}), but its sign does not reproduce on the calibration beads (one half fitted with the other's model): depths are folded"
+        else:
+            depth = f"asymmetric in depth ({model.asymmetry:.2f}): depths are fitted signed"
+            if check.get("planes"):
+                depth += f" (the calibration beads' signs: {check['right_resolved']:.0%} right where resolved, {check['resolved']:.0%} of planes)"
         note(
             f"blurflow: {out}: PSF model from {made}, z {lo:.3g}..{hi:.3g} um every {model.z_step_um:.3g} um, "
             f"{model.table.shape[-1]} x {model.table.shape[-1]} samples of {model.pixel_um / model.oversample:.3g} um, {depth}"

@@ -44,7 +44,10 @@ class PSFModel:
     size, magnification, NA), ``beads`` averaged (0 for the ideal optics), ``source`` (how it was
     made), ``stack_sha256`` (of the calibration stack's pixels), ``residual`` (Z, S, S): the rms
     over the beads of their difference from the model (the table's units), ``extra``: any other
-    record of the calibration (JSON-able)."""
+    record of the calibration (JSON-able), ``sign_gap``: the log-likelihood (per unit of
+    dispersion) by which a fit's mirror image in depth must lose for its sign to count as
+    measured, found on the calibration's own beads (blurflow.particles.calibrate; inf: their signs
+    did not come out right at any gap, so the sign is not measured; None: not checked)."""
 
     table: np.ndarray
     z_um: np.ndarray
@@ -55,6 +58,7 @@ class PSFModel:
     stack_sha256: str = ""
     residual: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    sign_gap: float | None = None
 
     def __post_init__(self) -> None:
         table, z = np.asarray(self.table, np.float32), np.asarray(self.z_um, np.float64)
@@ -113,8 +117,9 @@ class PSFModel:
 
     @property
     def symmetric(self) -> bool:
-        """Whether +z and -z image alike within SYMMETRY_TOL (then the depth's sign is not measured)."""
-        return self.asymmetry < SYMMETRY_TOL
+        """Whether +z and -z image alike within SYMMETRY_TOL, or the calibration beads' signs did
+        not come out right (``sign_gap`` inf): then the depth's sign is not measured."""
+        return self.asymmetry < SYMMETRY_TOL or self.sign_gap == math.inf
 
     @cached_property
     def _spline(self):
@@ -180,6 +185,8 @@ class PSFModel:
                 "beads": self.beads, "source": self.source, "stack_sha256": self.stack_sha256, "asymmetry": self.asymmetry,
                 "symmetric": self.symmetric, "extra": json.dumps(self.extra),
             })  # fmt: skip
+            if self.sign_gap is not None:
+                f.attrs["sign_gap"] = self.sign_gap
         return path
 
     @classmethod
@@ -201,6 +208,7 @@ class PSFModel:
                 return cls(
                     f["psf"][()], f["z_um"][()], optics, int(f.attrs["oversample"]), int(f.attrs["beads"]), str(f.attrs["source"]),
                     str(f.attrs["stack_sha256"]), f["residual"][()], json.loads(f.attrs.get("extra", "{}")),
+                    float(f.attrs["sign_gap"]) if "sign_gap" in f.attrs else None,
                 )  # fmt: skip
         except PSFModelError as exc:
             raise PSFModelError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None

@@ -18,6 +18,7 @@ Units: um in the sample, counts in photo-electrons.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -194,6 +195,7 @@ def _render(fine: torch.Tensor, phase: torch.Tensor, grid: _Grid, derivative: bo
 def calibrate(
     stack: np.ndarray, z_step_um: float, optics: Optics, offset: float = 0.0, gain: float = 1.0, window: int | None = None,
     oversample: int | None = None, saturation: float | None = None, rounds: int = 3, use: np.ndarray | None = None, snr_min: float = SNR_MIN,
+    check_sign: bool = True,
 ) -> PSFModel:  # fmt: skip
     """PSF model from a z-stack of static beads ``stack`` (Z, H, W) in camera units (planes every
     ``z_step_um`` um; repeated planes averaged by the caller), ``offset`` and ``gain`` as in
@@ -204,8 +206,9 @@ def calibrate(
     largest value of an integer dtype): beads with a pixel at or above it are left out. ``use``
     (N,) bool: which of the beads found (:func:`find_beads`, in its order) to average (default
     all; to keep some for testing the model). ``snr_min``: the planes kept about focus are those
-    where the mean bead's peak stands ``snr_min`` standard errors above its noise. Raises
-    CalibrationError (one line) where the stack gives no model."""
+    where the mean bead's peak stands ``snr_min`` standard errors above its noise. With
+    ``check_sign``, a model asymmetric in depth gets its ``sign_gap`` from its own beads
+    (:func:`_sign_check`). Raises CalibrationError (one line) where the stack gives no model."""
     raw = np.asarray(stack)
     if raw.ndim != 3 or raw.shape[0] < 4:
         raise CalibrationError(f"a z-stack needs >= 4 planes of 2D images, got shape {raw.shape}")
@@ -218,15 +221,16 @@ def calibrate(
     if not np.isfinite(counts).all():
         raise CalibrationError("the stack holds NaN or Inf pixels")
     window = window or auto_window(optics, (raw.shape[0] - 1) * z_step_um / 2)
+    options = {"offset": offset, "gain": gain, "window": window, "oversample": oversample, "saturation": saturation, "rounds": rounds, "snr_min": snr_min}
     centres, left = find_beads(counts, window, saturated)
-    if use is not None:
-        centres = centres[use]
+    chosen = np.arange(len(centres)) if use is None else np.flatnonzero(use)  # the beads averaged, in find_beads' order
+    found, centres = len(centres), centres[chosen]
     _enough(centres, left)
     planes, photons = _planes(counts, centres, window)
     faint = photons < FAINT * np.median(photons)  # noise or debris, not a bead
     if faint.any():
         left["faint"] = int(faint.sum())
-        centres, planes, photons = centres[~faint], planes[~faint], photons[~faint]
+        centres, planes, photons, chosen = centres[~faint], planes[~faint], photons[~faint], chosen[~faint]
         _enough(centres, left)
     # each camera frequency takes oversample^2 unknowns from the beads' offsets: at least BEADS_PER_UNKNOWN beads for each
     oversample = oversample or max(1, min(optics.min_oversample, math.isqrt(len(centres) // BEADS_PER_UNKNOWN)))
@@ -274,7 +278,7 @@ def calibrate(
     snr = table.max((1, 2)) / (np.median(residual, (1, 2)) / math.sqrt(len(centres)) + 1e-12)  # the mean bead's peak over its standard error
     lo, hi = _run(snr >= snr_min, round(k))
     table, residual, z = table[lo:hi], residual[lo:hi], z[lo:hi]
-    return PSFModel(
+    model = PSFModel(
         table, z, optics, oversample, beads=len(centres), source="bead z-stack (blurflow calibrate)", stack_sha256=stack_hash(raw), residual=residual,
         extra={
             "left_out": left, "window_px": window, "offset": offset, "gain": gain, "saturation": saturation,
@@ -283,6 +287,68 @@ def calibrate(
             "relative_residual": float(np.linalg.norm(residual) / np.linalg.norm(table)), "stack_planes_kept": [lo, hi],
         },
     )  # fmt: skip
+    if not check_sign or model.symmetric:
+        return model
+    halves = [np.isin(np.arange(found), chosen[part::2]) for part in (0, 1)]
+    gap, check = _sign_check(raw, counts, z_step_um, optics, options, halves, centres, depth + np.median(focus))
+    return replace(model, sign_gap=gap, extra={**model.extra, "sign_check": check})
+
+
+SIGN_RIGHT = 0.95  # share of the calibration beads' signs that must come out right above a model's sign_gap
+SIGN_FITS = 10  # fits above the sign_gap, at least, for the share to count
+
+
+def _sign_check(
+    raw: np.ndarray, counts: np.ndarray, z_step_um: float, optics: Optics, options: dict, halves: list[np.ndarray], centres: np.ndarray,
+    focus: np.ndarray,
+) -> tuple[float | None, dict]:  # fmt: skip
+    """The gap (log-likelihood per unit of dispersion) by which a fit's mirror image in depth must
+    lose for its sign to be right: each half of the beads (``halves``: (N,) bool over find_beads'
+    beads; ``centres`` (B, 2) the beads averaged, alternately in either half, at their ``focus``
+    planes (B,)) is calibrated on its own, the other half's planes fitted as static beads with it,
+    and the gap taken where the fits whose mirror loses by more hold SIGN_RIGHT right signs (at
+    least SIGN_FITS of them; SIGN_GAP where all do; inf where no gap does: each bead's own texture can outweigh the PSF's
+    asymmetry); planes within two steps or the axial Nyquist pitch of a bead's focus are not
+    scored. Returns (the gap, or None where a half holds fewer than MIN_BEADS beads; a record)."""
+    from blurflow.optics import MotionScales
+    from blurflow.particles.fit import SIGN_GAP, BeadFitter
+
+    if min(h.sum() for h in halves) < MIN_BEADS:
+        return None, {"checked": False, "why": f"{len(centres)} beads: each half needs >= {MIN_BEADS}"}
+    window, half = options["window"], options["window"] // 2
+    planes = np.arange(len(counts)) * z_step_um
+    clear = max(2 * z_step_um, optics.axial_nyquist_um)
+    gaps, right, signed = [], [], []
+    for part, use in enumerate(halves):
+        model = calibrate(raw, z_step_um, optics, use=use, check_sign=False, **options)
+        test = centres[1 - part :: 2]
+        truth = planes[None, :] - focus[1 - part :: 2, None] * z_step_um  # (B, Z) each bead's depth at each plane
+        lo, hi = model.z_range_um
+        scored = (np.abs(truth) > clear) & (truth > lo) & (truth < hi)
+        signed.append(not model.symmetric)
+        if model.symmetric:  # this half sees no asymmetry: its fits measure no sign
+            continue
+        fitter = BeadFitter(optics, MotionScales(1.0, 1.0), window, psf=model, static=True)
+        windows = np.stack([counts[:, y - half : y + half, x - half : x + half] for y, x in test]).astype(np.float32)
+        fit = fitter.fit(torch.from_numpy(windows.reshape(-1, window, window)))
+        gaps.append(fit.sign_gap.reshape(truth.shape)[scored])
+        right.append((np.sign(fit.params[:, 5].reshape(truth.shape)) == np.sign(truth))[scored])
+    if not all(signed):
+        return math.inf, {"checked": True, "halves_signed": signed}
+    gap, right = np.concatenate(gaps), np.concatenate(right)
+    order = np.argsort(-gap)
+    share = np.cumsum(right[order]) / np.arange(1, len(gap) + 1)  # right signs among the fits whose gap is at least each one's
+    good = np.flatnonzero((share >= SIGN_RIGHT) & (np.arange(1, len(gap) + 1) >= SIGN_FITS) & np.isfinite(gap[order]))
+    if not len(good):
+        threshold = math.inf
+    else:  # above the first gap left out (none: the fits' signs were right down to the least gap)
+        threshold = max(SIGN_GAP, float(gap[order][good[-1] + 1]) if good[-1] + 1 < len(gap) else SIGN_GAP)
+    kept = gap > threshold
+    record = {
+        "checked": True, "halves_signed": signed, "planes": int(len(gap)), "right": round(float(right.mean()), 4) if len(gap) else None,
+        "resolved": round(float(kept.mean()), 4) if len(gap) else None, "right_resolved": round(float(right[kept].mean()), 4) if kept.any() else None,
+    }  # fmt: skip
+    return threshold, record
 
 
 def _run(good: np.ndarray, at: int, least: int = 5) -> tuple[int, int]:

@@ -64,9 +64,11 @@ class FitResult:
     (the path passes through the focal plane), ``dispersion``: variance over mean of the counts
     about the fit where the particle adds less than 1 % of its peak (1 for Poisson counts; a
     camera's read noise or offset adds to it, and the deviance grows by as much),
-    ``depth_sign_resolved``: with a PSF asymmetric in depth, the path at -z is less likely than
-    the fit by more than SIGN_GAP times the dispersion in log-likelihood, or lies beyond the
-    model's depths (always False with a symmetric PSF: the sign is not measured)."""
+    ``sign_gap``: with a PSF asymmetric in depth, the log-likelihood by which the path at -z
+    (refined) is less likely than the fit, per unit of dispersion (inf where it lies beyond the
+    model's depths; 0 with a symmetric PSF), ``depth_sign_resolved``: ``sign_gap`` exceeds the
+    PSF model's (PSFModel.sign_gap: found on its calibration beads; at least SIGN_GAP; always
+    False with a symmetric PSF: the sign is not measured)."""
 
     params: np.ndarray
     std: np.ndarray
@@ -78,6 +80,7 @@ class FitResult:
     crosses_focus: np.ndarray
     pixels: np.ndarray
     dispersion: np.ndarray
+    sign_gap: np.ndarray
     depth_sign_resolved: np.ndarray
 
     def take(self, index: np.ndarray) -> FitResult:
@@ -117,6 +120,7 @@ class BeadFitter:
         blur_px_per_um = optics.na / math.sqrt(optics.n**2 - optics.na**2) / optics.pixel_um
         self.z_max = window / 4 / blur_px_per_um / scales.axial_scale_um
         self.signed = psf is not None and not psf.symmetric
+        self.sign_gap = max(SIGN_GAP, psf.sign_gap) if psf is not None and psf.sign_gap is not None else SIGN_GAP
         self.z_lo, self.z_hi = -self.z_max, self.z_max  # the depths fitted (A um)
         if psf is not None:  # the depths it covers (a measured PSF may hold light far beyond the geometric blur)
             self.z_lo, self.z_hi = (z / scales.axial_scale_um for z in psf.z_range_um)
@@ -561,7 +565,7 @@ class BeadFitter:
         if b == 0:
             empty, flags = np.zeros((0, len(PARAMS)), np.float32), np.zeros(0, bool)
             nothing = np.zeros(0, np.float32)
-            return FitResult(empty, empty.copy(), nothing, nothing, flags, flags, flags, flags, nothing, nothing, flags)
+            return FitResult(empty, empty.copy(), nothing, nothing, flags, flags, flags, flags, nothing, nothing, nothing, flags)
         known = torch.zeros_like(counts) if known is None else self._on(known).reshape(b, -1)
         weight = torch.ones_like(counts) if weight is None else self._on(weight).reshape(b, -1)
         if screen is None:
@@ -599,8 +603,8 @@ class BeadFitter:
         std = std * dispersion.sqrt()[:, None]  # quasi-Poisson: noise beyond Poisson widens the bound by as much
         out = {
             "params": theta, "std": std, "deviance": deviance, "log_likelihood": ll, "direction_resolved": resolved(theta, std), "at_bound": at_bound.any(1),
-            "converged": converged, "crosses_focus": crosses, "pixels": weight.sum(1), "dispersion": dispersion,
-            "depth_sign_resolved": self.signed & (gap > SIGN_GAP * dispersion),
+            "converged": converged, "crosses_focus": crosses, "pixels": weight.sum(1), "dispersion": dispersion, "sign_gap": gap / dispersion,
+            "depth_sign_resolved": self.signed & (gap > self.sign_gap * dispersion),
         }
         return FitResult(**{k: v.cpu().numpy() for k, v in out.items()})  # fmt: skip
 
