@@ -392,7 +392,9 @@ def calibration(model, ideal) -> plt.Figure:
         vmax=float(np.sqrt(model.table[:, s // 2, :].clip(min=0).max())),
     )  # fmt: skip
     axes[1, 2].set(xlabel="x (um)", ylabel="z (um)", title="residual: xz section (rms over beads)")
-    asym = "symmetric in depth" if model.symmetric else f"asymmetric in depth ({model.asymmetry:.2f}): depth signed"
+    asym = f"asymmetric in depth ({model.asymmetry:.2f}): depth signed" if not model.symmetric else "symmetric in depth"
+    if model.symmetric and model.sign_gap == np.inf:
+        asym = f"asymmetric in depth ({model.asymmetry:.2f}), sign not reproduced on its beads: depth folded"
     optics = model.optics
     fig.suptitle(f"PSF model: NA {optics.na:g}, n {optics.n:g}, {optics.wavelength_um:g} um, pixel {model.pixel_um:.3g} um; {asym}")
     return fig

@@ -120,7 +120,8 @@ class BeadFitter:
         blur_px_per_um = optics.na / math.sqrt(optics.n**2 - optics.na**2) / optics.pixel_um
         self.z_max = window / 4 / blur_px_per_um / scales.axial_scale_um
         self.signed = psf is not None and not psf.symmetric
-        self.sign_gap = max(SIGN_GAP, psf.sign_gap) if psf is not None and psf.sign_gap is not None else SIGN_GAP
+        gap = getattr(psf, "sign_gap", None)  # a PSF model's (found on its calibration beads); any other source: SIGN_GAP
+        self.sign_gap = SIGN_GAP if gap is None else max(SIGN_GAP, gap)
         self.z_lo, self.z_hi = -self.z_max, self.z_max  # the depths fitted (A um)
         if psf is not None:  # the depths it covers (a measured PSF may hold light far beyond the geometric blur)
             self.z_lo, self.z_hi = (z / scales.axial_scale_um for z in psf.z_range_um)
