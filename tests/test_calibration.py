@@ -53,9 +53,8 @@ def test_a_model_file_round_trips_and_a_bad_one_is_one_line(tmp_path, model):
     path = model.write(tmp_path / "psf.h5")
     back = PSFModel.read(path)
     assert np.array_equal(back.table, model.table) and np.array_equal(back.z_um, model.z_um) and back.optics == model.optics
-    assert (back.beads, back.oversample, back.stack_sha256, back.symmetric, back.sign_gap) == (
-        model.beads, model.oversample, model.stack_sha256, model.symmetric, model.sign_gap
-    )
+    same = ("beads", "oversample", "stack_sha256", "symmetric", "sign_gap")
+    assert [getattr(back, k) for k in same] == [getattr(model, k) for k in same]
     with h5py.File(path) as f:  # self-describing
         assert f.attrs["format"] == "blurflow-psf" and f.attrs["pixel_um"] == pytest.approx(0.65) and "sharpest" in f.attrs["z_zero"]
         assert f["residual"].shape == f["psf"].shape
@@ -123,7 +122,7 @@ def test_a_bead_with_a_dim_neighbour_closer_than_half_a_window_is_crowded():
     half a window, so no peak of its own) makes the bead crowded: its light would enter the model."""
     counts, truth = bead_stack(Optics(), np.arange(-4, 4) * 1.0, shape=(144, 144), beads=4, spacing_px=48)
     assert len(find_beads(counts, 32, np.zeros(counts.shape, bool))[0]) == 4
-    y, x = int(round(truth["rows"][0])), int(round(truth["cols"][0]))
+    y, x = round(float(truth["rows"][0])), round(float(truth["cols"][0]))
     counts[:, y - 16 + 12 : y + 16 + 12, x - 16 : x + 16] += (counts[:, y - 16 : y + 16, x - 16 : x + 16] - 10.0) / 3  # the bead's light, dimmer, 12 px down
     centres, left = find_beads(counts, 32, np.zeros(counts.shape, bool))
     assert len(centres) == 3 and left["crowded"] == 1 and not (np.abs(centres - (y, x)).max(1) < 3).any()

@@ -353,6 +353,34 @@ def test_images_without_a_particle_give_empty_tables_and_neighbours_are_fitted_t
     assert np.allclose(crowded["dx_px"], 0.2 * 24, atol=0.3) and np.allclose(crowded["dy_px"], 0.1 * 24, atol=0.3)  # v3, z0: the density benchmark
 
 
+def test_a_stack_is_linked_into_tracks_in_one_go(fitter, tmp_path, capsys):
+    """Two beads moving 40 px (3.3 streaks) a frame along x over 3 frames, one sinking (its
+    direction resolved by the exposure), one level (resolved by its track): --link writes their
+    2 tracks of 3 points, velocities along +x; --link without the frame interval is one line."""
+    import pandas as pd
+    import tifffile
+
+    from blurflow import cli
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for f in range(3):
+        mu = np.full((160, 260), 4.0, np.float32)
+        for row, v3 in ((50, 0.2), (110, 0.0)):
+            x, z0 = 60 + 40 * f, 0.1 + v3 * 3.33 * f  # 3.33 exposures a frame
+            mu[row - 32 : row + 32, x - 32 : x + 32] += fitter.expected(bead(0.5, 0.0, v3, z0, 8000, 0, x=0, y=0))[0].numpy()
+        frames.append(rng.poisson(mu).astype(np.uint16))
+    tifffile.imwrite(tmp_path / "movie.tif", np.stack(frames))
+    argv = ["particles", str(tmp_path / "movie.tif"), "--link", "--exposure-ms", "10"]
+    assert cli.main(argv) == 2 and "--link needs --frame-interval-ms" in capsys.readouterr().err
+    assert not (tmp_path / "movie_particles.csv").exists()
+    assert cli.main([*argv, "--frame-interval-ms", "33.3"]) == 0
+    assert "2 tracks of 6 particles in 3 frames" in capsys.readouterr().err
+    tracks = pd.read_csv(tmp_path / "movie_tracks.csv")
+    assert tracks.groupby("particle").size().tolist() == [3, 3] and (tracks["v1"] > 0).all()
+    assert sorted(tracks.groupby("particle")["y"].mean().round(-1)) == [50, 110] and set(tracks["direction"]) <= {"fit", "track"}
+
+
 @pytest.mark.parametrize(
     "args, option",
     [

@@ -87,7 +87,9 @@ def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: floa
     return out, [speed_unit] * 3 + ["um", "1"]
 
 
-OUTPUTS = {"predict": ("_flow.tif", "_flow.png"), "particles": ("_particles.csv", "_particles.png")}  # what each command writes per image
+OUTPUTS = {  # what each command writes per image
+    "predict": ("_flow.tif", "_flow.png"), "particles": ("_particles.csv", "_particles.png"), "tracks": ("_tracks.csv",),
+}  # fmt: skip
 
 
 def output_paths(stem: Path, command: str = "predict") -> tuple[Path, Path]:
@@ -389,9 +391,15 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     if fitter.static:  # held at 0, not measured
         table[["dx_px", "dy_px", "v1", "v1_std", "v2", "v2_std", "v3", "v3_std"]] = np.nan
     csv, png = output_paths(stem, "particles")
+    tracks = link_table(path, table, args) if args.link else None
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         table.to_csv(tmp_csv, index=False)
         figures.save_png(figures.particles_overlay(planes[0], found[0].labels, table[table["frame"] == 0]), tmp_png, SOFTWARE)
+    written = [csv, png]
+    if tracks is not None:
+        written.append(output_paths(stem, "tracks")[0])
+        with atomic_path(written[-1]) as tmp:
+            tracks.to_csv(tmp, index=False)
     if not args.quiet:
         why = {"border": "at the border", "merged": "merged blobs wider than the window (rows flagged 'merged')"}
         rejected = {k: sum(d.rejected[k] for d in found) for k in why}
@@ -410,7 +418,34 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
                 f"blurflow: warning: {path}: {poor} fits do not explain their window (deviance > {POOR_FIT:g} per pixel; "
                 "flagged 'poor_fit'): crossing or unusual particles"
             )
-    return [csv, png]
+        if tracks is not None:
+            note(f"blurflow: {path}: {tracks_summary(tracks)}")
+    return written
+
+
+def link_table(path: Path, table, args: argparse.Namespace):
+    """The tracks (blurflow.tracks.link) of a stack's particle ``table``, or None with a warning
+    line where it has fewer than 2 frames with particles; InputError where it cannot be linked."""
+    from blurflow.tracks import TracksError, link
+
+    if table.loc[table["v1"].notna(), "frame"].nunique() < 2:
+        note(f"blurflow: warning: {path}: particles in fewer than 2 frames: no tracks")
+        return None
+    try:
+        return link(table, args.frame_interval_ms / 1000, args.exposure_ms / 1000)
+    except TracksError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def tracks_summary(tracks) -> str:
+    """One line: how many tracks of how many particles, their lengths, how their directions are known."""
+    lengths = tracks.groupby("particle").size()
+    directions = tracks["direction"].value_counts()
+    return (
+        f"{tracks['particle'].nunique()} tracks of {len(tracks)} particles in {tracks['frame'].nunique()} frames "
+        f"(median length {int(lengths.median())}, longest {int(lengths.max())}); directions: "
+        + ", ".join(f"{directions.get(k, 0)} {k}" for k in ("fit", "track", "unknown"))
+    )
 
 
 def below_offset(path: Path, planes: np.ndarray, args: argparse.Namespace) -> bool:
@@ -547,7 +582,10 @@ def calibrate_command(args: argparse.Namespace) -> int:
         if model.asymmetry < SYMMETRY_TOL:
             depth = "symmetric in depth: depths are folded"
         elif model.symmetric:
-            depth = f"asymmetric in depth ({model.asymmetry:.2f}), but its sign does not reproduce on the calibration beads (one half fitted with the other's model): depths are folded"
+            depth = (
+                f"asymmetric in depth ({model.asymmetry:.2f}), but its sign does not reproduce on the calibration beads "
+                "(one half fitted with the other's model): depths are folded"
+            )
         else:
             depth = f"asymmetric in depth ({model.asymmetry:.2f}): depths are fitted signed"
             if check.get("planes"):
@@ -662,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(the pixel sizes must agree); depths signed where it is asymmetric in z",
     )  # fmt: skip
     p.add_argument("--static", action="store_true", help="the beads do not move during the exposure: fit x, y, z0, photons and background only")
+    p.add_argument("--link", action="store_true", help="also link a stack's particles into 3D tracks (as blurflow tracks): IMAGE_tracks.csv")
+    p.add_argument("--frame-interval-ms", type=float, metavar="T", help="with --link: time from one frame's start to the next's (ms)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     p.set_defaults(func=particles_command)
 
@@ -697,6 +737,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=calibrate_command)
 
     p = sub.add_parser(
+        "tracks",
+        help="link the particles of a stack across frames in 3D (trackpy, each bead predicted by its own velocity)",
+        description=(
+            "Link the particles of a time series (the table of blurflow particles on a stack) into 3D tracks with trackpy: each "
+            "bead's next position is predicted from its own velocity, the search range set by the prediction's std; beads whose "
+            "direction the exposure leaves open take it from the track. Writes TABLE_tracks.csv (particle = track id, frame, t_s, "
+            "x, y, z in um, velocities in um/s): napari's Tracks layer and trackpy's imsd / motion read it."
+        ),
+    )
+    p.add_argument("table", metavar="PARTICLES_CSV", help="IMAGE_particles.csv of a stack (blurflow particles)")
+    p.add_argument("--frame-interval-ms", type=float, required=True, help="time from one frame's start to the next's (ms)")
+    p.add_argument("--exposure-ms", type=float, required=True, help="exposure of each frame (ms)")
+    p.add_argument("--memory", type=int, default=0, help="frames a bead may be missing and keep its track (default 0)")
+    p.add_argument("--out", help="the tracks' table (default beside the input: NAME_tracks.csv)")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+    p.set_defaults(func=tracks_command)
+
+    p = sub.add_parser(
         "measurability",
         help="the ideal R² of each component for a textured sample (Cramér-Rao bound)",
         description=(
@@ -714,6 +772,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", nargs="?", help="model file (default: the shipped model, models/blurflow.pt)")
     p.set_defaults(func=info_command)
     return parser
+
+
+def tracks_command(args: argparse.Namespace) -> int:
+    """Link the particles of a stack's table across frames (blurflow.tracks.link) and write the tracks' table."""
+    import pandas as pd
+
+    from blurflow.tracks import TracksError, link
+
+    path = Path(args.table)
+    if args.memory < 0:
+        raise UsageError(f"--memory must be >= 0 frames, got {args.memory}")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a CSV table ({exc.__class__.__name__})") from None
+    try:
+        tracks = link(table, args.frame_interval_ms / 1000, args.exposure_ms / 1000, memory=args.memory)
+    except TracksError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    out = Path(args.out) if args.out else path.with_name(path.name.removesuffix("_particles.csv").removesuffix(".csv") + "_tracks.csv")
+    with atomic_path(out) as tmp:
+        tracks.to_csv(tmp, index=False)
+    if not args.quiet:
+        note(f"blurflow: {path}: {tracks_summary(tracks)}")
+        note(f"{path}: wrote {out}", sys.stdout)
+    return 0
 
 
 def measurability_command(args: argparse.Namespace) -> int:
@@ -736,10 +822,12 @@ def measurability_command(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("exposure_ms", "pixel_size_um", "gain"):
+    for name in ("exposure_ms", "frame_interval_ms", "pixel_size_um", "gain"):
         value = getattr(args, name, None)
         if value is not None and not (np.isfinite(value) and value > 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {value:g}")
+    if getattr(args, "link", False) and (args.frame_interval_ms is None or args.exposure_ms is None or args.static):
+        raise UsageError("--link needs --frame-interval-ms and --exposure-ms, and moving beads (not --static)")
     smooth = getattr(args, "smooth_px", None)
     if smooth is not None and not (np.isfinite(smooth) and smooth >= 0):
         raise UsageError(f"--smooth-px must be a number of pixels >= 0, got {smooth:g}")

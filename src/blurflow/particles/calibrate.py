@@ -345,7 +345,7 @@ def _sign_check(
         threshold = max(SIGN_GAP, float(gap[order][good[-1] + 1]) if good[-1] + 1 < len(gap) else SIGN_GAP)
     kept = gap > threshold
     record = {
-        "checked": True, "halves_signed": signed, "planes": int(len(gap)), "right": round(float(right.mean()), 4) if len(gap) else None,
+        "checked": True, "halves_signed": signed, "planes": len(gap), "right": round(float(right.mean()), 4) if len(gap) else None,
         "resolved": round(float(kept.mean()), 4) if len(gap) else None, "right_resolved": round(float(right[kept].mean()), 4) if kept.any() else None,
     }  # fmt: skip
     return threshold, record

@@ -606,7 +606,7 @@ class BeadFitter:
             "params": theta, "std": std, "deviance": deviance, "log_likelihood": ll, "direction_resolved": resolved(theta, std), "at_bound": at_bound.any(1),
             "converged": converged, "crosses_focus": crosses, "pixels": weight.sum(1), "dispersion": dispersion, "sign_gap": gap / dispersion,
             "depth_sign_resolved": self.signed & (gap > self.sign_gap * dispersion),
-        }
+        }  # fmt: skip
         return FitResult(**{k: v.cpu().numpy() for k, v in out.items()})  # fmt: skip
 
 

@@ -1,0 +1,183 @@
+"""Tracks: the particles of a time series (``blurflow particles`` on a stack) linked across frames
+in 3D by trackpy, each bead's position in the next frame predicted from its own velocity.
+
+A single exposure measures a bead's velocity but, where its two ends are alike in sharpness
+(``direction_resolved`` false), not the direction of time: (v1, v2, v3) and its opposite make the
+same streak about the same midpoint. Such a bead is predicted at whichever of its two predictions
+has a bead of the next frame nearer; once linked, the track's own displacement gives the
+direction (``direction``: 'fit', 'track' or 'unknown'). Positions are the path midpoints (x, y,
+and the depth z0 + v3 T / 2 for an exposure T), in um; times in s from frame 0; velocities in um/s.
+Where no depth is signed (a PSF symmetric in depth: z >= 0 folded), predicted depths fold too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+
+NEEDED = (
+    "frame", "x_px", "y_px", "x_um", "y_um", "z0_um", "v1", "v2", "v3", "v1_std", "v2_std", "v3_std", "x_std_px", "y_std_px", "z0_std_um",
+    "speed_unit", "direction_resolved", "depth_sign_resolved", "photons",
+)  # fmt: skip
+SEARCH_SIGMAS = 5.0  # search range in standard deviations of the prediction (their 95th percentile over the beads, per axis)
+TRACK_COLUMNS = (
+    "particle", "frame", "t_s", "x", "y", "x_um", "y_um", "z_um", "v1", "v1_std", "v2", "v2_std", "v3", "v3_std", "z0_um", "z0_std_um",
+    "direction", "depth_sign_resolved", "photons",
+)  # fmt: skip
+NEIGHBOURS = 6  # beads of a frame whose direction evidence counts for each bead's (_signs)
+_SCALED = ["_xs", "_ys", "_zs"]  # positions over the prediction's std per axis: linked with an isotropic search range
+
+
+class TracksError(ValueError):
+    """A particle table that cannot be linked (one line naming why)."""
+
+
+def _checked(table: pd.DataFrame, frame_interval_s: float, exposure_s: float) -> pd.DataFrame:
+    """The fitted rows of ``table`` (merged blobs and rows without a velocity left out), as a copy;
+    TracksError naming what is wrong."""
+    for name, value in (("frame interval", frame_interval_s), ("exposure", exposure_s)):
+        if not (np.isfinite(value) and value > 0):
+            raise TracksError(f"the {name} must be a positive number of ms, got {value * 1000:g}")
+    if "frame" not in table.columns:
+        raise TracksError("the table has no 'frame' column: not a particle table of a stack (blurflow particles STACK.tif)")
+    missing = [c for c in NEEDED if c not in table.columns]
+    if missing:
+        raise TracksError(f"not a blurflow particle table: no column {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    units = sorted(set(table["speed_unit"].dropna()))
+    if not set(units) <= {"um/s", "um/exposure"}:
+        raise TracksError(f"unknown speed_unit {units}: expected 'um/s' or 'um/exposure'")
+    fitted = table[table["v1"].notna() & table["x_um"].notna()].copy()
+    if fitted["frame"].nunique() < 2:
+        raise TracksError(f"tracks need fitted particles in >= 2 frames, the table has them in {fitted['frame'].nunique()}")
+    return fitted
+
+
+def link(table: pd.DataFrame, frame_interval_s: float, exposure_s: float, memory: int = 0, search_sigmas: float = SEARCH_SIGMAS) -> pd.DataFrame:
+    """Tracks (TRACK_COLUMNS; ``particle`` the track id, as trackpy names it) of a particle table
+    (blurflow particles on a stack; ``frame`` the plane), frames ``frame_interval_s`` apart, each
+    exposed ``exposure_s``: trackpy.link in 3D with a predictor that moves each bead by its own
+    velocity, a search range of ``search_sigmas`` times the prediction's std (position std of both
+    ends and velocity std times the interval: 95th percentile over the beads, per axis), beads
+    missing for up to ``memory`` frames; where too many beads compete for links the range shrinks
+    there (trackpy's adaptive search, down to a tenth). TracksError (one line) for a table that cannot be linked."""
+    import trackpy
+
+    rows = _checked(table, frame_interval_s, exposure_s)
+    per_s = np.where(rows["speed_unit"] == "um/exposure", 1 / exposure_s, 1.0)
+    for c in ("v1", "v1_std", "v2", "v2_std", "v3", "v3_std"):
+        rows[c] = rows[c].to_numpy(float) * per_s
+    rows["t_s"] = rows["frame"] * frame_interval_s
+    rows["z_um"] = rows["z0_um"] + rows["v3"] * exposure_s / 2
+    pixel_um = float(np.nanmedian(rows["x_um"] / rows["x_px"]))
+    position_std = np.stack([rows["x_std_px"] * pixel_um, rows["y_std_px"] * pixel_um, rows["z0_std_um"]], 1).astype(float)
+    velocity_std = rows[["v1_std", "v2_std", "v3_std"]].to_numpy(float)
+    spread = np.sqrt(2 * position_std**2 + (velocity_std * frame_interval_s) ** 2)
+    scale = np.maximum(np.nanpercentile(spread, 95, axis=0), [pixel_um / 2, pixel_um / 2, pixel_um / 2])  # um per unit of search
+    position = rows[["x_um", "y_um", "z_um"]].to_numpy(float)
+    velocity = rows[["v1", "v2", "v3"]].to_numpy(float)
+    signed_depth = bool(rows["depth_sign_resolved"].astype(bool).any())
+    rows[_SCALED] = position / scale
+    sign = _signs(rows, position, velocity, scale, frame_interval_s, signed_depth, search_sigmas)
+    step = {(int(f), p.tobytes()): (s * v / scale, f) for f, p, s, v in zip(rows["frame"], rows[_SCALED].to_numpy(float), sign, velocity)}
+
+    class Predict(trackpy.predict.NullPredict):
+        def predict(self, t1, particles):
+            out = []
+            for p in particles:
+                move, t0 = step[(int(p.t), np.asarray(p.pos, float).tobytes())]
+                guess = p.pos + move * (t1 - t0) * frame_interval_s
+                if not signed_depth:
+                    guess[2] = abs(guess[2])
+                out.append(guess)
+            return out
+
+    rows = rows.reset_index(drop=True)
+    with _quiet():
+        try:
+            linked = Predict().link_df(rows, search_sigmas, pos_columns=_SCALED, t_column="frame", memory=memory, adaptive_stop=0.5, adaptive_step=0.9)
+        except trackpy.SubnetOversizeException as exc:
+            raise TracksError(f"too many candidate links in one place even at a tenth of the search range ({exc})") from None
+    linked = linked.sort_values(["particle", "frame"]).reset_index(drop=True)
+    _directions(linked)
+    linked["x"], linked["y"] = linked["x_px"], linked["y_px"]
+    return linked[list(TRACK_COLUMNS)]
+
+
+def _signs(
+    rows: pd.DataFrame, position: np.ndarray, velocity: np.ndarray, scale: np.ndarray, interval_s: float, signed_depth: bool, reach: float,
+) -> np.ndarray:  # fmt: skip
+    """(N,) +1 or -1: the direction of time each bead is predicted with. Where the fit resolved it,
+    +1; else by evidence: how much nearer (in units of ``scale``, up to ``reach``) a bead of the next
+    frame lies to the prediction forward than backward (none where that prediction leaves the
+    next frame's beads' extent), summed with half the evidence of the NEIGHBOURS nearest beads of
+    the frame, each turned by whether its velocity runs with or against this one's (a flow is
+    coherent: a bead leaving the field takes its neighbours' direction, not a newcomer's)."""
+    from scipy.spatial import cKDTree
+
+    frames = rows["frame"].to_numpy()
+    resolved = rows["direction_resolved"].astype(bool).to_numpy()
+    evidence = np.where(resolved, 3 * reach, 0.0)
+    for f in np.unique(frames):
+        here, there = np.flatnonzero((frames == f) & ~resolved), np.flatnonzero(frames == f + 1)
+        if not len(here) or not len(there):
+            continue
+        tree = cKDTree(position[there] / scale)
+        lo, hi = position[there, :2].min(0), position[there, :2].max(0)
+        gap = []
+        for s in (1, -1):
+            ahead = position[here] + s * velocity[here] * interval_s
+            if not signed_depth:
+                ahead[:, 2] = np.abs(ahead[:, 2])
+            inside = ((ahead[:, :2] >= lo) & (ahead[:, :2] <= hi)).all(1)
+            gap.append(np.where(inside, np.minimum(tree.query(ahead / scale)[0], reach), np.nan))
+        forward, backward = gap
+        evidence[here] = np.nan_to_num(np.where(np.isnan(forward) | np.isnan(backward), 0.0, backward - forward))
+    sign = np.ones(len(rows))
+    for f in np.unique(frames):
+        idx = np.flatnonzero(frames == f)
+        k = min(NEIGHBOURS + 1, len(idx))
+        _, near = cKDTree(position[idx, :2]).query(position[idx, :2], k=k)
+        near = near.reshape(len(idx), k)
+        unit = velocity[idx] / np.maximum(np.linalg.norm(velocity[idx], axis=1, keepdims=True), 1e-12)
+        along = np.sign(np.einsum("nd,nkd->nk", unit, unit[near]))  # +1 where a neighbour runs with the bead
+        weight = np.where(np.arange(k) == 0, 1.0, 0.5)
+        total = (weight * along * evidence[idx][near]).sum(1)
+        sign[idx] = np.where(resolved[idx] | (total >= 0), 1.0, -1.0)
+    return sign
+
+
+def _directions(linked: pd.DataFrame) -> None:
+    """Set ``direction`` ('fit': resolved by the exposure; 'track': by the track's displacement
+    to its next or from its previous point; 'unknown') and turn the velocities of the beads a
+    track resolves to its direction. In place; ``linked`` sorted by particle, frame."""
+    resolved = linked["direction_resolved"].astype(bool).to_numpy()
+    position = linked[["x_um", "y_um", "z_um"]].to_numpy(float)
+    velocity = linked[["v1", "v2", "v3"]].to_numpy(float)
+    track = linked["particle"].to_numpy()
+    same_next = np.append(track[1:] == track[:-1], False)
+    same_prev = np.insert(track[1:] == track[:-1], 0, False)
+    moved = np.zeros_like(position)
+    moved[same_next] = position[1:][same_next[:-1]] - position[:-1][same_next[:-1]]
+    only_prev = ~same_next & same_prev
+    moved[only_prev] = position[only_prev] - position[np.flatnonzero(only_prev) - 1]
+    lateral = (moved[:, :2] * velocity[:, :2]).sum(1)  # depth may be folded: the lateral motion tells
+    by_track = ~resolved & (same_next | same_prev) & (lateral != 0)
+    flip = by_track & (lateral < 0)
+    linked.loc[flip, ["v1", "v2", "v3"]] = -velocity[flip]
+    linked["direction"] = np.where(resolved, "fit", np.where(by_track, "track", "unknown"))
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """trackpy's per-frame progress lines silenced while linking (its logger's level restored)."""
+    logger = logging.getLogger("trackpy")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
