@@ -28,6 +28,7 @@ TRACK_COLUMNS = (
     "particle", "frame", "t_s", "x", "y", "x_um", "y_um", "z_um", "v1", "v1_std", "v2", "v2_std", "v3", "v3_std", "z0_um", "z0_std_um",
     "direction", "depth_sign_resolved", "photons",
 )  # fmt: skip
+PASSES = 4  # linkings at most: each with the directions and velocities the previous one's tracks showed
 NEIGHBOURS = 6  # beads of a frame whose direction evidence counts for each bead's (_signs)
 _SCALED = ["_xs", "_ys", "_zs"]  # positions over the prediction's std per axis: linked with an isotropic search range
 
@@ -64,8 +65,6 @@ def link(table: pd.DataFrame, frame_interval_s: float, exposure_s: float, memory
     ends and velocity std times the interval: 95th percentile over the beads, per axis), beads
     missing for up to ``memory`` frames; where too many beads compete for links the range shrinks
     there (trackpy's adaptive search, down to a tenth). TracksError (one line) for a table that cannot be linked."""
-    import trackpy
-
     rows = _checked(table, frame_interval_s, exposure_s)
     per_s = np.where(rows["speed_unit"] == "um/exposure", 1 / exposure_s, 1.0)
     for c in ("v1", "v1_std", "v2", "v2_std", "v3", "v3_std"):
@@ -81,37 +80,97 @@ def link(table: pd.DataFrame, frame_interval_s: float, exposure_s: float, memory
     velocity = rows[["v1", "v2", "v3"]].to_numpy(float)
     signed_depth = bool(rows["depth_sign_resolved"].astype(bool).any())
     rows[_SCALED] = position / scale
-    sign = _signs(rows, position, velocity, scale, frame_interval_s, signed_depth, search_sigmas)
-    step = {(int(f), p.tobytes()): (s * v / scale, f) for f, p, s, v in zip(rows["frame"], rows[_SCALED].to_numpy(float), sign, velocity)}
-
-    class Predict(trackpy.predict.NullPredict):
-        def predict(self, t1, particles):
-            out = []
-            for p in particles:
-                move, t0 = step[(int(p.t), np.asarray(p.pos, float).tobytes())]
-                guess = p.pos + move * (t1 - t0) * frame_interval_s
-                if not signed_depth:
-                    guess[2] = abs(guess[2])
-                out.append(guess)
-            return out
-
     rows = rows.reset_index(drop=True)
-    with _quiet():
-        try:
-            linked = Predict().link_df(rows, search_sigmas, pos_columns=_SCALED, t_column="frame", memory=memory, adaptive_stop=0.5, adaptive_step=0.9)
-        except trackpy.SubnetOversizeException as exc:
-            raise TracksError(f"too many candidate links in one place even at a tenth of the search range ({exc})") from None
-    linked = linked.sort_values(["particle", "frame"]).reset_index(drop=True)
+    known = np.where(rows["direction_resolved"].astype(bool), 1.0, 0.0)  # +-1: the direction of time of each row's velocity, 0 unknown
+    seen = np.full(velocity.shape, np.nan)  # each row's velocity as its track shows it (from its previous point), um/s
+    for _ in range(PASSES):  # each pass with the directions and velocities the previous one's tracks showed
+        sign = _signs(rows, position, velocity, scale, frame_interval_s, signed_depth, search_sigmas, known)
+        step = sign[:, None] * velocity
+        off = np.linalg.norm((step - seen) * frame_interval_s / scale, axis=1) > search_sigmas / 2  # its own would miss (a fit gone astray)
+        step[off] = seen[off]
+        linked = _linked(rows, step / scale, frame_interval_s, signed_depth, search_sigmas, memory)
+        known = np.where(known != 0, known, _track_signs(linked, velocity))
+        arrived = _arrivals(linked, frame_interval_s)
+        if np.array_equal(np.isnan(arrived), np.isnan(seen)) and np.allclose(arrived, seen, equal_nan=True):
+            break
+        seen = arrived
     _directions(linked)
     linked["x"], linked["y"] = linked["x_px"], linked["y_px"]
     return linked[list(TRACK_COLUMNS)]
 
 
+def _linked(rows: pd.DataFrame, step: np.ndarray, interval_s: float, signed_depth: bool, reach: float, memory: int) -> pd.DataFrame:
+    """``rows`` linked by trackpy on their scaled positions (_SCALED), each row predicted to move by
+    ``step`` (N, 3) (scaled units per s) times the time to the frame it is linked to (depth folded
+    where it is not ``signed_depth``); sorted by particle, frame, with ``_row``: the row's index."""
+    import trackpy
+
+    where = {(int(f), p.tobytes()): k for k, (f, p) in enumerate(zip(rows["frame"], rows[_SCALED].to_numpy(float)))}
+
+    class Predict(trackpy.predict.NullPredict):
+        def predict(self, t1, particles):
+            out = []
+            for p in particles:
+                k = where[(int(p.t), np.asarray(p.pos, float).tobytes())]
+                guess = p.pos + step[k] * (t1 - p.t) * interval_s
+                if not signed_depth:
+                    guess[2] = abs(guess[2])
+                out.append(guess)
+            return out
+
+    with _quiet():
+        try:
+            linked = Predict().link_df(
+                rows.assign(_row=np.arange(len(rows))), reach, pos_columns=_SCALED, t_column="frame", memory=memory, adaptive_stop=0.5, adaptive_step=0.9
+            )
+        except trackpy.SubnetOversizeException as exc:
+            raise TracksError(f"too many candidate links in one place even at a tenth of the search range ({exc})") from None
+    return linked.sort_values(["particle", "frame"]).reset_index(drop=True)
+
+
+def _arrivals(linked: pd.DataFrame, interval_s: float) -> np.ndarray:
+    """(N, 3) for each row of the table (``linked['_row']``): its velocity (um/s) from its track's
+    previous point (NaN at a track's start); ``linked`` sorted by particle, frame."""
+    track, frame = linked["particle"].to_numpy(), linked["frame"].to_numpy()
+    position = linked[["x_um", "y_um", "z_um"]].to_numpy(float)
+    after = np.insert(track[1:] == track[:-1], 0, False)
+    out = np.full((len(linked), 3), np.nan)
+    out[after] = (position[after] - position[np.flatnonzero(after) - 1]) / ((frame[after] - frame[np.flatnonzero(after) - 1]) * interval_s)[:, None]
+    rows = np.full((len(linked), 3), np.nan)
+    rows[linked["_row"].to_numpy()] = out
+    return rows
+
+
+def _track_signs(linked: pd.DataFrame, velocity: np.ndarray) -> np.ndarray:
+    """(N,) for each row of the table (``linked['_row']``): +1 where its track moves laterally along
+    its ``velocity`` (N, 3), -1 against it, 0 where it has no neighbour in its track."""
+    moved = _moves(linked)
+    row = linked["_row"].to_numpy()
+    out = np.zeros(len(velocity))
+    out[row] = np.sign((moved[:, :2] * velocity[row, :2]).sum(1))
+    return out
+
+
+def _moves(linked: pd.DataFrame) -> np.ndarray:
+    """(N, 3) each point's displacement to the next point of its track (from the previous one at
+    a track's end; 0 alone), um; ``linked`` sorted by particle, frame."""
+    position = linked[["x_um", "y_um", "z_um"]].to_numpy(float)
+    track = linked["particle"].to_numpy()
+    same_next = np.append(track[1:] == track[:-1], False)
+    same_prev = np.insert(track[1:] == track[:-1], 0, False)
+    moved = np.zeros_like(position)
+    moved[same_next] = position[1:][same_next[:-1]] - position[:-1][same_next[:-1]]
+    last = ~same_next & same_prev
+    moved[last] = position[last] - position[np.flatnonzero(last) - 1]
+    return moved
+
+
 def _signs(
     rows: pd.DataFrame, position: np.ndarray, velocity: np.ndarray, scale: np.ndarray, interval_s: float, signed_depth: bool, reach: float,
+    known: np.ndarray,
 ) -> np.ndarray:  # fmt: skip
-    """(N,) +1 or -1: the direction of time each bead is predicted with. Where the fit resolved it,
-    +1; else by evidence: how much nearer (in units of ``scale``, up to ``reach``) a bead of the next
+    """(N,) +1 or -1: the direction of time each bead is predicted with. Where it is ``known`` (N,)
+    (+-1: the fit resolved it, or a track showed it), that; else by evidence: how much nearer (in units of ``scale``, up to ``reach``) a bead of the next
     frame lies to the prediction forward than backward (none where that prediction leaves the
     next frame's beads' extent), summed with half the evidence of the NEIGHBOURS nearest beads of
     the frame, each turned by whether its velocity runs with or against this one's (a flow is
@@ -119,14 +178,14 @@ def _signs(
     from scipy.spatial import cKDTree
 
     frames = rows["frame"].to_numpy()
-    resolved = rows["direction_resolved"].astype(bool).to_numpy()
-    evidence = np.where(resolved, 3 * reach, 0.0)
+    resolved = known != 0
+    evidence = 3 * reach * known
     for f in np.unique(frames):
         here, there = np.flatnonzero((frames == f) & ~resolved), np.flatnonzero(frames == f + 1)
         if not len(here) or not len(there):
             continue
         tree = cKDTree(position[there] / scale)
-        lo, hi = position[there, :2].min(0), position[there, :2].max(0)
+        lo, hi = position[there, :2].min(0) - reach * scale[:2], position[there, :2].max(0) + reach * scale[:2]
         gap = []
         for s in (1, -1):
             ahead = position[here] + s * velocity[here] * interval_s
@@ -142,30 +201,22 @@ def _signs(
         k = min(NEIGHBOURS + 1, len(idx))
         _, near = cKDTree(position[idx, :2]).query(position[idx, :2], k=k)
         near = near.reshape(len(idx), k)
-        unit = velocity[idx] / np.maximum(np.linalg.norm(velocity[idx], axis=1, keepdims=True), 1e-12)
-        along = np.sign(np.einsum("nd,nkd->nk", unit, unit[near]))  # +1 where a neighbour runs with the bead
+        lateral = velocity[idx, :2]
+        along = np.sign(np.einsum("nd,nkd->nk", lateral, lateral[near]))  # +1 where a neighbour runs with the bead (laterally)
         weight = np.where(np.arange(k) == 0, 1.0, 0.5)
         total = (weight * along * evidence[idx][near]).sum(1)
-        sign[idx] = np.where(resolved[idx] | (total >= 0), 1.0, -1.0)
+        sign[idx] = np.where(resolved[idx], known[idx], np.where(total >= 0, 1.0, -1.0))
     return sign
 
 
 def _directions(linked: pd.DataFrame) -> None:
-    """Set ``direction`` ('fit': resolved by the exposure; 'track': by the track's displacement
-    to its next or from its previous point; 'unknown') and turn the velocities of the beads a
-    track resolves to its direction. In place; ``linked`` sorted by particle, frame."""
+    """Set ``direction`` ('fit': resolved by the exposure; 'track': by the track's lateral
+    displacement to its next or from its previous point; 'unknown') and turn the velocities of
+    the beads a track resolves to its direction. In place; ``linked`` sorted by particle, frame."""
     resolved = linked["direction_resolved"].astype(bool).to_numpy()
-    position = linked[["x_um", "y_um", "z_um"]].to_numpy(float)
     velocity = linked[["v1", "v2", "v3"]].to_numpy(float)
-    track = linked["particle"].to_numpy()
-    same_next = np.append(track[1:] == track[:-1], False)
-    same_prev = np.insert(track[1:] == track[:-1], 0, False)
-    moved = np.zeros_like(position)
-    moved[same_next] = position[1:][same_next[:-1]] - position[:-1][same_next[:-1]]
-    only_prev = ~same_next & same_prev
-    moved[only_prev] = position[only_prev] - position[np.flatnonzero(only_prev) - 1]
-    lateral = (moved[:, :2] * velocity[:, :2]).sum(1)  # depth may be folded: the lateral motion tells
-    by_track = ~resolved & (same_next | same_prev) & (lateral != 0)
+    lateral = (_moves(linked)[:, :2] * velocity[:, :2]).sum(1)  # depth may be folded: the lateral motion tells
+    by_track = ~resolved & (lateral != 0)
     flip = by_track & (lateral < 0)
     linked.loc[flip, ["v1", "v2", "v3"]] = -velocity[flip]
     linked["direction"] = np.where(resolved, "fit", np.where(by_track, "track", "unknown"))
