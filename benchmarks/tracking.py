@@ -39,7 +39,6 @@ from blurflow.particles import BeadFitter, detect, fit_frames
 from blurflow.synthesis import Setup
 from blurflow.tracks import link
 
-
 PLAIN_SUBNET = 8  # the most particles trackpy.link resolves jointly before its adaptive search shrinks the range
 
 
