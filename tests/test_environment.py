@@ -20,6 +20,7 @@ IMPORT_TO_PACKAGE = {  # top-level module -> distribution name (conda-forge name
     "segmentation_models_pytorch": "segmentation-models-pytorch", "PIL": "pillow", "jsonschema": "jsonschema",
 }  # fmt: skip
 CONDA_NAMES = {"torch": ("pytorch", "pytorch-gpu"), "matplotlib": ("matplotlib", "matplotlib-base")}
+OPTIONAL = {"trackpy": ("trackpy", "particles")}  # imported inside the functions that need it: module -> (distribution, extra)
 STDLIB = set(sys.stdlib_module_names) | {"blurflow"}
 
 
@@ -38,7 +39,7 @@ def imported_packages() -> set[str]:
                 modules |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 modules.add(node.module.split(".")[0])
-    third_party = modules - STDLIB
+    third_party = modules - STDLIB - set(OPTIONAL)
     unknown = third_party - set(IMPORT_TO_PACKAGE)
     assert not unknown, f"map these imports to packages: {unknown}"
     return third_party
@@ -72,6 +73,19 @@ def test_pyproject_lists_the_imported_packages():
     names = {re.split(r"[<>=!\s\[]", d)[0].lower() for d in deps}
     for module in imported_packages():
         assert IMPORT_TO_PACKAGE[module] in names, module
+
+
+def test_optional_packages_are_in_their_extra_and_missing_ones_are_one_line(monkeypatch):
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for module, (package, extra) in OPTIONAL.items():
+        assert package in {re.split(r"[<>=!\s\[]", d)[0].lower() for d in extras[extra]}, (module, extra)
+    import pandas as pd
+
+    from blurflow.tracks import TracksError, link
+
+    monkeypatch.setitem(sys.modules, "trackpy", None)  # as if not installed
+    with pytest.raises(TracksError, match=r"needs trackpy: pip install 'blurflow\[particles\]'"):
+        link(pd.DataFrame({"frame": [0, 1]}), 0.1, 0.01)
 
 
 def test_the_slurm_profile_leaves_resources_to_the_rules_and_gpu_rules_ask_for_a_gpu():

@@ -40,7 +40,11 @@ class TracksError(ValueError):
 
 def _checked(table: pd.DataFrame, frame_interval_s: float, exposure_s: float) -> pd.DataFrame:
     """The fitted rows of ``table`` (merged blobs and rows without a velocity left out), as a copy;
-    TracksError naming what is wrong."""
+    TracksError naming what is wrong (trackpy missing included)."""
+    try:
+        import trackpy  # noqa: F401
+    except ImportError:
+        raise TracksError("linking needs trackpy: pip install 'blurflow[particles]'") from None
     for name, value in (("frame interval", frame_interval_s), ("exposure", exposure_s)):
         if not (np.isfinite(value) and value > 0):
             raise TracksError(f"the {name} must be a positive number of ms, got {value * 1000:g}")
