@@ -35,6 +35,7 @@ import torch
 
 from blurflow import testsets
 from blurflow.cli import particle_table
+from blurflow.field import grid
 from blurflow.particles import BeadFitter, detect, fit_frames
 from blurflow.synthesis import Setup
 from blurflow.tracks import link
@@ -116,6 +117,27 @@ def scores(linked: pd.DataFrame | None, truth: pd.DataFrame, spacing: float) -> 
     return out
 
 
+def field_profile(tracks: pd.DataFrame, truth: pd.DataFrame, args: argparse.Namespace, interval_s: float, pixel_um: float, bins: int = 8) -> dict:
+    """The tracks' field in ``bins`` depth bins over one cell (blurflow.field.grid): the rms of u
+    against the true speed of the same beads averaged per bin, over the peak; the share of bins
+    whose w lies within 2 standard errors of 0; the tracks' depth range (5th-95th percentile) against
+    the walls."""
+    field = grid(tracks, args.size * pixel_um * 2, z_bins=bins)
+    known = tracks[tracks["direction"].isin(["fit", "track"]) & (tracks["bead"] >= 0)]
+    z = known["z_um"].to_numpy()
+    edges = np.linspace(z.min(), z.max(), bins + 1)
+    speed = truth.set_index(["frame", "bead"]).loc[list(zip(known["frame"], known["bead"])), "speed_px"].to_numpy() * pixel_um / interval_s
+    where = np.minimum(np.searchsorted(edges, z, side="right") - 1, bins - 1)
+    expected = pd.Series(speed).groupby(where).mean().reindex(range(bins))
+    peak = args.streak_px * pixel_um / (args.exposure_ms / 1000)  # um/s at mid-depth
+    u = field.set_index(np.round((field["z"] - z.min()) / (edges[1] - edges[0]) - 0.5).astype(int))["u"].reindex(range(bins))
+    w = field["w"].to_numpy() / field["w_se"].to_numpy()
+    return {
+        "field_u_rms_of_peak": round(float(np.sqrt(np.nanmean((u - expected) ** 2)) / peak), 4), "field_w_within_2_se": round(float((np.abs(w) < 2).mean()), 3),
+        "tracks_depth_um": [round(float(q), 1) for q in np.percentile(tracks["z_um"], [5, 95])], "walls_um": [args.z_lo, args.z_hi],
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--densities", type=float, nargs="+", default=[1, 3, 6], help="beads per 128 x 128 px")
@@ -161,11 +183,13 @@ def main() -> None:
             plain = None
         plain_s = time.perf_counter() - t0
         direction = ours[(ours["direction"] != "unknown") & (ours["bead"] >= 0)]
+        profile = field_profile(ours, truth, args, interval_s, setup.optics.pixel_um)
         row = {
             "beads_per_128px": density, **constants, "fitted_rows": len(table), "matched": round(float((table["bead"] >= 0).mean()), 4),
             "fit_beads_per_s": round(len(table) / fit_s, 1), "link_s": round(link_s, 2), "nearest_neighbour_s": round(plain_s, 2),
             "velocity_prediction": scores(ours, truth, constants["spacing_px"]), "nearest_neighbour": scores(plain, truth, constants["spacing_px"]),
             "directions_right": round(float((direction["v1"] > 0).mean()), 4), "directions_known": round(float((ours["direction"] != "unknown").mean()), 4),
+            **profile,
         }  # fmt: skip
         print(json.dumps(row), flush=True)
 

@@ -755,6 +755,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=tracks_command)
 
     p = sub.add_parser(
+        "field",
+        help="the flow field on a grid from a particles or tracks table (mean velocity per cell, inverse-variance weighted)",
+        description=(
+            "Grid the signed velocities of a particles or tracks table (blurflow particles, blurflow tracks) on square cells "
+            "(and depth bins): per cell the inverse-variance weighted mean (u, v, w = v1, v2, v3) with its standard error and "
+            "count, as CSV with openpiv's column names, and a quiver figure. A particles table counts its direction-resolved "
+            "beads only; a tracks table also those its tracks resolved."
+        ),
+    )
+    p.add_argument("table", metavar="TABLE_CSV", help="NAME_particles.csv or NAME_tracks.csv")
+    p.add_argument("--cell-um", type=float, required=True, help="cell side (um)")
+    p.add_argument("--z-bins", type=int, default=1, help="bins of depth over the beads' range (default 1)")
+    p.add_argument("--out", help="the field's table (default beside the input: NAME_field.csv; the figure beside it, .png)")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+    p.set_defaults(func=field_command)
+
+    p = sub.add_parser(
         "measurability",
         help="the ideal R² of each component for a textured sample (Cramér-Rao bound)",
         description=(
@@ -799,6 +816,34 @@ def tracks_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         note(f"blurflow: {path}: {tracks_summary(tracks)}")
         note(f"{path}: wrote {out}", sys.stdout)
+    return 0
+
+
+def field_command(args: argparse.Namespace) -> int:
+    """Grid the velocities of a particles or tracks table (blurflow.field.grid): CSV and quiver figure."""
+    import pandas as pd
+
+    from blurflow import figures
+    from blurflow.field import FieldError, grid
+
+    path = Path(args.table)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        field = grid(pd.read_csv(path), args.cell_um, args.z_bins)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a CSV table ({exc.__class__.__name__})") from None
+    except FieldError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    stem = path.with_name(path.name.removesuffix(".csv").removesuffix("_particles").removesuffix("_tracks"))
+    csv = Path(args.out) if args.out else stem.with_name(stem.name + "_field.csv")
+    png = csv.with_suffix(".png")
+    with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
+        field.to_csv(tmp_csv, index=False)
+        figures.save_png(figures.flow_field(field), tmp_png, SOFTWARE)
+    if not args.quiet:
+        note(f"blurflow: {path}: {len(field)} cells of {args.cell_um:g} um ({args.z_bins} depth bins) from {int(field['count'].sum())} beads")
+        note(f"{path}: wrote {csv}, {png}", sys.stdout)
     return 0
 
 

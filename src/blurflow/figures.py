@@ -398,3 +398,39 @@ def calibration(model, ideal) -> plt.Figure:
     optics = model.optics
     fig.suptitle(f"PSF model: NA {optics.na:g}, n {optics.n:g}, {optics.wavelength_um:g} um, pixel {model.pixel_um:.3g} um; {asym}")
     return fig
+
+
+def flow_field(field) -> plt.Figure:
+    """A gridded flow field (blurflow.field.grid's table): one quiver panel of the lateral velocity
+    (u, v) per depth bin, coloured by w, and the profile of u and w against depth (the count-weighted
+    mean over each bin's cells, with the standard error)."""
+    depths = np.sort(field["z"].unique())
+    panels = len(depths) + 1
+    cols = min(panels, 4)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), constrained_layout=True, squeeze=False)
+    unit = str(field["speed_unit"].iloc[0])
+    norm = plt.Normalize(*np.percentile(field["w"], [2, 98])) if len(field) > 1 else plt.Normalize(-1, 1)
+    for ax, z in zip(axes.flat, depths):
+        cells = field[field["z"] == z]
+        ax.quiver(cells["x"], cells["y"], cells["u"], cells["v"], cells["w"], cmap="coolwarm", norm=norm, angles="xy")
+        ax.set_title(f"z {z:.3g} um: {int(cells['count'].sum())} beads", fontsize=9)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.set_xlabel("x (um)")
+        ax.set_ylabel("y (um)")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="coolwarm"), ax=axes[:, 0], shrink=0.8, label=f"w ({unit})")
+    profile = axes.flat[len(depths)]
+    by = field.groupby("z")
+    for name, colour in (("u", "C0"), ("w", "C3")):
+        mean = by.apply(lambda g, n=name: np.average(g[n], weights=g["count"]), include_groups=False)
+        se = by.apply(lambda g, n=name: np.sqrt(np.average(g[f"{n}_se"] ** 2, weights=g["count"])), include_groups=False)
+        profile.errorbar(mean, mean.index, xerr=se, fmt="o-", color=colour, label=name, ms=3)
+    profile.set_xlabel(f"velocity ({unit})")
+    profile.set_ylabel("z (um)")
+    profile.invert_yaxis()
+    profile.legend(fontsize=8)
+    profile.set_title("profile across depth", fontsize=9)
+    for ax in list(axes.flat)[panels:]:
+        ax.set_axis_off()
+    return fig
