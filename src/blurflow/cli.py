@@ -791,21 +791,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tracks_command(args: argparse.Namespace) -> int:
-    """Link the particles of a stack's table across frames (blurflow.tracks.link) and write the tracks' table."""
+def read_table(path: Path):
+    """The CSV table at ``path`` (pandas); InputError (one line) where it is missing or not a CSV table."""
     import pandas as pd
 
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a CSV table ({exc.__class__.__name__})") from None
+
+
+def tracks_command(args: argparse.Namespace) -> int:
+    """Link the particles of a stack's table across frames (blurflow.tracks.link) and write the tracks' table."""
     from blurflow.tracks import TracksError, link
 
     path = Path(args.table)
     if args.memory < 0:
         raise UsageError(f"--memory must be >= 0 frames, got {args.memory}")
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a CSV table ({exc.__class__.__name__})") from None
+    table = read_table(path)
     try:
         tracks = link(table, args.frame_interval_ms / 1000, args.exposure_ms / 1000, memory=args.memory)
     except TracksError as exc:
@@ -821,18 +826,13 @@ def tracks_command(args: argparse.Namespace) -> int:
 
 def field_command(args: argparse.Namespace) -> int:
     """Grid the velocities of a particles or tracks table (blurflow.field.grid): CSV and quiver figure."""
-    import pandas as pd
-
     from blurflow import figures
     from blurflow.field import FieldError, grid
 
     path = Path(args.table)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
+    table = read_table(path)
     try:
-        field = grid(pd.read_csv(path), args.cell_um, args.z_bins)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a CSV table ({exc.__class__.__name__})") from None
+        field = grid(table, args.cell_um, args.z_bins)
     except FieldError as exc:
         raise InputError(f"{path}: {exc}") from None
     stem = path.with_name(path.name.removesuffix(".csv").removesuffix("_particles").removesuffix("_tracks"))

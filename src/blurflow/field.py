@@ -58,10 +58,10 @@ def grid(table: pd.DataFrame, cell_um: float, z_bins: int = 1) -> pd.DataFrame:
     lo, hi = z.min(), z.max()
     depth = np.minimum(((z - lo) / max(hi - lo, 1e-9) * z_bins).astype(int), z_bins - 1)
     key = pd.DataFrame({"i": ((x - x.min()) // cell_um).astype(int), "j": ((y - y.min()) // cell_um).astype(int), "k": depth})
-    cells = key.groupby(["i", "j", "k"]).size()  # sorted by cell, as ngroup numbers them
+    by = key.groupby(["i", "j", "k"])
+    cells, group = by.size(), by.ngroup().to_numpy()  # sorted by cell, as ngroup numbers them
     i, j, k = (cells.index.get_level_values(n).to_numpy() for n in ("i", "j", "k"))
     out = {"x": x.min() + (i + 0.5) * cell_um, "y": y.min() + (j + 0.5) * cell_um, "z": lo + (k + 0.5) * (hi - lo) / z_bins}
-    group = key.groupby(["i", "j", "k"]).ngroup().to_numpy()
     for name, col in (("u", "v1"), ("v", "v2"), ("w", "v3")):
         value, std = rows[col].to_numpy(float), np.maximum(rows[f"{col}_std"].to_numpy(float), 1e-12)
         out[name], out[f"{name}_se"] = _robust_means(value, std, group, len(cells))
@@ -77,8 +77,7 @@ def _robust_means(value: np.ndarray, std: np.ndarray, group: np.ndarray, groups:
     of the weights' (1 / sqrt of their sum) and the kept beads' weighted scatter over sqrt(n - 1).
     A fit gone astray (a lateral motion fitted as axial, with a small std) would otherwise outweigh
     the rest of its cell."""
-    frame = pd.DataFrame({"g": group, "v": value})
-    median = frame.groupby("g")["v"].transform("median").to_numpy()
+    median = pd.Series(value).groupby(group).transform("median").to_numpy()
     mad = 1.4826 * pd.Series(np.abs(value - median)).groupby(group).transform("median").to_numpy()
     kept = np.abs(value - median) <= OUTLIER * np.maximum(mad, std)
     weight = np.where(kept, 1 / std**2, 0.0)

@@ -3,9 +3,9 @@ in 3D by trackpy, each bead's position in the next frame predicted from its own 
 
 A single exposure measures a bead's velocity but, where its two ends are alike in sharpness
 (``direction_resolved`` false), not the direction of time: (v1, v2, v3) and its opposite make the
-same streak about the same midpoint. Such a bead is predicted at whichever of its two predictions
-has a bead of the next frame nearer; once linked, the track's own displacement gives the
-direction (``direction``: 'fit', 'track' or 'unknown'). Positions are the path midpoints (x, y,
+same streak about the same midpoint. Such a bead is predicted in the direction its next frame and
+its neighbours' evidence favour (:func:`_signs`); once linked, the track's own displacement gives
+the direction (``direction``: 'fit', 'track' or 'unknown'). Positions are the path midpoints (x, y,
 and the depth z0 + v3 T / 2 for an exposure T), in um; times in s from frame 0; velocities in um/s.
 Where no depth is signed (a PSF symmetric in depth: z >= 0 folded), predicted depths fold too.
 """
@@ -80,7 +80,7 @@ def link(table: pd.DataFrame, frame_interval_s: float, exposure_s: float, memory
     position_std = np.stack([rows["x_std_px"] * pixel_um, rows["y_std_px"] * pixel_um, rows["z0_std_um"]], 1).astype(float)
     velocity_std = rows[["v1_std", "v2_std", "v3_std"]].to_numpy(float)
     spread = np.sqrt(2 * position_std**2 + (velocity_std * frame_interval_s) ** 2)
-    scale = np.maximum(np.nanpercentile(spread, 95, axis=0), [pixel_um / 2, pixel_um / 2, pixel_um / 2])  # um per unit of search
+    scale = np.maximum(np.nanpercentile(spread, 95, axis=0), pixel_um / 2)  # um per unit of search
     position = rows[["x_um", "y_um", "z_um"]].to_numpy(float)
     velocity = rows[["v1", "v2", "v3"]].to_numpy(float)
     signed_depth = bool(rows["depth_sign_resolved"].astype(bool).any())
@@ -134,31 +134,24 @@ def _linked(rows: pd.DataFrame, step: np.ndarray, interval_s: float, signed_dept
     return linked.sort_values(["particle", "frame"]).reset_index(drop=True)
 
 
+def _from_previous(linked: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) each point's displacement (um) from the previous point of its track and (N,) the
+    frames between them, NaN at a track's start; ``linked`` sorted by particle, frame."""
+    track, frame = linked["particle"].to_numpy(), linked["frame"].to_numpy()
+    position = linked[["x_um", "y_um", "z_um"]].to_numpy(float)
+    after = np.flatnonzero(np.insert(track[1:] == track[:-1], 0, False))
+    moved, frames = np.full(position.shape, np.nan), np.full(len(frame), np.nan)
+    moved[after], frames[after] = position[after] - position[after - 1], frame[after] - frame[after - 1]
+    return moved, frames
+
+
 def _arrivals(linked: pd.DataFrame, interval_s: float) -> np.ndarray:
     """(N, 3) for each row of the table (``linked['_row']``): its velocity (um/s) from its track's
     previous point (NaN at a track's start); ``linked`` sorted by particle, frame."""
-    track, frame = linked["particle"].to_numpy(), linked["frame"].to_numpy()
-    position = linked[["x_um", "y_um", "z_um"]].to_numpy(float)
-    after = np.insert(track[1:] == track[:-1], 0, False)
-    out = np.full((len(linked), 3), np.nan)
-    out[after] = (position[after] - position[np.flatnonzero(after) - 1]) / ((frame[after] - frame[np.flatnonzero(after) - 1]) * interval_s)[:, None]
-    rows = np.full((len(linked), 3), np.nan)
-    rows[linked["_row"].to_numpy()] = out
+    moved, frames = _from_previous(linked)
+    rows = np.full(moved.shape, np.nan)
+    rows[linked["_row"].to_numpy()] = moved / (frames * interval_s)[:, None]
     return rows
-
-
-def _moves(linked: pd.DataFrame) -> np.ndarray:
-    """(N, 3) each point's displacement to the next point of its track (from the previous one at
-    a track's end; 0 alone), um; ``linked`` sorted by particle, frame."""
-    position = linked[["x_um", "y_um", "z_um"]].to_numpy(float)
-    track = linked["particle"].to_numpy()
-    same_next = np.append(track[1:] == track[:-1], False)
-    same_prev = np.insert(track[1:] == track[:-1], 0, False)
-    moved = np.zeros_like(position)
-    moved[same_next] = position[1:][same_next[:-1]] - position[:-1][same_next[:-1]]
-    last = ~same_next & same_prev
-    moved[last] = position[last] - position[np.flatnonzero(last) - 1]
-    return moved
 
 
 def _signs(
@@ -215,7 +208,10 @@ def _directions(linked: pd.DataFrame) -> None:
     the beads a track resolves to its direction. In place; ``linked`` sorted by particle, frame."""
     resolved = linked["direction_resolved"].astype(bool).to_numpy()
     velocity = linked[["v1", "v2", "v3"]].to_numpy(float)
-    lateral = (_moves(linked)[:, :2] * velocity[:, :2]).sum(1)  # depth may be folded: the lateral motion tells
+    back = _from_previous(linked)[0]
+    ahead = np.append(back[1:], np.full((1, 3), np.nan), 0)  # to the next point: its displacement from this one
+    moved = np.nan_to_num(np.where(np.isnan(ahead), back, ahead))  # to the next point, else from the previous, else 0
+    lateral = (moved[:, :2] * velocity[:, :2]).sum(1)  # depth may be folded: the lateral motion tells
     by_track = ~resolved & (lateral != 0)
     flip = by_track & (lateral < 0)
     linked.loc[flip, ["v1", "v2", "v3"]] = -velocity[flip]

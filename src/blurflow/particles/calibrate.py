@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from blurflow.optics import Optics, PSFSource
-from blurflow.particles.fit import centroid
+from blurflow.particles.fit import SIGN_GAP, BeadFitter, centroid
 from blurflow.psfmodel import PSFModel, stack_hash
 
 MIN_BEADS = 3  # beads needed for a model
@@ -311,7 +311,6 @@ def _sign_check(
     asymmetry); planes within two steps or the axial Nyquist pitch of a bead's focus are not
     scored. Returns (the gap, or None where a half holds fewer than MIN_BEADS beads; a record)."""
     from blurflow.optics import MotionScales
-    from blurflow.particles.fit import SIGN_GAP, BeadFitter
 
     if min(h.sum() for h in halves) < MIN_BEADS:
         return None, {"checked": False, "why": f"{len(centres)} beads: each half needs >= {MIN_BEADS}"}

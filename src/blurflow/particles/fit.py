@@ -509,9 +509,7 @@ class BeadFitter:
         probes = torch.cat([_turned(theta[still]), turned])
         c, light, wt = counts[which], known[which], weight[which]
         tried = self.refine(c, self._likeliest(c, light, wt, probes), iterations, known=light, weight=wt)
-        better = tried[1] > ll[which]
-        for mine, theirs in zip(fit, tried):
-            mine[which[better]] = theirs[better]
+        _keep(fit, which, tried, tried[1] > ll[which])
         return fit
 
     def _lateral_probe(
@@ -529,9 +527,7 @@ class BeadFitter:
             return fit
         c, light, wt = counts[which], known[which], weight[which]
         tried = self.refine(c, other[which], iterations, known=light, weight=wt)
-        better = tried[1] > ll[which]
-        for mine, theirs in zip(fit, tried):
-            mine[which[better]] = theirs[better]
+        _keep(fit, which, tried, tried[1] > ll[which])
         return fit
 
     def _mirror(
@@ -558,8 +554,7 @@ class BeadFitter:
         tried = self.refine(counts[which], mirror[which], iterations, known=known[which], weight=weight[which], bounds=(lower, upper))
         better = (tried[1] > ll[which]) & replace
         gap[which] = torch.where(better, tried[1] - ll[which], ll[which] - tried[1])
-        for mine, theirs in zip(fit, tried):
-            mine[which[better]] = theirs[better]
+        _keep(fit, which, tried, better)
         return gap
 
     # --- the whole fit ---------------------------------------------------------------------
@@ -632,6 +627,13 @@ class BeadFitter:
             "depth_sign_resolved": self.signed & (gap > self.sign_gap * dispersion),
         }  # fmt: skip
         return FitResult(**{k: v.cpu().numpy() for k, v in out.items()})  # fmt: skip
+
+
+def _keep(fit: tuple[torch.Tensor, ...], which: torch.Tensor, tried: tuple[torch.Tensor, ...], better: torch.Tensor) -> None:
+    """Replace, in :meth:`BeadFitter.refine`'s ``fit`` (theta, log-likelihood, converged, Fisher
+    information), the rows ``which`` by ``tried``'s (of those rows) where ``better``. In place."""
+    for mine, theirs in zip(fit, tried):
+        mine[which[better]] = theirs[better]
 
 
 def resolved(theta: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
