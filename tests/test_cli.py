@@ -462,3 +462,16 @@ def test_measurability_prints_the_ideal_r2_per_case_and_a_missing_config_is_one_
     assert 0 <= smooth < natural <= 1
     assert cli.main(["measurability", str(tmp_path / "none.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"blurflow: error: {tmp_path / 'none.yaml'}: no such config file"
+
+
+def test_the_preview_draws_the_lateral_motion_along_rows_and_columns_as_the_image():
+    """v1 along columns, v2 along rows (downwards in the image): the preview's segments point the same way."""
+    from blurflow import figures
+
+    flow = np.zeros((5, 32, 32), np.float32)
+    flow[0], flow[1], flow[4] = 1.0, 2.0, 1.0
+    fig = figures.flow_overlay(np.ones((32, 32)), flow, ["um/s"] * 5, arrows=4)
+    ax = fig.axes[0]
+    quiver = ax.collections[0]
+    assert ax.yaxis_inverted() and np.allclose(quiver.U, 1.0) and np.allclose(quiver.V, 2.0)
+    plt.close(fig)

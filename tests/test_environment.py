@@ -20,7 +20,9 @@ IMPORT_TO_PACKAGE = {  # top-level module -> distribution name (conda-forge name
     "segmentation_models_pytorch": "segmentation-models-pytorch", "PIL": "pillow", "jsonschema": "jsonschema",
 }  # fmt: skip
 CONDA_NAMES = {"torch": ("pytorch", "pytorch-gpu"), "matplotlib": ("matplotlib", "matplotlib-base")}
-OPTIONAL = {"trackpy": ("trackpy", "particles")}  # imported inside the functions that need it: module -> (distribution, extra)
+OPTIONAL = {  # module -> (distribution, extra): imported inside the functions that need it, or by the napari plugin only
+    "trackpy": ("trackpy", "particles"), "napari": ("napari", "napari"), "magicgui": ("napari", "napari"),
+}  # fmt: skip
 STDLIB = set(sys.stdlib_module_names) | {"blurflow"}
 
 
@@ -33,7 +35,7 @@ def rule_blocks() -> dict[str, str]:
 
 def imported_packages() -> set[str]:
     modules = set()
-    for path in (ROOT / "src/blurflow").glob("*.py"):
+    for path in (ROOT / "src/blurflow").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 modules |= {a.name.split(".")[0] for a in node.names}

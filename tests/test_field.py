@@ -8,7 +8,7 @@ import pytest
 from test_tracks import EXPOSURE_S, INTERVAL_S, channel_table
 
 from blurflow.cli import main
-from blurflow.field import FIELD_COLUMNS, grid
+from blurflow.field import FIELD_COLUMNS, grid, grid_flow
 from blurflow.tracks import link
 
 
@@ -18,6 +18,7 @@ def test_the_channel_profile_comes_back_from_the_tracks():
     beads, w (zero) within 3 standard errors in every bin, v near 0."""
     table = channel_table(beads=200, frames=10)
     field = grid(link(table, INTERVAL_S, EXPOSURE_S), 400.0, z_bins=8)
+    field = field[field["y"] > 0]  # cells start at x = y = 0: a bead fitted just above the first row has a cell of its own
     assert list(field.columns) == list(FIELD_COLUMNS) and len(field) == 8 and (field["speed_unit"] == "um/s").all()
     z = table["z0_um"].to_numpy()  # the true depths plus 0.3 um of noise
     edges = np.linspace(z.min(), z.max(), 9)
@@ -61,3 +62,43 @@ def test_the_field_command_writes_a_table_and_a_quiver(tmp_path, capsys):
     assert main(["field", str(tmp_path / "m_tracks.csv"), "--cell-um", "100", "--z-bins", "3"]) == 0
     field = pd.read_csv(tmp_path / "m_field.csv")
     assert list(field.columns) == list(FIELD_COLUMNS) and field["z"].nunique() == 3 and (tmp_path / "m_field.png").stat().st_size > 10_000
+
+
+def test_a_flow_map_is_gridded_on_the_same_cells_each_pixel_weighted_by_w():
+    """(5, 40, 60) maps, pixels 0.5 um: cells of 10 um from x = y = 0 hold 20 x 20 pixels; a cell's
+    u is the w-weighted mean of its pixels with w > 0.5 (a column of w 0.2 and u 100 does not count);
+    the cells are those a particle table at the same place gets."""
+    flow = np.zeros((5, 40, 60), np.float32)
+    flow[0, :, :30], flow[0, :, 30:] = 2.0, 4.0
+    flow[1], flow[2], flow[3], flow[4] = 1.0, 3.0, 5.0, 0.9
+    flow[0, :20, 40:50], flow[4, :20, 40:50] = 6.0, 0.6  # half of cell (2, 0) at u 6 with weight 0.6 against 4 with 0.9
+    flow[0, :, 5], flow[4, :, 5] = 100.0, 0.2
+    field = grid_flow(flow, 0.5, "um/s", 10.0)
+    assert list(field.columns) == list(FIELD_COLUMNS) and len(field) == 6
+    assert np.allclose(field["x"], [5, 5, 15, 15, 25, 25]) and np.allclose(field["y"], [5, 15] * 3)
+    assert field["count"].tolist() == [380, 380, 400, 400, 400, 400]
+    assert np.allclose(field["u"], [2, 2, 3, 3, (4 * 0.9 + 6 * 0.6) / 1.5, 4], atol=1e-5)
+    assert np.allclose(field["v"], 1.0) and np.allclose(field["w"], 3.0) and np.allclose(field["z"], 5.0)
+    assert np.allclose(field[["v_se", "w_se"]], 0, atol=1e-6) and field["u_se"].iloc[2] > 0.01  # the scatter of a mixed cell
+    beads = pd.DataFrame({
+        "x_um": [3.0, 27.0], "y_um": [12.0, 1.0], "z_um": 5.0, "v1": 1.0, "v1_std": 1.0, "v2": 1.0, "v2_std": 1.0, "v3": 1.0, "v3_std": 1.0,
+        "direction": "fit",
+    })  # fmt: skip
+    assert set(map(tuple, grid(beads, 10.0)[["x", "y"]].to_numpy())) <= set(map(tuple, field[["x", "y"]].to_numpy()))
+
+
+def test_the_field_command_grids_a_flow_tif_of_predict(tmp_path, capsys):
+    import tifffile
+    from skimage import data
+
+    tifffile.imwrite(tmp_path / "cells.tif", np.random.default_rng(0).poisson(data.camera()[:256:4, :384:4] * 4.0).astype(np.uint16))
+    assert main(["predict", str(tmp_path / "cells.tif"), "--quiet", "--exposure-ms", "20"]) == 0
+    assert main(["field", str(tmp_path / "cells_flow.tif"), "--cell-um", "13"]) == 0
+    field = pd.read_csv(tmp_path / "cells_field.csv")
+    flow = tifffile.imread(tmp_path / "cells_flow.tif")
+    pixel = 0.65  # the shipped model's
+    assert field["count"].sum() == (flow[4] > 0.5).sum() and (field["speed_unit"] == "um/s").all()
+    assert np.allclose(field["x"] % 13, 6.5) and field["x"].max() < 96 * pixel + 13
+    assert "pixels with w > 0.5" in capsys.readouterr().err and (tmp_path / "cells_field.png").is_file()
+    assert main(["field", str(tmp_path / "cells.tif"), "--cell-um", "13"]) == 1
+    assert "not a flow of blurflow predict" in capsys.readouterr().err

@@ -18,7 +18,8 @@ FLOORS = [
     ["particles.scoring", "particles.calibrate"],
     ["evaluate", "particles", "figures", "tracks", "field"],  # particles: the package's __init__, which gathers its modules
     ["train", "measurability", "study"],
-    ["cli", "pipeline"],  # pipeline: the Snakemake glue, which the library never imports
+    ["cli", "pipeline", "napari_plugin.readers"],  # pipeline: the Snakemake glue, which the library never imports
+    ["napari_plugin", "napari_plugin.widgets"],  # the viewer plugin: widgets run the command line
 ]
 
 

@@ -756,15 +756,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "field",
-        help="the flow field on a grid from a particles or tracks table (mean velocity per cell, inverse-variance weighted)",
+        help="the flow field on a grid from a particles or tracks table, or a flow map (mean velocity per cell, inverse-variance weighted)",
         description=(
             "Grid the signed velocities of a particles or tracks table (blurflow particles, blurflow tracks) on square cells "
-            "(and depth bins): per cell the inverse-variance weighted mean (u, v, w = v1, v2, v3) with its standard error and "
-            "count, as CSV with openpiv's column names, and a quiver figure. A particles table counts its direction-resolved "
-            "beads only; a tracks table also those its tracks resolved."
+            "from x = y = 0 (and depth bins): per cell the inverse-variance weighted mean (u, v, w = v1, v2, v3) with its standard "
+            "error and count, as CSV with openpiv's column names, and a quiver figure. A particles table counts its "
+            "direction-resolved beads only; a tracks table also those its tracks resolved. A flow map (IMAGE_flow.tif of blurflow "
+            "predict) gives the same cells from its pixels where w > 0.5, each weighted by w (lateral motion as an orientation, "
+            "v >= 0), for a comparison cell by cell."
         ),
     )
-    p.add_argument("table", metavar="TABLE_CSV", help="NAME_particles.csv or NAME_tracks.csv")
+    p.add_argument("table", metavar="TABLE", help="NAME_particles.csv, NAME_tracks.csv or NAME_flow.tif")
     p.add_argument("--cell-um", type=float, required=True, help="cell side (um)")
     p.add_argument("--z-bins", type=int, default=1, help="bins of depth over the beads' range (default 1)")
     p.add_argument("--out", help="the field's table (default beside the input: NAME_field.csv; the figure beside it, .png)")
@@ -803,6 +805,12 @@ def read_table(path: Path):
         raise InputError(f"{path}: not a CSV table ({exc.__class__.__name__})") from None
 
 
+def tracks_out(args: argparse.Namespace) -> Path:
+    """The tracks' table of ``blurflow tracks``: ``--out``, else NAME_tracks.csv beside the input."""
+    path = Path(args.table)
+    return Path(args.out) if args.out else path.with_name(path.name.removesuffix("_particles.csv").removesuffix(".csv") + "_tracks.csv")
+
+
 def tracks_command(args: argparse.Namespace) -> int:
     """Link the particles of a stack's table across frames (blurflow.tracks.link) and write the tracks' table."""
     from blurflow.tracks import TracksError, link
@@ -815,7 +823,7 @@ def tracks_command(args: argparse.Namespace) -> int:
         tracks = link(table, args.frame_interval_ms / 1000, args.exposure_ms / 1000, memory=args.memory)
     except TracksError as exc:
         raise InputError(f"{path}: {exc}") from None
-    out = Path(args.out) if args.out else path.with_name(path.name.removesuffix("_particles.csv").removesuffix(".csv") + "_tracks.csv")
+    out = tracks_out(args)
     with atomic_path(out) as tmp:
         tracks.to_csv(tmp, index=False)
     if not args.quiet:
@@ -825,24 +833,32 @@ def tracks_command(args: argparse.Namespace) -> int:
 
 
 def field_command(args: argparse.Namespace) -> int:
-    """Grid the velocities of a particles or tracks table (blurflow.field.grid): CSV and quiver figure."""
+    """Grid the velocities of a particles or tracks table (blurflow.field.grid) or of a flow map
+    (grid_flow): CSV and quiver figure."""
     from blurflow import figures
-    from blurflow.field import FieldError, grid
+    from blurflow.field import FieldError, grid, grid_flow, read_flow
 
     path = Path(args.table)
-    table = read_table(path)
+    flow = path.suffix.lower() in (".tif", ".tiff")
+    if flow and not path.is_file():
+        raise InputError(f"{path}: no such file")
     try:
-        field = grid(table, args.cell_um, args.z_bins)
+        if flow:
+            maps, units, pixel_um = read_flow(path)
+            field = grid_flow(maps, pixel_um, units["v1"], args.cell_um, args.z_bins)
+        else:
+            field = grid(read_table(path), args.cell_um, args.z_bins)
     except FieldError as exc:
         raise InputError(f"{path}: {exc}") from None
-    stem = path.with_name(path.name.removesuffix(".csv").removesuffix("_particles").removesuffix("_tracks"))
+    stem = path.with_name(path.name.removesuffix(path.suffix).removesuffix("_particles").removesuffix("_tracks").removesuffix("_flow"))
     csv = Path(args.out) if args.out else stem.with_name(stem.name + "_field.csv")
     png = csv.with_suffix(".png")
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         field.to_csv(tmp_csv, index=False)
         figures.save_png(figures.flow_field(field), tmp_png, SOFTWARE)
     if not args.quiet:
-        note(f"blurflow: {path}: {len(field)} cells of {args.cell_um:g} um ({args.z_bins} depth bins) from {int(field['count'].sum())} beads")
+        counted = "pixels with w > 0.5" if flow else "beads"
+        note(f"blurflow: {path}: {len(field)} cells of {args.cell_um:g} um ({args.z_bins} depth bins) from {int(field['count'].sum())} {counted}")
         note(f"{path}: wrote {csv}, {png}", sys.stdout)
     return 0
 
@@ -866,7 +882,8 @@ def measurability_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError (one line) for a flag out of its range."""
     for name in ("exposure_ms", "frame_interval_ms", "pixel_size_um", "gain"):
         value = getattr(args, name, None)
         if value is not None and not (np.isfinite(value) and value > 0):
@@ -905,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="blurflow: %(message)s")
     try:
-        _check(args)
+        check_args(args)
         return args.func(args)
     except InputError as exc:
         print(f"blurflow: error: {exc}", file=sys.stderr)

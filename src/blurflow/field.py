@@ -1,20 +1,28 @@
 """A flow field on a grid from particles or tracks (as PIV tools give one): the mean velocity of
-the beads in each cell, each weighted by its inverse variance, with its standard error.
+the beads in each cell, each weighted by its inverse variance, with its standard error; and the
+network's flow maps (``blurflow predict``'s ``*_flow.tif``) on the same cells, for a comparison cell
+by cell. Cells are squares from x = y = 0 (the centre of the image's first pixel).
 
 Columns follow openpiv's where they exist: ``x``, ``y`` (the cell's centre, um), ``u``, ``v`` (the
 lateral velocity) plus ``w`` (the axial one) and ``z`` (the depth bin's centre, um), each velocity
 with its standard error (``u_se``, ...), ``count`` (beads in the cell) and ``speed_unit``. Only
 signed velocities count: a tracks table's rows whose direction is known (``direction`` 'fit' or
 'track'), a particle table's rows whose direction the exposure resolved; where the depth is
-folded (a PSF symmetric in depth) z is the depth from focus, >= 0.
+folded (a PSF symmetric in depth) z is the depth from focus, >= 0. A flow map's pixels count where
+w > VALID, each weighted by w; its lateral motion is an orientation (v >= 0), its w is v3 (away
+from focus) and its z is z0.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
 
 OUTLIER = 4.0  # robust scatters (or the bead's own std) from its cell's median beyond which a bead does not count
+VALID = 0.5  # w above which a flow map's pixel counts
+FLOW_CHANNELS = ("v1", "v2", "v3", "z0", "w")  # of a *_flow.tif (blurflow predict), in order
 FIELD_COLUMNS = ("x", "y", "z", "u", "v", "w", "u_se", "v_se", "w_se", "count", "speed_unit")
 
 
@@ -24,46 +32,92 @@ class FieldError(ValueError):
 
 def _signed_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """(the rows whose velocities are signed, with ``z_um``; their speed unit); FieldError where none."""
-    needed = ("x_um", "y_um", "v1", "v2", "v3", "v1_std", "v2_std", "v3_std")
+    tracks = "direction" in table.columns
+    if not tracks and "direction_resolved" not in table.columns:
+        raise FieldError("not a blurflow particle or tracks table: neither 'direction' nor 'direction_resolved'")
+    needed = ("x_um", "y_um", "z_um" if tracks else "z0_um", "v1", "v2", "v3", "v1_std", "v2_std", "v3_std")
     missing = [c for c in needed if c not in table.columns]
     if missing:
         raise FieldError(f"not a blurflow particle or tracks table: no column {', '.join(missing[:4])}")
-    if "direction" in table.columns:  # tracks
+    if tracks:
         rows = table[table["direction"].isin(["fit", "track"])].copy()
         unit = "um/s"
-    elif "direction_resolved" in table.columns:  # particles
+    else:
         rows = table[table["direction_resolved"].astype(str).str.lower() == "true"].copy()
         unit = str(table["speed_unit"].dropna().iloc[0]) if "speed_unit" in table.columns and table["speed_unit"].notna().any() else "um/exposure"
-        if "z_um" not in rows.columns:
-            rows["z_um"] = rows["z0_um"]  # the depth at the exposure's start
-    else:
-        raise FieldError("not a blurflow particle or tracks table: neither 'direction' nor 'direction_resolved'")
-    rows = rows[np.isfinite(rows[list(needed)].to_numpy(float)).all(1)]
+        rows["z_um"] = rows["z0_um"]  # the depth at the exposure's start
+    rows = rows[np.isfinite(rows[["z_um", *needed]].to_numpy(float)).all(1)]
     if not len(rows):
         raise FieldError("no bead with a signed velocity (directions unresolved: link the frames first, blurflow tracks)")
     return rows, unit
 
 
 def grid(table: pd.DataFrame, cell_um: float, z_bins: int = 1) -> pd.DataFrame:
-    """The field (FIELD_COLUMNS) of a particle or tracks table on square cells of ``cell_um`` um
-    from the beads' least x and y, in ``z_bins`` equal bins of depth over the beads' range: per
-    cell and component, the inverse-variance weighted mean of the beads that are not outliers, and
-    its standard error (:func:`_robust_means`). Cells without beads are left out. FieldError (one line) for a table that gives no field."""
+    """The field (FIELD_COLUMNS) of a particle or tracks table on square cells of ``cell_um`` um,
+    in ``z_bins`` equal bins of depth over the beads' range: per cell and component, the
+    inverse-variance weighted mean of the beads that are not outliers, and its standard error
+    (:func:`_robust_means`). Cells without beads are left out. FieldError (one line) for a table
+    that gives no field."""
+    _check(cell_um, z_bins)
+    return _gridded(*_signed_rows(table), cell_um, z_bins)
+
+
+def grid_flow(flow: np.ndarray, pixel_um: float, unit: str, cell_um: float, z_bins: int = 1) -> pd.DataFrame:
+    """The field (FIELD_COLUMNS) of a flow map (T, 5, H, W) or (5, H, W) of ``blurflow predict``
+    (v1, v2, v3 in ``unit``, z0 in um, w) on the cells of :func:`grid`: its pixels where w > VALID
+    (every frame's), each weighted by w; ``count`` is pixels, and as neighbouring pixels see one
+    blur, the standard error (their weighted scatter over sqrt(count - 1)) is a lower bound."""
+    _check(cell_um, z_bins)
+    flow = flow[None] if flow.ndim == 3 else flow
+    keep = flow[:, 4] > VALID
+    if not keep.any():
+        raise FieldError(f"no pixel with w > {VALID}: the flow sees no texture to measure")
+    _, y, x = np.nonzero(keep)
+    std = 1e-12 / np.sqrt(flow[:, 4][keep])  # weights w; the standard error from the scatter alone
+    rows = pd.DataFrame({"x_um": x * pixel_um, "y_um": y * pixel_um, "z_um": flow[:, 3][keep], "v1_std": std, "v2_std": std, "v3_std": std})
+    rows["v1"], rows["v2"], rows["v3"] = flow[:, 0][keep], flow[:, 1][keep], flow[:, 2][keep]
+    return _gridded(rows, unit, cell_um, z_bins)
+
+
+def read_flow(path) -> tuple[np.ndarray, dict[str, str], float]:
+    """(flow (T, 5, H, W), unit of each channel, pixel size in um) of a ``*_flow.tif`` of ``blurflow
+    predict``; FieldError (one line) for another file."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            flow = tif.asarray()
+            info = (tif.imagej_metadata or {}).get("Info", "")
+            resolution = tif.pages[0].resolution
+    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise FieldError(f"not a readable TIFF ({exc.__class__.__name__})") from None
+    units = json.loads(info) if info.startswith("{") else {}
+    flow = flow[None] if flow.ndim == 3 else flow
+    if list(units) != list(FLOW_CHANNELS) or flow.ndim != 4 or flow.shape[1] != len(units):
+        raise FieldError(f"not a flow of blurflow predict (channels {', '.join(FLOW_CHANNELS)})")
+    return flow, units, 1 / resolution[0]
+
+
+def _check(cell_um: float, z_bins: int) -> None:
     if not (np.isfinite(cell_um) and cell_um > 0):
         raise FieldError(f"the cell must be a positive number of um, got {cell_um:g}")
     if z_bins < 1:
         raise FieldError(f"the depth bins must be >= 1, got {z_bins}")
-    rows, unit = _signed_rows(table)
+
+
+def _gridded(rows: pd.DataFrame, unit: str, cell_um: float, z_bins: int) -> pd.DataFrame:
+    """FIELD_COLUMNS of ``rows`` (x_um, y_um, z_um, v1, v2, v3 and their std): the cells of
+    :func:`grid`, the means of :func:`_robust_means`."""
     x, y, z = (rows[c].to_numpy(float) for c in ("x_um", "y_um", "z_um"))
     lo, hi = z.min(), z.max()
     depth = np.minimum(((z - lo) / max(hi - lo, 1e-9) * z_bins).astype(int), z_bins - 1)
-    key = pd.DataFrame({"i": ((x - x.min()) // cell_um).astype(int), "j": ((y - y.min()) // cell_um).astype(int), "k": depth})
+    key = pd.DataFrame({"i": np.floor(x / cell_um).astype(int), "j": np.floor(y / cell_um).astype(int), "k": depth})
     by = key.groupby(["i", "j", "k"])
     cells, group = by.size(), by.ngroup().to_numpy()  # sorted by cell, as ngroup numbers them
     i, j, k = (cells.index.get_level_values(n).to_numpy() for n in ("i", "j", "k"))
-    out = {"x": x.min() + (i + 0.5) * cell_um, "y": y.min() + (j + 0.5) * cell_um, "z": lo + (k + 0.5) * (hi - lo) / z_bins}
+    out = {"x": (i + 0.5) * cell_um, "y": (j + 0.5) * cell_um, "z": lo + (k + 0.5) * (hi - lo) / z_bins}
     for name, col in (("u", "v1"), ("v", "v2"), ("w", "v3")):
-        value, std = rows[col].to_numpy(float), np.maximum(rows[f"{col}_std"].to_numpy(float), 1e-12)
+        value, std = rows[col].to_numpy(float), np.maximum(rows[f"{col}_std"].to_numpy(float), 1e-300)
         out[name], out[f"{name}_se"] = _robust_means(value, std, group, len(cells))
     out["count"] = np.bincount(group, minlength=len(cells))
     out["speed_unit"] = unit

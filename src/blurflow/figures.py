@@ -278,7 +278,7 @@ def flow_overlay(image: np.ndarray, flow: np.ndarray, units: list[str], arrows: 
         xx[valid],
         yy[valid],
         v1[valid],
-        -v2[valid],
+        v2[valid],  # rows grow downwards, as the image's
         color="yellow",
         pivot="middle",
         headwidth=0,
