@@ -44,12 +44,13 @@ def test_each_bead_counts_by_its_inverse_variance():
         ("unresolved", "no bead with a signed velocity"),
         ("cell", "the cell must be a positive number of um"),
         ("layout", "not a blurflow particle or tracks table"),
+        ("depth", "no column z0_um"),
     ],
 )
 def test_a_table_that_gives_no_field_is_one_line(tmp_path, capsys, case, words):
     table = channel_table(beads=10, frames=2)  # a particle table, every direction unresolved
-    if case == "layout":
-        table = table.drop(columns=["v1_std"])
+    if case in ("layout", "depth"):
+        table = table.drop(columns=["v1_std" if case == "layout" else "z0_um"])
     table.to_csv(tmp_path / "a_particles.csv", index=False)
     assert main(["field", str(tmp_path / "a_particles.csv"), "--cell-um", "-5" if case == "cell" else "50"]) == 1
     err = capsys.readouterr().err
