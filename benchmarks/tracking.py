@@ -119,21 +119,23 @@ def scores(linked: pd.DataFrame | None, truth: pd.DataFrame, spacing: float) -> 
 
 def field_profile(tracks: pd.DataFrame, truth: pd.DataFrame, args: argparse.Namespace, interval_s: float, pixel_um: float, bins: int = 8) -> dict:
     """The tracks' field in ``bins`` depth bins over one cell (blurflow.field.grid): the rms of u
-    against the true speed of the same beads averaged per bin, over the peak; the share of bins
-    whose w lies within 2 standard errors of 0; the tracks' depth range (5th-95th percentile) against
+    against the true speed of the same beads averaged per bin, over the peak; the shares of bins
+    whose w lies within 1 and 2 standard errors of 0; the tracks' depth range (5th-95th percentile) against
     the walls."""
     field = grid(tracks, args.size * pixel_um * 2, z_bins=bins)
-    known = tracks[tracks["direction"].isin(["fit", "track"]) & (tracks["bead"] >= 0)]
-    z = known["z_um"].to_numpy()
-    edges = np.linspace(z.min(), z.max(), bins + 1)
+    linked = tracks.groupby("particle")["frame"].transform("size") >= 2
+    counted = tracks[tracks["direction"].isin(["fit", "track"]) & linked]  # the points the field counts, and its depth bins
+    edges = np.linspace(counted["z_um"].min(), counted["z_um"].max(), bins + 1)
+    known = counted[counted["bead"] >= 0]
     speed = truth.set_index(["frame", "bead"]).loc[list(zip(known["frame"], known["bead"])), "speed_px"].to_numpy() * pixel_um / interval_s
-    where = np.minimum(np.searchsorted(edges, z, side="right") - 1, bins - 1)
+    where = np.minimum(np.searchsorted(edges, known["z_um"].to_numpy(), side="right") - 1, bins - 1)
     expected = pd.Series(speed).groupby(where).mean().reindex(range(bins))
     peak = args.streak_px * pixel_um / (args.exposure_ms / 1000)  # um/s at mid-depth
-    u = field.set_index(np.round((field["z"] - z.min()) / (edges[1] - edges[0]) - 0.5).astype(int))["u"].reindex(range(bins))
+    u = field.set_index(np.round((field["z"] - edges[0]) / (edges[1] - edges[0]) - 0.5).astype(int))["u"].reindex(range(bins))
     w = field["w"].to_numpy() / field["w_se"].to_numpy()
     return {
-        "field_u_rms_of_peak": round(float(np.sqrt(np.nanmean((u - expected) ** 2)) / peak), 4), "field_w_within_2_se": round(float((np.abs(w) < 2).mean()), 3),
+        "field_u_rms_of_peak": round(float(np.sqrt(np.nanmean((u - expected) ** 2)) / peak), 4),
+        "field_w_within_1_se": round(float((np.abs(w) < 1).mean()), 3), "field_w_within_2_se": round(float((np.abs(w) < 2).mean()), 3),
         "tracks_depth_um": [round(float(q), 1) for q in np.percentile(tracks["z_um"], [5, 95])], "walls_um": [args.z_lo, args.z_hi],
     }  # fmt: skip
 

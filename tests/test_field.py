@@ -38,6 +38,34 @@ def test_each_bead_counts_by_its_inverse_variance():
     assert field["v"] == pytest.approx(2.0) and field["v_se"] == pytest.approx(np.sqrt(0.5))
 
 
+def test_a_tracks_points_count_as_one_bead_in_the_standard_error():
+    """20 tracks of 30 points, each track's w offset by its own N(0, 10) (a bead's depth and blur stay
+    from frame to frame), each point's noise N(0, 1) with std 1: the standard error is the scatter
+    of the tracks' means over sqrt(20), not of the 600 points' over sqrt(600)."""
+    rng = np.random.default_rng(0)
+    offset = rng.normal(0, 10, 20)
+    track = np.repeat(np.arange(20), 30)
+    w = offset[track] + rng.normal(0, 1, track.size)
+    rows = pd.DataFrame({
+        "particle": track, "frame": np.tile(np.arange(30), 20), "x_um": 1.0, "y_um": 1.0, "z_um": 5.0, "v1": 1.0, "v1_std": 1.0, "v2": 0.0,
+        "v2_std": 1.0, "v3": w, "v3_std": 1.0, "direction": "track",
+    })  # fmt: skip
+    field = grid(rows, 10.0).iloc[0]
+    expected = offset.std(ddof=1) / np.sqrt(20)
+    assert field["count"] == 600 and 0.7 * expected < field["w_se"] < 1.3 * expected, (field["w_se"], expected)
+
+
+def test_a_point_no_link_confirms_does_not_count():
+    """A tracks table: a track of two points at u 10, and a lone point (its own track) at u 500:
+    the field holds the track's points only."""
+    rows = pd.DataFrame({
+        "particle": [0, 0, 1], "frame": [0, 1, 0], "x_um": [1.0, 2.0, 3.0], "y_um": 1.0, "z_um": 5.0, "v1": [10.0, 10.0, 500.0], "v1_std": 1.0,
+        "v2": 0.0, "v2_std": 1.0, "v3": 0.0, "v3_std": 1.0, "direction": ["track", "track", "fit"],
+    })  # fmt: skip
+    field = grid(rows, 10.0).iloc[0]
+    assert field["count"] == 2 and field["u"] == pytest.approx(10.0)
+
+
 @pytest.mark.parametrize(
     "case, words",
     [

@@ -68,6 +68,42 @@ def test_beads_moving_several_spacings_are_linked_by_their_velocity_where_neares
     assert plain_right < 0.5, plain_right
 
 
+def test_a_fit_astray_ends_its_track_and_a_track_overrules_a_chance_direction():
+    """Beads of the channel: one fit in frame 3 fitted astray (its lateral velocity 2,000 um/s across
+    the flow) at its bead's place is not joined to the bead's track (it would be by position alone);
+    one bead's fit in frame 2 resolved against the flow (-v, direction_resolved): its track, moving
+    +x by many position std, turns it ('track')."""
+    table = channel_table(beads=30, frames=6)
+    astray = table.index[(table["frame"] == 3) & (table["bead"] == 5)][0]
+    table.loc[astray, ["v1", "v2"]] = [0.0, 2000.0]
+    chance = table.index[(table["frame"] == 2) & (table["bead"] == 7)][0]
+    table.loc[chance, ["v1", "v2", "v3"]] = -table.loc[chance, ["v1", "v2", "v3"]].abs().to_numpy() * [1, 1, -1]
+    table.loc[chance, "direction_resolved"] = True
+    tracks = link(table, INTERVAL_S, EXPOSURE_S)
+    row = tracks[(tracks["frame"] == 3) & (tracks["x"] == table.loc[astray, "x_px"])]
+    assert (tracks["particle"] == row["particle"].iloc[0]).sum() == 1  # a track of its own
+    right, made = link_shares(tracks, table)
+    assert right == 1.0 and made > 100
+    turned = tracks[(tracks["frame"] == 2) & (tracks["x"] == table.loc[chance, "x_px"])].iloc[0]
+    assert turned["direction"] == "track" and turned["v1"] > 0
+
+
+def test_the_same_table_gives_the_same_tracks_in_every_run(tmp_path):
+    """Two processes link one crowded table (300 beads, competing candidates): byte-identical tables
+    (trackpy breaks ties in the order of sets of its points, hashed by memory address unless
+    blurflow.tracks orders them)."""
+    import subprocess
+    import sys
+
+    table = channel_table(beads=300, frames=8)
+    table[["v1_std", "v2_std"]] = 150.0  # wide search ranges: many beads compete for each link
+    table.to_csv(tmp_path / "c_particles.csv", index=False)
+    for run in (1, 2):
+        argv = ["tracks", str(tmp_path / "c_particles.csv"), "--frame-interval-ms", "50", "--exposure-ms", "10", "--out", str(tmp_path / f"{run}.csv")]
+        subprocess.run([sys.executable, "-m", "blurflow.cli", *argv, "--quiet"], check=True)
+    assert (tmp_path / "1.csv").read_bytes() == (tmp_path / "2.csv").read_bytes()
+
+
 def test_tracks_read_into_trackpy_and_a_track_keeps_its_time():
     import trackpy
 

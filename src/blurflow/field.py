@@ -6,8 +6,9 @@ by cell. Cells are squares from x = y = 0 (the centre of the image's first pixel
 Columns follow openpiv's where they exist: ``x``, ``y`` (the cell's centre, um), ``u``, ``v`` (the
 lateral velocity) plus ``w`` (the axial one) and ``z`` (the depth bin's centre, um), each velocity
 with its standard error (``u_se``, ...), ``count`` (beads in the cell) and ``speed_unit``. Only
-signed velocities count: a tracks table's rows whose direction is known (``direction`` 'fit' or
-'track'), a particle table's rows whose direction the exposure resolved; where the depth is
+signed velocities count: a tracks table's points on linked tracks (>= 2 points: a velocity its
+neighbouring point confirms; blurflow.tracks cuts a track where they disagree) whose direction is
+known (``direction`` 'fit' or 'track'), a particle table's rows whose direction the exposure resolved; where the depth is
 folded (a PSF symmetric in depth) z is the depth from focus, >= 0. A flow map's pixels count where
 w > VALID, each weighted by w; its lateral motion is an orientation (v >= 0), its w is v3 (away
 from focus) and its z is z0.
@@ -40,7 +41,8 @@ def _signed_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     if missing:
         raise FieldError(f"not a blurflow particle or tracks table: no column {', '.join(missing[:4])}")
     if tracks:
-        rows = table[table["direction"].isin(["fit", "track"])].copy()
+        linked = table.groupby("particle")["frame"].transform("size") >= 2 if "particle" in table.columns else True
+        rows = table[table["direction"].isin(["fit", "track"]) & linked].copy()
         unit = "um/s"
     else:
         rows = table[table["direction_resolved"].astype(str).str.lower() == "true"].copy()
@@ -116,27 +118,38 @@ def _gridded(rows: pd.DataFrame, unit: str, cell_um: float, z_bins: int) -> pd.D
     cells, group = by.size(), by.ngroup().to_numpy()  # sorted by cell, as ngroup numbers them
     i, j, k = (cells.index.get_level_values(n).to_numpy() for n in ("i", "j", "k"))
     out = {"x": (i + 0.5) * cell_um, "y": (j + 0.5) * cell_um, "z": lo + (k + 0.5) * (hi - lo) / z_bins}
+    cluster = rows["particle"].to_numpy() if "particle" in rows.columns and "direction" in rows.columns else None  # tracks: a track's points together
     for name, col in (("u", "v1"), ("v", "v2"), ("w", "v3")):
         value, std = rows[col].to_numpy(float), np.maximum(rows[f"{col}_std"].to_numpy(float), 1e-300)
-        out[name], out[f"{name}_se"] = _robust_means(value, std, group, len(cells))
+        out[name], out[f"{name}_se"] = _robust_means(value, std, group, len(cells), cluster)
     out["count"] = np.bincount(group, minlength=len(cells))
     out["speed_unit"] = unit
     return pd.DataFrame(out)[list(FIELD_COLUMNS)]
 
 
-def _robust_means(value: np.ndarray, std: np.ndarray, group: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+def _robust_means(value: np.ndarray, std: np.ndarray, group: np.ndarray, groups: int, cluster: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per group: the inverse-variance weighted mean of ``value`` (std ``std``) over the beads within
     OUTLIER times the group's robust scatter (1.4826 x the median absolute deviation from the
     median, or the bead's own std where larger) of its median, and its standard error: the larger
-    of the weights' (1 / sqrt of their sum) and the kept beads' weighted scatter over sqrt(n - 1).
-    A fit gone astray (a lateral motion fitted as axial, with a small std) would otherwise outweigh
-    the rest of its cell."""
+    of the weights' (1 / sqrt of their sum) and the kept beads' weighted scatter over sqrt(n - 1),
+    or with ``cluster`` (a track id per bead) the scatter of the clusters' weighted sums (a
+    cluster-robust error: one bead's fits in successive frames share its depth and blur, so they
+    are not independent). A fit gone astray (a lateral motion fitted as axial, with a small std)
+    would otherwise outweigh the rest of its cell."""
     median = pd.Series(value).groupby(group).transform("median").to_numpy()
     mad = 1.4826 * pd.Series(np.abs(value - median)).groupby(group).transform("median").to_numpy()
     kept = np.abs(value - median) <= OUTLIER * np.maximum(mad, std)
     weight = np.where(kept, 1 / std**2, 0.0)
     total = np.bincount(group, weight, minlength=groups)
     mean = np.bincount(group, weight * value, minlength=groups) / total
-    n = np.bincount(group, kept, minlength=groups)
-    scatter = np.bincount(group, weight * (value - mean[group]) ** 2, minlength=groups) / total / np.maximum(n - 1, 1)
+    residual = weight * (value - mean[group])
+    if cluster is None:
+        n = np.bincount(group, kept, minlength=groups)
+        scatter = np.bincount(group, residual * (value - mean[group]), minlength=groups) / total / np.maximum(n - 1, 1)
+    else:
+        sums = pd.DataFrame({"g": group, "c": cluster, "r": residual, "k": kept}).groupby(["g", "c"]).sum()
+        sums = sums[sums["k"] > 0]
+        g = sums.index.get_level_values("g").to_numpy()
+        clusters = np.bincount(g, minlength=groups)
+        scatter = np.bincount(g, sums["r"].to_numpy() ** 2, minlength=groups) / total**2 * clusters / np.maximum(clusters - 1, 1)
     return mean, np.sqrt(np.maximum(1 / total, scatter))

@@ -5,7 +5,10 @@ A single exposure measures a bead's velocity but, where its two ends are alike i
 (``direction_resolved`` false), not the direction of time: (v1, v2, v3) and its opposite make the
 same streak about the same midpoint. Such a bead is predicted in the direction its next frame and
 its neighbours' evidence favour (:func:`_signs`); once linked, the track's own displacement gives
-the direction (``direction``: 'fit', 'track' or 'unknown'). Positions are the path midpoints (x, y,
+the direction (``direction``: 'fit', 'track' or 'unknown'), and overrules the exposure's where it
+contradicts it clearly. A track is cut where two consecutive points' lateral velocities disagree
+or where a point misses its predecessor's own prediction (:func:`_cut`): one of them is another
+bead, or two streaks fitted as one. Positions are the path midpoints (x, y,
 and the depth z0 + v3 T / 2 for an exposure T), in um; times in s from frame 0; velocities in um/s.
 Where no depth is signed (a PSF symmetric in depth: z >= 0 folded), predicted depths fold too.
 """
@@ -31,6 +34,9 @@ TRACK_COLUMNS = (
 PASSES = 4  # linkings at most: each with the directions and velocities the previous one's tracks showed
 OUTSIDE = 3.0  # the evidence distance (prediction std) of a prediction that leaves the field: about a poor match's
 NEIGHBOURS = 6  # beads of a frame whose direction evidence counts for each bead's (_signs)
+TRACK_SIGMAS = 3.0  # position std by which a track's displacement must contradict the exposure's direction to overrule it
+GATE = 5.0  # std of its own prediction by which a linked point may miss it before the track is cut
+MISMATCH = 8.0  # combined std by which the lateral velocities of a track's consecutive points may differ (either sign) before it is cut
 _SCALED = ["_xs", "_ys", "_zs"]  # positions over the prediction's std per axis: linked with an isotropic search range
 
 
@@ -90,12 +96,12 @@ def link(table: pd.DataFrame, frame_interval_s: float, exposure_s: float, memory
     seen = np.full(velocity.shape, np.nan)  # each row's velocity as its track shows it (from its previous point), um/s
     for _ in range(PASSES):  # each pass with the directions and velocities the previous one's tracks showed
         arrival = np.sign(np.nan_to_num((seen[:, :2] * velocity[:, :2]).sum(1)))  # the direction its arrival shows, 0 unknown
-        known = np.where(resolved, 1.0, arrival)
+        known = np.where(arrival != 0, arrival, resolved.astype(float))  # a track's arrival overrules a chance resolution
         sign = _signs(rows, position, velocity, scale, frame_interval_s, signed_depth, search_sigmas, known)
         step = sign[:, None] * velocity
         off = np.linalg.norm((step - seen) * frame_interval_s / scale, axis=1) > search_sigmas / 2  # its own would miss (a fit gone astray)
         step[off] = seen[off]
-        linked = _linked(rows, step / scale, frame_interval_s, signed_depth, search_sigmas, memory)
+        linked = _cut(_linked(rows, step / scale, frame_interval_s, signed_depth, search_sigmas, memory), frame_interval_s, pixel_um)
         arrived = _arrivals(linked, frame_interval_s)
         if np.array_equal(np.isnan(arrived), np.isnan(seen)) and np.allclose(arrived, seen, equal_nan=True):
             break
@@ -124,7 +130,7 @@ def _linked(rows: pd.DataFrame, step: np.ndarray, interval_s: float, signed_dept
                 out.append(guess)
             return out
 
-    with _quiet():
+    with _quiet(), _ordered_points():
         try:
             linked = Predict().link_df(
                 rows.assign(_row=np.arange(len(rows))), reach, pos_columns=_SCALED, t_column="frame", memory=memory, adaptive_stop=0.5, adaptive_step=0.9
@@ -132,6 +138,26 @@ def _linked(rows: pd.DataFrame, step: np.ndarray, interval_s: float, signed_dept
         except trackpy.SubnetOversizeException as exc:
             raise TracksError(f"too many candidate links in one place even at a tenth of the search range ({exc})") from None
     return linked.sort_values(["particle", "frame"]).reset_index(drop=True)
+
+
+def _cut(linked: pd.DataFrame, interval_s: float, pixel_um: float) -> pd.DataFrame:
+    """``linked`` (sorted by particle, frame) with each track cut between two consecutive points
+    whose lateral velocities differ by more than MISMATCH times their combined std (whichever the
+    sign of either: one of them is not the other's bead, or its fit is astray, two streaks fitted
+    as one), or whose lateral displacement misses the first one's velocity times the time between
+    them by more than GATE of that prediction's own std (its positions' and its velocity's; either
+    sign): trackpy's one search range is wide for a precise bead, whose successor may be missing.
+    Track ids renumbered from 0 in order."""
+    velocity, std = linked[["v1", "v2"]].to_numpy(float), linked[["v1_std", "v2_std"]].to_numpy(float)
+    position, position_std = linked[["x_um", "y_um"]].to_numpy(float), linked[["x_std_px", "y_std_px"]].to_numpy(float) * pixel_um
+    track, frame = linked["particle"].to_numpy(), linked["frame"].to_numpy()
+    apart = np.minimum(np.abs(velocity[1:] - velocity[:-1]), np.abs(velocity[1:] + velocity[:-1])) / np.hypot(std[1:], std[:-1])
+    time = ((frame[1:] - frame[:-1]) * interval_s)[:, None]
+    moved = position[1:] - position[:-1]
+    spread = np.sqrt(position_std[1:] ** 2 + position_std[:-1] ** 2 + (std[:-1] * time) ** 2)
+    miss = np.minimum(np.abs(moved - velocity[:-1] * time), np.abs(moved + velocity[:-1] * time)) / spread
+    start = np.insert((track[1:] != track[:-1]) | (apart.max(1) > MISMATCH) | (np.hypot(*miss.T) > GATE), 0, True)
+    return linked.assign(particle=np.cumsum(start) - 1)
 
 
 def _from_previous(linked: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -203,19 +229,42 @@ def _signs(
 
 
 def _directions(linked: pd.DataFrame) -> None:
-    """Set ``direction`` ('fit': resolved by the exposure; 'track': by the track's lateral
-    displacement to its next or from its previous point; 'unknown') and turn the velocities of
-    the beads a track resolves to its direction. In place; ``linked`` sorted by particle, frame."""
+    """Set ``direction`` ('track': by the track's lateral displacement to its next or from its
+    previous point, where it is unresolved by the exposure or the displacement contradicts the
+    exposure by more than TRACK_SIGMAS position std; 'fit': by the exposure; 'unknown') and turn the
+    velocities to it. In place; ``linked`` sorted by particle, frame. A bead that keeps its depth
+    shows its direction in the exposure only by chance (an astray fit or noise); the track shows it
+    by its displacement, and v3 keeps no selection's sign."""
     resolved = linked["direction_resolved"].astype(bool).to_numpy()
     velocity = linked[["v1", "v2", "v3"]].to_numpy(float)
     back = _from_previous(linked)[0]
     ahead = np.append(back[1:], np.full((1, 3), np.nan), 0)  # to the next point: its displacement from this one
     moved = np.nan_to_num(np.where(np.isnan(ahead), back, ahead))  # to the next point, else from the previous, else 0
-    lateral = (moved[:, :2] * velocity[:, :2]).sum(1)  # depth may be folded: the lateral motion tells
-    by_track = ~resolved & (lateral != 0)
-    flip = by_track & (lateral < 0)
+    along = (moved[:, :2] * velocity[:, :2]).sum(1) / np.maximum(np.hypot(velocity[:, 0], velocity[:, 1]), 1e-12)  # um along the lateral motion
+    pixel_um = float(np.nanmedian(linked["x_um"] / linked["x_px"]))
+    std = np.sqrt(2) * np.hypot(linked["x_std_px"], linked["y_std_px"]).to_numpy(float) * pixel_um  # of a displacement between two fits
+    by_track = np.where(resolved, along < -TRACK_SIGMAS * std, along != 0)  # depth may be folded: the lateral motion tells
+    flip = by_track & (along < 0)
     linked.loc[flip, ["v1", "v2", "v3"]] = -velocity[flip]
-    linked["direction"] = np.where(resolved, "fit", np.where(by_track, "track", "unknown"))
+    linked["direction"] = np.where(by_track, "track", np.where(resolved, "fit", "unknown"))
+
+
+@contextmanager
+def _ordered_points() -> Iterator[None]:
+    """trackpy's points hashed by their serial number (``uuid``, numbered from 0 in each linking),
+    not their memory address, while linking: its subnet solvers iterate sets of points and break
+    ties in that order, which then is the same in every run (same table, same tracks)."""
+    from trackpy.linking.utils import Point
+
+    before = Point.__dict__.get("__hash__")
+    Point.__hash__ = lambda self: self.uuid
+    try:
+        yield
+    finally:
+        if before is None:
+            del Point.__hash__
+        else:
+            Point.__hash__ = before
 
 
 @contextmanager
