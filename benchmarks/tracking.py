@@ -35,7 +35,7 @@ import torch
 
 from blurflow import testsets
 from blurflow.cli import particle_table
-from blurflow.field import grid
+from blurflow.field import depth_range, grid
 from blurflow.particles import BeadFitter, detect, fit_frames
 from blurflow.synthesis import Setup
 from blurflow.tracks import link
@@ -125,10 +125,10 @@ def field_profile(tracks: pd.DataFrame, truth: pd.DataFrame, args: argparse.Name
     field = grid(tracks, args.size * pixel_um * 2, z_bins=bins)
     linked = tracks.groupby("particle")["frame"].transform("size") >= 2
     counted = tracks[tracks["direction"].isin(["fit", "track"]) & linked]  # the points the field counts, and its depth bins
-    edges = np.linspace(counted["z_um"].min(), counted["z_um"].max(), bins + 1)
+    edges = np.linspace(*depth_range(counted["z_um"].to_numpy()), bins + 1)
     known = counted[counted["bead"] >= 0]
     speed = truth.set_index(["frame", "bead"]).loc[list(zip(known["frame"], known["bead"])), "speed_px"].to_numpy() * pixel_um / interval_s
-    where = np.minimum(np.searchsorted(edges, known["z_um"].to_numpy(), side="right") - 1, bins - 1)
+    where = np.clip(np.searchsorted(edges, known["z_um"].to_numpy(), side="right") - 1, 0, bins - 1)
     expected = pd.Series(speed).groupby(where).mean().reindex(range(bins))
     peak = args.streak_px * pixel_um / (args.exposure_ms / 1000)  # um/s at mid-depth
     u = field.set_index(np.round((field["z"] - edges[0]) / (edges[1] - edges[0]) - 0.5).astype(int))["u"].reindex(range(bins))

@@ -23,6 +23,7 @@ import pandas as pd
 
 OUTLIER = 4.0  # robust scatters (or the bead's own std) from its cell's median beyond which a bead does not count
 VALID = 0.5  # w above which a flow map's pixel counts
+DEPTH_PERCENTILE = 1.0  # the depth bins span the beads' depths from this percentile to 100 minus it
 FLOW_CHANNELS = ("v1", "v2", "v3", "z0", "w")  # of a *_flow.tif (blurflow predict), in order
 FIELD_COLUMNS = ("x", "y", "z", "u", "v", "w", "u_se", "v_se", "w_se", "count", "speed_unit")
 
@@ -56,7 +57,7 @@ def _signed_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 def grid(table: pd.DataFrame, cell_um: float, z_bins: int = 1) -> pd.DataFrame:
     """The field (FIELD_COLUMNS) of a particle or tracks table on square cells of ``cell_um`` um,
-    in ``z_bins`` equal bins of depth over the beads' range: per cell and component, the
+    in ``z_bins`` equal bins of depth over the beads' range (:func:`depth_range`): per cell and component, the
     inverse-variance weighted mean of the beads that are not outliers, and its standard error
     (:func:`_robust_means`). Cells without beads are left out. FieldError (one line) for a table
     that gives no field."""
@@ -100,6 +101,13 @@ def read_flow(path) -> tuple[np.ndarray, dict[str, str], float]:
     return flow, units, 1 / resolution[0]
 
 
+def depth_range(z: np.ndarray) -> tuple[float, float]:
+    """The depths (um) the depth bins span: the 1st to the 99th percentile of ``z``, so that a few
+    depths fitted astray do not stretch the bins (those beyond count in the end bins)."""
+    lo, hi = np.percentile(z, [DEPTH_PERCENTILE, 100 - DEPTH_PERCENTILE])
+    return float(lo), float(hi)
+
+
 def _check(cell_um: float, z_bins: int) -> None:
     if not (np.isfinite(cell_um) and cell_um > 0):
         raise FieldError(f"the cell must be a positive number of um, got {cell_um:g}")
@@ -111,8 +119,8 @@ def _gridded(rows: pd.DataFrame, unit: str, cell_um: float, z_bins: int) -> pd.D
     """FIELD_COLUMNS of ``rows`` (x_um, y_um, z_um, v1, v2, v3 and their std): the cells of
     :func:`grid`, the means of :func:`_robust_means`."""
     x, y, z = (rows[c].to_numpy(float) for c in ("x_um", "y_um", "z_um"))
-    lo, hi = z.min(), z.max()
-    depth = np.minimum(((z - lo) / max(hi - lo, 1e-9) * z_bins).astype(int), z_bins - 1)
+    lo, hi = depth_range(z)
+    depth = np.clip(np.floor((z - lo) / max(hi - lo, 1e-9) * z_bins), 0, z_bins - 1).astype(int)
     key = pd.DataFrame({"i": np.floor(x / cell_um).astype(int), "j": np.floor(y / cell_um).astype(int), "k": depth})
     by = key.groupby(["i", "j", "k"])
     cells, group = by.size(), by.ngroup().to_numpy()  # sorted by cell, as ngroup numbers them
