@@ -8,7 +8,7 @@ import pytest
 from test_tracks import EXPOSURE_S, INTERVAL_S, channel_table
 
 from blurflow.cli import main
-from blurflow.field import FIELD_COLUMNS, grid, grid_flow
+from blurflow.field import FIELD_COLUMNS, depth_range, grid, grid_flow
 from blurflow.tracks import link
 
 
@@ -21,7 +21,8 @@ def test_the_channel_profile_comes_back_from_the_tracks():
     field = field[field["y"] > 0]  # cells start at x = y = 0: a bead fitted just above the first row has a cell of its own
     assert list(field.columns) == list(FIELD_COLUMNS) and len(field) == 8 and (field["speed_unit"] == "um/s").all()
     z = table["z0_um"].to_numpy()  # the true depths plus 0.3 um of noise
-    edges = np.linspace(z.min(), z.max(), 9)
+    edges = np.linspace(*depth_range(z), 9)
+    edges[0], edges[-1] = -np.inf, np.inf  # those beyond count in the end bins
     truth = [np.mean(4 * 1000 * (zz - 3) * (27 - zz) / 24**2) for zz in (z[(z >= a) & (z <= b)] for a, b in itertools.pairwise(edges))]
     assert np.sqrt(np.mean((field["u"].to_numpy() - truth) ** 2)) < 30.0, field[["z", "u"]]
     assert (np.abs(field["w"]) < 3 * field["w_se"]).all() and (np.abs(field["v"]) < 3 * field["v_se"] + 1).all()
@@ -53,6 +54,19 @@ def test_a_tracks_points_count_as_one_bead_in_the_standard_error():
     field = grid(rows, 10.0).iloc[0]
     expected = offset.std(ddof=1) / np.sqrt(20)
     assert field["count"] == 600 and 0.7 * expected < field["w_se"] < 1.3 * expected, (field["w_se"], expected)
+
+
+def test_a_depth_fitted_astray_does_not_stretch_the_depth_bins():
+    """301 beads at 3-27 um and one at -40 um, 8 depth bins: the bins span 3-27 um (3 um each) and the
+    stray bead counts in the first."""
+    z = np.append(np.linspace(3, 27, 301), -40.0)
+    rows = pd.DataFrame({
+        "x_um": 1.0, "y_um": 1.0, "z_um": z, "v1": 1.0, "v1_std": 1.0, "v2": 0.0, "v2_std": 1.0, "v3": 0.0, "v3_std": 1.0,
+        "direction": "fit", "particle": np.arange(302) // 2, "frame": np.arange(302) % 2,
+    })  # fmt: skip
+    field = grid(rows, 10.0, z_bins=8)
+    assert len(field) == 8 and np.allclose(np.diff(field["z"]), 2.94, atol=0.05) and 3 < field["z"].min() < 5
+    assert field["count"].sum() == 302 and field["count"].iloc[0] > field["count"].iloc[1]
 
 
 def test_a_point_no_link_confirms_does_not_count():
