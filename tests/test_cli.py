@@ -285,7 +285,8 @@ def test_out_below_a_file_is_an_option_error(model_file, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("blurflow: error: --out: cannot create folder") and "Traceback" not in err[0]
 
 
-def test_ctrl_c_gives_one_line_status_130_and_no_leftovers(model_file, tmp_path):
+@pytest.mark.parametrize("sig, status, words", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_ctrl_c_or_a_schedulers_sigterm_gives_one_line_its_status_and_no_leftovers(model_file, tmp_path, sig, status, words):
     import signal
     import time
 
@@ -299,9 +300,9 @@ def test_ctrl_c_gives_one_line_status_130_and_no_leftovers(model_file, tmp_path)
     while not list(tmp_path.glob(".big_flow.tif.tmp*")) and time.monotonic() < deadline:  # inference has begun
         assert proc.poll() is None
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, sig))
     err = proc.communicate(timeout=300)[1]  # generous: a loaded 2-core machine was seen to need more than 60 s
-    assert proc.returncode == 130 and err.strip() == "blurflow: interrupted", err
+    assert proc.returncode == status and err.strip() == f"blurflow: {words}", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.tif"]
 
 
@@ -462,6 +463,19 @@ def test_measurability_prints_the_ideal_r2_per_case_and_a_missing_config_is_one_
     assert 0 <= smooth < natural <= 1
     assert cli.main(["measurability", str(tmp_path / "none.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"blurflow: error: {tmp_path / 'none.yaml'}: no such config file"
+    for flag, value in (("--slope", "nan"), ("--slope", "-1"), ("--contrast", "-1"), ("--contrast", "0")):
+        assert cli.main(["measurability", config, flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"blurflow: error: {flag} must be a positive number, got {float(value):g}"
+
+
+@pytest.mark.parametrize("command", ["predict", "particles"])
+def test_an_input_whose_symbolic_links_loop_is_one_line(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    os.symlink("a", "b")
+    os.symlink("b", "a")
+    assert cli.main([command, "a"]) == 1
+    assert capsys.readouterr().err.strip() == "blurflow: error: a: its symbolic links lead in a loop"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 
 
 def test_the_preview_draws_the_lateral_motion_along_rows_and_columns_as_the_image():
@@ -475,3 +489,21 @@ def test_the_preview_draws_the_lateral_motion_along_rows_and_columns_as_the_imag
     quiver = ax.collections[0]
     assert ax.yaxis_inverted() and np.allclose(quiver.U, 1.0) and np.allclose(quiver.V, 2.0)
     plt.close(fig)
+
+
+def test_a_workflow_jobs_sigterm_is_raised_as_ctrl_c_is():
+    """logs.job installs it: a scheduler's SIGTERM ends a rule's script through KeyboardInterrupt
+    (its temporary files removed, one log line 'terminated')."""
+    import signal
+    import time
+
+    from blurflow import logs
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        logs.terminate_as_interrupt()
+        with pytest.raises(logs.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, before)

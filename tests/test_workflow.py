@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -360,6 +361,7 @@ def test_the_gpu_session_profiles_trains_and_scores_into_one_folder_and_refuses_
     quick = ["--profile-batches", "2", "--profile-steps", "1", "--baseline", str(out / "model.pt"), "--score-images", "2"]
     run = subprocess.run([*command, str(out), *tiny, *quick], capture_output=True, text=True, check=False, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert ("no GPU here" in run.stderr) != torch.cuda.is_available()  # on the CPU, one line says so
     assert {p.name for p in out.iterdir()} == {"sources", "profile.json", "model.pt", "training_log.csv", "checkpoint.pt", "release_sources", "validation_sets"}
     profile = json.loads((out / "profile.json").read_text())
     assert profile["renderer_graph_breaks"] == 0 and profile["rows"][0]["batch"] == 2 and profile["rows"][0]["step_images_per_s"] > 0

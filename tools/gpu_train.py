@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("gpu_train: needs train.data: online (images are synthesised on the training device; shards need the workflow)")
     for warning in pipeline.check(config):
         log.warning(warning)
+    if not torch.cuda.is_available() and not str(config["train"]["device"]).startswith("cpu"):
+        log.warning("no GPU here (torch.cuda.is_available() is False): training runs on the CPU, far slower than on the lent GPU this tool is for")
     torch.set_num_threads(config["train"]["threads"])
     out = args.outdir
     split_files = {split: source_file(split, config, out / "sources" / f"{split}.h5") for split in ("train", "val")}

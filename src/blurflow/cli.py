@@ -216,6 +216,10 @@ def split_model(inputs: list[str]) -> tuple[Path | None, list[Path]]:
         raise UsageError(f"IMAGE: no image given after the model {first}")
     images = []
     for name in map(Path, given):
+        try:
+            name.resolve()
+        except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError on a loop, 3.13 OSError
+            raise InputError(f"{name}: its symbolic links lead in a loop") from None
         if name.suffix.lower() in MODEL_SUFFIXES:
             raise UsageError(f"IMAGE: {name} is a model file; give the model first, then the images")
         if name.is_dir():
@@ -876,6 +880,9 @@ def measurability_command(args: argparse.Namespace) -> int:
     if error:
         raise UsageError(error)
     texture = {k: v for k, v in (("slope", args.slope), ("contrast", args.contrast)) if v is not None}
+    for name, value in texture.items():
+        if not (np.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} must be a positive number, got {value:g}")
     for case, r2 in report(Setup.from_config(config), config["testsets"]["cylinder"], **texture).items():
         scored = [v for v in r2.values() if not np.isnan(v)]
         print(f"{case}: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()) + f"; mean {np.mean(scored):.2f}")
@@ -921,15 +928,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="blurflow: %(message)s")
+    logs.terminate_as_interrupt()
     try:
         check_args(args)
         return args.func(args)
     except InputError as exc:
         print(f"blurflow: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
-    except KeyboardInterrupt:  # Ctrl-C: files being written are removed, finished ones stay
-        print("\nblurflow: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: files being written are removed, finished ones stay
+        terminated = isinstance(exc, logs.Terminated)
+        print(f"\nblurflow: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import atexit
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's scheduler ending a job, ``kill``), raised as Ctrl-C is: files being
+    written are removed, finished ones stay."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def terminate_as_interrupt() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (nothing where this is
+    not the main thread: only it can take signals)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def job(smk) -> logging.Logger:
@@ -28,7 +46,7 @@ def job(smk) -> logging.Logger:
     def excepthook(kind, value, tb):
         failed.append(kind)
         if issubclass(kind, KeyboardInterrupt):
-            log.critical("interrupted")
+            log.critical("terminated" if issubclass(kind, Terminated) else "interrupted")
         elif issubclass(kind, OSError):
             log.critical("failed: %s", value)
         else:
@@ -39,6 +57,7 @@ def job(smk) -> logging.Logger:
             log.info("rule %s done in %.1f s", smk.rule, time.perf_counter() - start)
 
     sys.excepthook = excepthook
+    terminate_as_interrupt()
     atexit.register(finish)
     log.info("rule %s: %s -> %s", smk.rule, _files(smk.input), _files(smk.output))
     return log
