@@ -330,9 +330,31 @@ def test_palette_and_grey_alpha_images_are_read_as_seen(model_file, tmp_path, mo
         im = Image.fromarray(np.stack([grey, np.full_like(grey, 200)], -1), "LA")
     seen = grey.astype(np.float32)
     im.save(tmp_path / "a.png")
-    planes = cli.load_planes(tmp_path / "a.png")
-    assert planes.shape == (1, 96, 96) and np.array_equal(planes[0], seen)
+    planes, skipped = cli.load_planes(tmp_path / "a.png")
+    assert planes.shape == (1, 96, 96) and np.array_equal(planes[0], seen) and skipped == []
     assert cli.main(["predict", str(model_file), str(tmp_path / "a.png"), "--quiet"]) == 0
+
+
+def test_a_stacks_frame_without_an_image_is_left_out_by_name_and_the_others_are_processed(model_file, tmp_path, capsys):
+    """Frames 1 (a NaN pixel) and 3 (all 0) of a 5-frame stack: one warning line names both; predict
+    writes NaN flow for them and the others' as alone; particles has no rows for them; a stack of
+    such frames only is one line."""
+    stack = image((5, 64, 64), dtype=np.float32)
+    stack[1, 5, 5], stack[3] = np.nan, 0.0
+    tifffile.imwrite(tmp_path / "s.tif", stack)
+    tifffile.imwrite(tmp_path / "f4.tif", stack[4])
+    assert cli.main(["predict", str(model_file), str(tmp_path / "s.tif"), str(tmp_path / "f4.tif"), "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"blurflow: warning: {tmp_path / 's.tif'}: frames left out (counted from 0): 1 (NaN or Inf pixels); 3 (all pixels 0)"]
+    flow = tifffile.imread(tmp_path / "s_flow.tif")
+    assert flow.shape == (5, 5, 64, 64) and np.isnan(flow[[1, 3]]).all() and np.isfinite(flow[[0, 2, 4]]).all()
+    assert np.array_equal(flow[4], tifffile.imread(tmp_path / "f4_flow.tif"))
+    assert cli.main(["particles", str(tmp_path / "s.tif"), "--quiet"]) == 0
+    assert "frames left out" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "bad.tif", np.stack([stack[1], stack[3]]))
+    assert cli.main(["predict", str(model_file), str(tmp_path / "bad.tif"), "--quiet"]) == 1
+    assert capsys.readouterr().err.strip() == f"blurflow: error: {tmp_path / 'bad.tif'}: no frame of the stack holds an image (NaN/Inf pixels or all 0)"
+    assert not list(tmp_path.glob("bad_*"))
 
 
 def test_a_folder_stands_for_its_images(model_file, tmp_path, capsys, monkeypatch):

@@ -44,12 +44,13 @@ def read_pixels(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 
 
-def load_planes(path: Path) -> np.ndarray:
-    """Image planes (T, H, W) float32 of a TIFF (2D or stack), PNG or JPEG file, in its own units.
-
-    RGB(A) images are converted to grey by luminance with a warning; NaN/Inf pixels, images of
-    more than 4 dimensions and images smaller than 32 px are errors.
-    """
+def load_planes(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(image planes (T, H, W) float32 of a TIFF (2D or stack), PNG or JPEG file, in its own
+    units; the frames of a stack left out). RGB(A) images are converted to grey by luminance with
+    a warning; images of more than 4 dimensions and images smaller than 32 px are errors, and so
+    are NaN/Inf pixels in a single image. In a stack, a frame with NaN/Inf pixels or with all pixels
+    0 is left out (its pixels set to 0; one warning line names them) and the others are processed;
+    a stack with no other frame is an error."""
     from blurflow.sources import luminance
 
     data = read_pixels(path)
@@ -63,11 +64,19 @@ def load_planes(path: Path) -> np.ndarray:
     if data.ndim != 3:
         raise InputError(f"{path}: expected a 2D image or a stack of 2D images, got shape {data.shape}")
     data = data.astype(np.float32)
-    if not np.isfinite(data).all():
-        raise InputError(f"{path}: image contains NaN or Inf pixels")
     if min(data.shape[-2:]) < MIN_SIZE:
         raise InputError(f"{path}: image of {data.shape[-2]} x {data.shape[-1]} px is smaller than the network's minimum {MIN_SIZE} x {MIN_SIZE} px")
-    return data
+    broken = ~np.isfinite(data).all(axis=(1, 2))
+    if len(data) == 1 and broken[0]:
+        raise InputError(f"{path}: image contains NaN or Inf pixels")
+    data[broken] = 0.0
+    empty = ~broken & ~data.any(axis=(1, 2))
+    if (broken | empty).all() and len(data) > 1:
+        raise InputError(f"{path}: no frame of the stack holds an image (NaN/Inf pixels or all 0)")
+    if (broken | empty).any() and len(data) > 1:
+        named = [f"{', '.join(map(str, np.flatnonzero(m)))} ({why})" for m, why in ((broken, "NaN or Inf pixels"), (empty, "all pixels 0")) if m.any()]
+        note(f"blurflow: warning: {path}: frames left out (counted from 0): {'; '.join(named)}")
+    return data, [int(i) for i in np.flatnonzero(broken | empty)] if len(data) > 1 else []
 
 
 def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: float | None) -> tuple[np.ndarray, list[str]]:
@@ -161,7 +170,7 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
     from blurflow import figures
     from blurflow.evaluate import predict_bands, tile_count
 
-    planes = load_planes(path)
+    planes, skipped = load_planes(path)
     below_offset(path, planes, args)
     t, h, w = planes.shape
     tile = meta["image_px"]
@@ -182,8 +191,15 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
             metadata={"axes": axes, "unit": "um", "Labels": labels * t, "Info": json.dumps(dict(zip(CHANNELS, units)))},
         )  # fmt: skip
         preview = np.zeros((5, -(-h // step), -(-w // step)), np.float32)
+        shown = min(set(range(t)) - set(skipped))  # the preview's frame: the first one processed
         with open(tmp_tif, "r+b") as f:
             for i, plane in enumerate(planes):
+                if i in skipped:  # a frame left out: NaN flow
+                    f.seek(offset + i * 5 * h * w * 4)
+                    for _ in range(5 * h):
+                        f.write(np.full(w, np.nan, "<f4").tobytes())
+                    bar.update(tiles // t)
+                    continue
 
                 def read(y0: int, y1: int, plane=plane) -> torch.Tensor:
                     return torch.from_numpy((plane[None, y0:y1] - args.offset) * args.gain)
@@ -193,10 +209,10 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
                     for c in range(5):  # channel c of plane i is one contiguous block of h x w values
                         f.seek(offset + ((i * 5 + c) * h + y0) * w * 4)
                         f.write(phys[c].tobytes())
-                    if i == 0:
+                    if i == shown:
                         first = -y0 % step
                         preview[:, (y0 + first) // step : (y0 + phys.shape[1] - 1) // step + 1] = phys[:, first::step, ::step]
-        image = block_reduce(planes[0], step, np.mean) if step > 1 else planes[0]
+        image = block_reduce(planes[shown], step, np.mean) if step > 1 else planes[shown]
         figures.save_png(figures.flow_overlay(image, preview, units), tmp_png, SOFTWARE)
     return [tif, png]
 
@@ -384,11 +400,12 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     from blurflow import figures
     from blurflow.particles import POOR_FIT, detect, fit_frames
 
-    raw = load_planes(path)
+    raw, skipped = load_planes(path)
     if fitter.window > min(raw.shape[-2:]):
         raise InputError(f"{path}: the fit window ({fitter.window} px) is larger than the image ({raw.shape[-2]} x {raw.shape[-1]} px): use a smaller --window")
     flag = "below_offset" if below_offset(path, raw, args) else ""
     planes = (raw - args.offset) * args.gain
+    planes[skipped] = 0.0  # frames left out: nothing to detect
     fitted = fit_frames(fitter, planes, [detect(plane, fitter.window, threshold=args.threshold) for plane in planes])
     found = fitted.detections  # with the streaks that were split
     table = pd.DataFrame(particle_table(fitted, found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag), columns=list(PARTICLE_COLUMNS))
@@ -398,7 +415,8 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     tracks = link_table(path, table, args) if args.link else None
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         table.to_csv(tmp_csv, index=False)
-        figures.save_png(figures.particles_overlay(planes[0], found[0].labels, table[table["frame"] == 0]), tmp_png, SOFTWARE)
+        shown = min(set(range(len(planes))) - set(skipped))  # the figure's frame: the first one processed
+        figures.save_png(figures.particles_overlay(planes[shown], found[shown].labels, table[table["frame"] == shown]), tmp_png, SOFTWARE)
     written = [csv, png]
     if tracks is not None:
         written.append(output_paths(stem, "tracks")[0])
