@@ -561,3 +561,26 @@ def test_on_the_training_camera_the_fit_measures_its_noise_and_its_std_covers_th
     within = (np.abs(err) < 2 * fit.std[:, 2:6]).mean(0)
     poisson_only = (np.abs(err) < 2 * fit.std[:, 2:6] / np.sqrt(fit.dispersion)[:, None]).mean(0)
     assert (within >= 0.9).all() and poisson_only.mean() < within.mean() - 0.05, (within, poisson_only)
+
+
+def test_fits_of_noise_are_flagged_faint_and_a_faint_bead_is_not(tmp_path, capsys):
+    """Beads of 6,000 and 150 photons on a background of 4, detected down to 3 noise std: the noise
+    peaks fitted beside them hold photons within 5 of their std of none (flag 'faint', one warning
+    line); both beads stay unflagged."""
+    import pandas as pd
+    import tifffile
+
+    from blurflow import cli
+
+    fitter = BeadFitter(Optics.from_config({}), MotionScales.from_config({}), 64)
+    mu = np.full((160, 260), 4.0)
+    for x, photons in ((70, 6000.0), (190, 150.0)):
+        mu[68:132, x - 32 : x + 32] += fitter.expected(bead(0.5, 0.3, 0.4, 0.1, photons, 0, x=0, y=0))[0].numpy()
+    tifffile.imwrite(tmp_path / "f.tif", np.random.default_rng(0).poisson(mu).astype(np.uint16))
+    assert cli.main(["particles", str(tmp_path / "f.tif"), "--threshold", "3"]) == 0
+    table = pd.read_csv(tmp_path / "f_particles.csv")
+    beads = (np.abs(table["y"] - 100) < 2) & ((np.abs(table["x"] - 70) < 2) | (np.abs(table["x"] - 190) < 2))
+    assert beads.sum() == 2 and table.loc[beads, "flag"].isna().all()
+    assert len(table) > 2 and (table.loc[~beads, "flag"] == "faint").all()
+    assert (table.loc[~beads, "photons"] < 5 * table.loc[~beads, "photons_std"]).all()
+    assert f"{(~beads).sum()} fits hold photons within 5 std of none (flagged 'faint')" in capsys.readouterr().err

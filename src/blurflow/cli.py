@@ -351,6 +351,7 @@ PARTICLE_COLUMNS = (
     "group", "neighbours", "flag",
 )  # fmt: skip
 BELOW_OFFSET = 0.95  # an image with more of its pixels at or below the offset holds almost no signal: a warning, and a flag on its particles
+FAINT = 5.0  # photons below this many of their std: not significant against the background (a flag)
 
 
 def particle_table(particles, found: list, scales, pixel_um: float, exposure_ms: float | None, flag: str = "") -> list[dict]:
@@ -360,16 +361,19 @@ def particle_table(particles, found: list, scales, pixel_um: float, exposure_ms:
     path midpoint; dx, dy the lateral path over the exposure in px; v1, v2, v3 in um per exposure,
     or um/s with ``exposure_ms``; z0 in um; ``group``: particles fitted together share it,
     ``neighbours``: streaks reaching its window. ``flag``: what is wrong with the image (on every
-    row); a fit whose deviance exceeds POOR_FIT per counted pixel is flagged 'poor_fit'; the
+    row); a fit whose deviance exceeds POOR_FIT per counted pixel is flagged 'poor_fit', one whose
+    photons lie within FAINT of their std of none 'faint' (maybe no particle: noise or a
+    neighbour's tail); the
     merged blobs of the detections ``found`` (one per frame) get rows with their position, flag
     'merged' and no numbers."""
     per = 1000 / exposure_ms if exposure_ms else 1.0
     lateral, axial = scales.lateral_scale_px * pixel_um * per, scales.axial_scale_um
     fit, rows = particles.fit, []
     poor_fits = fit.poor_fit()
+    faint = fit.params[:, 6] < FAINT * fit.std[:, 6]
     for i, ((cy, cx), p, sd) in enumerate(zip(particles.centres, fit.params, fit.std)):
         x, y = cx + p[0], cy + p[1]
-        poor = "poor_fit" if poor_fits[i] else ""
+        poor = ";".join(f for f, bad in (("poor_fit", poor_fits[i]), ("faint", faint[i])) if bad)
         rows.append({
             "particle": i + 1, "frame": int(particles.frame[i]), "x": x, "y": y, "mass": p[6],
             "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "x_std_px": sd[0], "y_std_px": sd[1],
@@ -434,6 +438,9 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
             + (f", {jointly} of them with their neighbours" if jointly else "")
             + (f" (left out: {left})" if left else "")
         )
+        faint = int(flags.str.contains("faint").sum())
+        if faint:
+            note(f"blurflow: warning: {path}: {faint} fits hold photons within {FAINT:g} std of none (flagged 'faint'): maybe no particle")
         poor = int(flags.str.contains("poor_fit").sum())
         if poor:
             note(
