@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from blurflow.testsets import TABLE1, TABLE1_PAPER
 
 log = logging.getLogger(__name__)
 ORIENTATION_MIN_SPEED = 0.1
+BOOTSTRAP = 2000  # resamples of the test images for an R² interval
 
 
 def _window(size: int, overlap: int) -> torch.Tensor:
@@ -135,6 +137,7 @@ class FlowMetrics:
 
     def __init__(self) -> None:
         self.sums = torch.zeros(7, 4, dtype=torch.float64)  # n, sx, sy, sxx, syy, sxy, sum|x - y|
+        self.per_image: list[torch.Tensor] = []  # (B, 6, 4) n ... sxy of each image: the bootstrap's units
         self.orientation = torch.zeros(181, dtype=torch.float64)  # histogram, 0.5 degree bins
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> None:
@@ -145,9 +148,11 @@ class FlowMetrics:
         lateral_x, lateral_y = x[:, :2].clone(), y[:, :2].clone()
         x[:, :2], y[:, :2] = x[:, :2].abs(), y[:, :2].abs()
         x, y = torch.where(m, x, 0), torch.where(m, y, 0)
-        dims = (0, 2, 3)
+        dims = (2, 3)
         stats = [m.sum(dims).double(), x.sum(dims), y.sum(dims), (x * x).sum(dims), (y * y).sum(dims), (x * y).sum(dims), (x - y).abs().sum(dims)]
-        self.sums += torch.stack(stats)
+        per_image = torch.stack(stats, 1)  # (B, 7, 4)
+        self.sums += per_image.sum(0)
+        self.per_image.append(per_image[:, :6])
         moving = m[:, 0] & (torch.hypot(lateral_y[:, 0], lateral_y[:, 1]) > ORIENTATION_MIN_SPEED)
         diff = torch.atan2(lateral_x[:, 1], lateral_x[:, 0]) - torch.atan2(lateral_y[:, 1], lateral_y[:, 0])
         deg = torch.rad2deg(torch.remainder(diff, math.pi))
@@ -156,13 +161,23 @@ class FlowMetrics:
 
     def r2(self) -> dict[str, float]:
         """Squared Pearson correlation per component and their mean (NaN components skipped)."""
-        n, sx, sy, sxx, syy, sxy, _ = self.sums
-        var_x, var_y = sxx - sx * sx / n, syy - sy * sy / n
-        r2 = (sxy - sx * sy / n) ** 2 / (var_x * var_y)
-        r2 = torch.where((var_y > 1e-12 * n) & (var_x > 0), r2, torch.nan)
+        r2 = _pearson_r2(self.sums[:6])
         out = {c: float(v) for c, v in zip(COMPONENTS, r2)}
         out["mean"] = float(np.nanmean(r2.numpy())) if torch.isfinite(r2).any() else math.nan
         return out
+
+    def r2_interval(self, resamples: int = BOOTSTRAP, seed: int = 0) -> dict[str, list[float]]:
+        """The 95 % bootstrap interval of each :meth:`r2` value over the images (the images drawn
+        with replacement ``resamples`` times; percentiles 2.5 and 97.5): the spread a new draw of
+        as many test images gives."""
+        images = torch.cat(self.per_image)  # (N, 6, 4)
+        counts = torch.from_numpy(np.random.default_rng(seed).multinomial(len(images), np.full(len(images), 1 / len(images)), resamples)).double()
+        r2 = _pearson_r2(torch.einsum("rn,nsc->rsc", counts, images).permute(1, 0, 2))  # (resamples, 4)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a component NaN in every resample
+            values = np.concatenate([r2.numpy(), np.nanmean(r2.numpy(), 1, keepdims=True)], 1)
+            lo, hi = np.nanpercentile(values, [2.5, 97.5], axis=0)
+        return {c: [float(a), float(b)] for c, a, b in zip((*COMPONENTS, "mean"), lo, hi)}
 
     def compute(self, scales: Mapping, pixel_um: float) -> dict:
         """All metrics; ``scales`` has lateral_scale_px and axial_scale_um (for physical units)."""
@@ -178,6 +193,7 @@ class FlowMetrics:
         return {
             "pixels": int(n[0]),
             "r2_pearson": self.r2(),
+            "r2_pearson_ci95": self.r2_interval(),
             "r2_determination": {c: float(v) for c, v in zip(COMPONENTS, det)},
             "orientation_error_deg": {
                 "mean": float((hist * centres).sum() / hist.sum()) if hist.sum() else math.nan,
@@ -186,6 +202,15 @@ class FlowMetrics:
             },
             "mae_um": {f"{c}": float(v) for c, v in zip(COMPONENTS, mae)},
         }
+
+
+def _pearson_r2(sums: torch.Tensor) -> torch.Tensor:
+    """Squared Pearson correlation per component of sums (6, ..., 4): n, sx, sy, sxx, syy, sxy
+    (NaN where a variance vanishes)."""
+    n, sx, sy, sxx, syy, sxy = sums
+    var_x, var_y = sxx - sx * sx / n, syy - sy * sy / n
+    r2 = (sxy - sx * sy / n) ** 2 / (var_x * var_y)
+    return torch.where((var_y > 1e-12 * n) & (var_x > 0), r2, torch.nan)
 
 
 def predict_testset(
@@ -236,13 +261,17 @@ def write_metrics(metrics: dict, json_path: str | Path, csv_path: str | Path) ->
         {
             "component": c,
             "r2_pearson": metrics["r2_pearson"][c],
+            "r2_pearson_lo": metrics["r2_pearson_ci95"][c][0],
+            "r2_pearson_hi": metrics["r2_pearson_ci95"][c][1],
             "r2_determination": metrics["r2_determination"][c],
             "mae": metrics["mae_um"][c],
             "mae_unit": "um" if c == "z0" else "um per exposure",
         }
         for c in COMPONENTS
     ]
-    rows.append({"component": "mean", "r2_pearson": metrics["r2_pearson"]["mean"], "paper_r2_pearson": metrics["paper_r2"]})
+    ci = metrics["r2_pearson_ci95"]["mean"]
+    mean = {"r2_pearson": metrics["r2_pearson"]["mean"], "r2_pearson_lo": ci[0], "r2_pearson_hi": ci[1], "paper_r2_pearson": metrics["paper_r2"]}
+    rows.append({"component": "mean", **mean})
     pd.DataFrame(rows).to_csv(csv_path, index=False)
 
 

@@ -216,8 +216,10 @@ def cylinder_result(dataset, pred: np.ndarray, index: int = 0) -> plt.Figure:
     return fig
 
 
-def scatter(dataset, pred: np.ndarray, r2: dict, max_points: int = 50_000, seed: int = 0) -> plt.Figure:
-    """Prediction against ground truth over valid pixels, one panel per component (hexbin)."""
+def scatter(dataset, pred: np.ndarray, r2: dict, ci: dict | None = None, max_points: int = 50_000, seed: int = 0) -> plt.Figure:
+    """Prediction against ground truth over valid pixels, one panel per component (hexbin); each
+    title the component's R² with its 95 % interval (``ci``: component -> [lo, hi]) and the
+    figure's the mean's."""
     xs, ys = [], []
     for i in range(len(pred)):
         item = dataset[i]
@@ -232,7 +234,10 @@ def scatter(dataset, pred: np.ndarray, r2: dict, max_points: int = 50_000, seed:
     for k, (ax, name) in enumerate(zip(axes, ("|v1|", "|v2|", "v3", "z0"))):
         ax.hexbin(y[k], x[k], gridsize=40, extent=(0, 1, 0, 1), mincnt=1, cmap="viridis", bins="log")
         ax.plot([0, 1], [0, 1], "w--", lw=1)
-        ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=f"{name}: R² = {r2[('v1', 'v2', 'v3', 'z0')[k]]:.2f}")
+        c = ("v1", "v2", "v3", "z0")[k]
+        ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=f"{name}: R² = {r2[c]:.2f}" + (f" [{ci[c][0]:.2f}, {ci[c][1]:.2f}]" if ci else ""))
+    if ci:
+        fig.suptitle(f"mean R² {r2['mean']:.3f}, 95 % interval over the images [{ci['mean'][0]:.3f}, {ci['mean'][1]:.3f}]", fontsize=10)
     return fig
 
 
