@@ -584,3 +584,31 @@ def test_fits_of_noise_are_flagged_faint_and_a_faint_bead_is_not(tmp_path, capsy
     assert len(table) > 2 and (table.loc[~beads, "flag"] == "faint").all()
     assert (table.loc[~beads, "photons"] < 5 * table.loc[~beads, "photons_std"]).all()
     assert f"{(~beads).sum()} fits hold photons within 5 std of none (flagged 'faint')" in capsys.readouterr().err
+
+
+def test_a_saturated_bead_is_fitted_from_its_other_pixels_and_flagged(tmp_path, capsys):
+    """A bead of 400,000 photons clipped at a 12-bit camera's 4095 (32 pixels) beside one of 5,000:
+    its plateau is taken as the saturation (one warning line), the clipped pixels left out of the
+    fit: v3 and z0 within 4 std of the truth, photons within 3 %, flag 'saturated'; the other bead
+    unflagged. Fitted on the clipped pixels (--saturation above them) v3 came out half."""
+    import pandas as pd
+    import tifffile
+
+    from blurflow import cli
+
+    fitter = BeadFitter(Optics.from_config({}), MotionScales.from_config({}), 64)
+    mu = np.full((160, 260), 4.0)
+    for x, photons in ((70, 5000.0), (190, 400_000.0)):
+        mu[68:132, x - 32 : x + 32] += fitter.expected(bead(0.5, 0.3, 0.4, 0.1, photons, 0, x=0, y=0))[0].numpy()
+    tifffile.imwrite(tmp_path / "s.tif", np.minimum(np.random.default_rng(0).poisson(mu), 4095).astype(np.uint16))
+    assert cli.main(["particles", str(tmp_path / "s.tif")]) == 0
+    err = capsys.readouterr().err
+    assert "32 pixels at the maximum 4095: taken as the camera's saturation" in err and "1 fits left saturated pixels out" in err
+    table = pd.read_csv(tmp_path / "s_particles.csv").sort_values("x")
+    dim, bright = table.iloc[0], table.iloc[1]
+    assert pd.isna(dim["flag"]) and bright["flag"] == "saturated"
+    assert abs(bright["v3"] - 4.0) < 4 * bright["v3_std"] and abs(bright["z0_um"] - 1.0) < 4 * bright["z0_std_um"]
+    assert bright["photons"] == pytest.approx(400_000, rel=0.03)
+    assert cli.main(["particles", str(tmp_path / "s.tif"), "--saturation", "5000", "--out", str(tmp_path / "raw"), "--quiet"]) == 0
+    clipped = pd.read_csv(tmp_path / "raw/s_particles.csv").sort_values("x").iloc[1]
+    assert clipped["v3"] < 0.6 * 4.0 and "saturated" not in str(clipped["flag"])

@@ -44,9 +44,9 @@ def read_pixels(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 
 
-def load_planes(path: Path) -> tuple[np.ndarray, list[int]]:
+def load_planes(path: Path) -> tuple[np.ndarray, list[int], float | None]:
     """(image planes (T, H, W) float32 of a TIFF (2D or stack), PNG or JPEG file, in its own
-    units; the frames of a stack left out). RGB(A) images are converted to grey by luminance with
+    units; the frames of a stack left out; the top value of its integer dtype, None for floats). RGB(A) images are converted to grey by luminance with
     a warning; images of more than 4 dimensions and images smaller than 32 px are errors, and so
     are NaN/Inf pixels in a single image. In a stack, a frame with NaN/Inf pixels or with all pixels
     0 is left out (its pixels set to 0; one warning line names them) and the others are processed;
@@ -63,6 +63,7 @@ def load_planes(path: Path) -> tuple[np.ndarray, list[int]]:
         data = data[None]
     if data.ndim != 3:
         raise InputError(f"{path}: expected a 2D image or a stack of 2D images, got shape {data.shape}")
+    top = float(np.iinfo(data.dtype).max) if np.issubdtype(data.dtype, np.integer) else None
     data = data.astype(np.float32)
     if min(data.shape[-2:]) < MIN_SIZE:
         raise InputError(f"{path}: image of {data.shape[-2]} x {data.shape[-1]} px is smaller than the network's minimum {MIN_SIZE} x {MIN_SIZE} px")
@@ -76,7 +77,7 @@ def load_planes(path: Path) -> tuple[np.ndarray, list[int]]:
     if (broken | empty).any() and len(data) > 1:
         named = [f"{', '.join(map(str, np.flatnonzero(m)))} ({why})" for m, why in ((broken, "NaN or Inf pixels"), (empty, "all pixels 0")) if m.any()]
         note(f"blurflow: warning: {path}: frames left out (counted from 0): {'; '.join(named)}")
-    return data, [int(i) for i in np.flatnonzero(broken | empty)] if len(data) > 1 else []
+    return data, [int(i) for i in np.flatnonzero(broken | empty)] if len(data) > 1 else [], top
 
 
 def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: float | None) -> tuple[np.ndarray, list[str]]:
@@ -170,7 +171,7 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
     from blurflow import figures
     from blurflow.evaluate import predict_bands, tile_count
 
-    planes, skipped = load_planes(path)
+    planes, skipped, _ = load_planes(path)
     below_offset(path, planes, args)
     t, h, w = planes.shape
     tile = meta["image_px"]
@@ -354,14 +355,17 @@ BELOW_OFFSET = 0.95  # an image with more of its pixels at or below the offset h
 FAINT = 5.0  # photons below this many of their std: not significant against the background (a flag)
 
 
-def particle_table(particles, found: list, scales, pixel_um: float, exposure_ms: float | None, flag: str = "") -> list[dict]:
+def particle_table(
+    particles, found: list, scales, pixel_um: float, exposure_ms: float | None, flag: str = "", saturated: np.ndarray | None = None
+) -> list[dict]:
     """One row per particle (PARTICLE_COLUMNS) of blurflow.particles.fit_frames' ``particles`` in
     physical units: ``frame`` (the plane of a stack: a time series), positions in px of the image
     (column x, row y; ``x``, ``y`` and ``mass`` = photons as trackpy reads them) and um, of the
     path midpoint; dx, dy the lateral path over the exposure in px; v1, v2, v3 in um per exposure,
     or um/s with ``exposure_ms``; z0 in um; ``group``: particles fitted together share it,
     ``neighbours``: streaks reaching its window. ``flag``: what is wrong with the image (on every
-    row); a fit whose deviance exceeds POOR_FIT per counted pixel is flagged 'poor_fit', one whose
+    row); a fit whose window held ``saturated`` pixels (N,) bool (left out of it) 'saturated';
+    a fit whose deviance exceeds POOR_FIT per counted pixel is flagged 'poor_fit', one whose
     photons lie within FAINT of their std of none 'faint' (maybe no particle: noise or a
     neighbour's tail); the
     merged blobs of the detections ``found`` (one per frame) get rows with their position, flag
@@ -371,9 +375,10 @@ def particle_table(particles, found: list, scales, pixel_um: float, exposure_ms:
     fit, rows = particles.fit, []
     poor_fits = fit.poor_fit()
     faint = fit.params[:, 6] < FAINT * fit.std[:, 6]
+    saturated = np.zeros(len(fit.params), bool) if saturated is None else saturated
     for i, ((cy, cx), p, sd) in enumerate(zip(particles.centres, fit.params, fit.std)):
         x, y = cx + p[0], cy + p[1]
-        poor = ";".join(f for f, bad in (("poor_fit", poor_fits[i]), ("faint", faint[i])) if bad)
+        poor = ";".join(f for f, bad in (("saturated", saturated[i]), ("poor_fit", poor_fits[i]), ("faint", faint[i])) if bad)
         rows.append({
             "particle": i + 1, "frame": int(particles.frame[i]), "x": x, "y": y, "mass": p[6],
             "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um, "x_std_px": sd[0], "y_std_px": sd[1],
@@ -402,17 +407,26 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     import pandas as pd
 
     from blurflow import figures
-    from blurflow.particles import POOR_FIT, detect, fit_frames
+    from blurflow.particles import POOR_FIT, detect, fit_frames, windows
 
-    raw, skipped = load_planes(path)
+    raw, skipped, top = load_planes(path)
     if fitter.window > min(raw.shape[-2:]):
         raise InputError(f"{path}: the fit window ({fitter.window} px) is larger than the image ({raw.shape[-2]} x {raw.shape[-1]} px): use a smaller --window")
     flag = "below_offset" if below_offset(path, raw, args) else ""
+    saturated = saturated_pixels(path, raw, args.saturation, top, args.quiet)
     planes = (raw - args.offset) * args.gain
     planes[skipped] = 0.0  # frames left out: nothing to detect
-    fitted = fit_frames(fitter, planes, [detect(plane, fitter.window, threshold=args.threshold) for plane in planes])
+    found = [detect(plane, fitter.window, threshold=args.threshold) for plane in planes]
+    for det, mask in zip(found, saturated):
+        det.unfitted |= mask  # left out of every fit
+    fitted = fit_frames(fitter, planes, found)
     found = fitted.detections  # with the streaks that were split
-    table = pd.DataFrame(particle_table(fitted, found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag), columns=list(PARTICLE_COLUMNS))
+    clipped = np.zeros(len(fitted.centres), bool)  # fits whose window held saturated pixels
+    for f in np.flatnonzero(saturated.any(axis=(1, 2))):
+        mine = fitted.frame == f
+        clipped[mine] = windows(saturated[f].astype(np.float32), fitted.centres[mine], fitter.window).any(axis=(1, 2))
+    rows = particle_table(fitted, found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag, clipped)
+    table = pd.DataFrame(rows, columns=list(PARTICLE_COLUMNS))
     if fitter.static:  # held at 0, not measured
         table[["dx_px", "dy_px", "v1", "v1_std", "v2", "v2_std", "v3", "v3_std"]] = np.nan
     csv, png = output_paths(stem, "particles")
@@ -438,6 +452,9 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
             + (f", {jointly} of them with their neighbours" if jointly else "")
             + (f" (left out: {left})" if left else "")
         )
+        clipped_n = int(flags.str.contains("saturated").sum())
+        if clipped_n:
+            note(f"blurflow: warning: {path}: {clipped_n} fits left saturated pixels out of their window (flagged 'saturated')")
         faint = int(flags.str.contains("faint").sum())
         if faint:
             note(f"blurflow: warning: {path}: {faint} fits hold photons within {FAINT:g} std of none (flagged 'faint'): maybe no particle")
@@ -486,6 +503,28 @@ def below_offset(path: Path, planes: np.ndarray, args: argparse.Namespace) -> bo
             "the image holds almost no signal (is --offset right?)"
         )
     return share > BELOW_OFFSET
+
+
+PLATEAU = 4  # pixels at an image's maximum that make a plateau: the camera's saturation
+
+
+def saturated_pixels(path: Path, raw: np.ndarray, saturation: float | None, top: float | None, quiet: bool) -> np.ndarray:
+    """(T, H, W) bool: the pixels of ``raw`` (camera values, before --offset and --gain) at or
+    above the camera's saturation: ``saturation`` (--saturation), else the stack's maximum where it
+    is an ADC's top (2^k - 1, 8 bits or more) and PLATEAU or more pixels hold it (a clipped bead
+    of a 12-bit camera in a 16-bit file: one warning line), else the top of the file's integer
+    dtype ``top``."""
+    if saturation is None:
+        peak = float(raw.max())
+        adc_top = peak >= 255 and float(peak + 1).is_integer() and (int(peak) + 1) & int(peak) == 0  # 2^k - 1: an ADC's top (8-16 bit)
+        if adc_top and np.count_nonzero(raw == peak) >= PLATEAU:
+            saturation = peak
+            if not quiet:
+                held = np.count_nonzero(raw == peak)
+                note(f"blurflow: warning: {path}: {held} pixels at the maximum {peak:g}: taken as the camera's saturation (--saturation sets it)")
+        else:
+            saturation = top
+    return raw >= saturation if saturation is not None else np.zeros(raw.shape, bool)
 
 
 OPTICS_FLAGS = ("na", "n", "wavelength_um", "magnification", "camera_pixel_um")
@@ -727,6 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--psf", metavar="PSF.h5",
         help="a PSF model file (blurflow calibrate): fit with the measured PSF; its optics unless a model, --config or flags give them "
         "(the pixel sizes must agree); depths signed where it is asymmetric in z",
+    )  # fmt: skip
+    p.add_argument(
+        "--saturation", type=float,
+        help="the camera's top value (before --offset and --gain): pixels at it are left out of the fits and their particles flagged 'saturated' "
+        "(default: the image's maximum where it is 2^k - 1 and 4 or more pixels hold it, else the top of an integer dtype)",
     )  # fmt: skip
     p.add_argument("--static", action="store_true", help="the beads do not move during the exposure: fit x, y, z0, photons and background only")
     p.add_argument("--link", action="store_true", help="also link a stack's particles into 3D tracks (as blurflow tracks): IMAGE_tracks.csv")
