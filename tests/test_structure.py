@@ -85,11 +85,11 @@ def test_the_checks_find_a_circle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_the_readme_layout_names_every_module_preset_and_tool():
-    """README's layout block lists what the tree holds: each library module, user-facing preset and tool."""
+def test_the_guides_layout_names_every_module_preset_and_tool():
+    """The guide's layout block lists what the tree holds: each library module, user-facing preset and tool."""
     root = PACKAGE.parents[1]
-    readme = (root / "README.md").read_text()
-    layout = readme[readme.index("## Layout") :]
+    guide = (root / "docs/guide.md").read_text()
+    layout = guide[guide.index("## Layout") :]
     missing = [name(p) for p in PACKAGE.rglob("*.py") if p.stem != "__init__" and name(p).split(".")[-1] not in layout]
     missing += [p.name for p in (root / "workflow/presets").glob("*.yaml") if p.name not in layout]
     missing += [f"tools/{p.name}" for p in (root / "tools").iterdir() if f"tools/{p.name}" not in layout]
