@@ -19,7 +19,8 @@ def build(root: Path, site: Path) -> subprocess.CompletedProcess:
 def test_the_readme_is_a_first_screen():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) < 120
-    for words in ("pip install -e . && snakemake --cores all", 'pip install -e ".[test]" && bash tools/check.sh', "## What comes out", "## What people do next"):
+    commands = ("pip install -e . && snakemake --cores all", 'pip install -e ".[test]" && bash tools/check.sh')
+    for words in (*commands, "## What comes out", "## What people do next"):
         assert words in readme
     assert (ROOT / ".ci/run").read_text().strip().endswith('pip install -e ".[test]" && bash tools/check.sh')
 
