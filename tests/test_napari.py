@@ -124,10 +124,13 @@ def test_each_reader_gives_its_layers_over_the_image_and_draws_them(make_napari_
         assert shot.ndim == 3 and shot.shape[2] == 4, name
 
 
-def test_the_widgets_run_particles_and_tracks_in_a_worker_and_the_viewer_stays_responsive(make_napari_viewer, qtbot, tmp_path):
+def test_the_widgets_run_particles_and_tracks_in_a_worker_and_the_viewer_stays_responsive(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """particles (with --link) on a movie opened from its file: the CLI's files beside it, the
     points, paths and tracks as layers, the event loop turning all the while; tracks on the points
-    layer: the tracks' file and layer; its beads move +x STEP px a frame."""
+    layer: the tracks' file and layer; its beads move +x STEP px a frame; a frame interval of 0:
+    the command line's one line as a notification, no worker."""
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
     viewer = make_napari_viewer(show=True)
     tifffile.imwrite(tmp_path / "beads.tif", bead_movie())
     (image,) = viewer.open(tmp_path / "beads.tif")
@@ -156,6 +159,8 @@ def test_the_widgets_run_particles_and_tracks_in_a_worker_and_the_viewer_stays_r
     widget.frame_interval_ms.value, widget.exposure_ms.value = INTERVAL_MS, EXPOSURE_MS
     wait(qtbot, widget())
     assert (tmp_path / "beads_tracks.csv").is_file() and viewer.layers["beads_tracks"].data.shape == (len(BEADS) * 3, 4)
+    widget.frame_interval_ms.value = 0.0
+    assert widget() is None and errors == ["blurflow tracks: --frame-interval-ms must be a positive number, got 0"]
 
 
 def test_predict_saves_a_layer_without_a_file_and_a_bad_field_is_one_notification(make_napari_viewer, qtbot, tmp_path, monkeypatch):

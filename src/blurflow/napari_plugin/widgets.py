@@ -27,24 +27,28 @@ def _given(path: Path | None, folder: bool = False) -> bool:
     return path is not None and str(path) not in ("", ".") and (folder or not path.is_dir())
 
 
-def _input(layer: napari.layers.Image, out: Path | None) -> Path:
-    """The file behind an image layer, or the layer saved as ``out/<name>.tif`` (InputError where
-    it has no file and no folder is chosen)."""
+def _input(layer: napari.layers.Image, out: Path | None) -> tuple[Path, bool]:
+    """(the file behind an image layer, False), or (``out/<name>.tif``, True) where it has none and
+    is to be saved there (:func:`_save`, once the fields are checked); InputError where it has no
+    file and no folder is chosen."""
+    source = layer.source.path
+    if source is not None and Path(source).is_file():
+        return Path(source), False
+    if not _given(out, folder=True):
+        raise cli.InputError(f"the layer '{layer.name}' has no file: choose an output folder to save it in")
+    return out / f"{layer.name}.tif", True
+
+
+def _save(layer: napari.layers.Image, path: Path) -> None:
+    """The layer's data as a TIFF at ``path`` (written whole or not at all)."""
     import numpy as np
     import tifffile
 
     from blurflow.files import atomic_path
 
-    source = layer.source.path
-    if source is not None and Path(source).is_file():
-        return Path(source)
-    if not _given(out, folder=True):
-        raise cli.InputError(f"the layer '{layer.name}' has no file: choose an output folder to save it in")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{layer.name}.tif"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, np.asarray(layer.data))
-    return path
 
 
 def _parse(argv: list[str]):
@@ -54,8 +58,8 @@ def _parse(argv: list[str]):
     parser.exit_on_error = False
     try:
         args = parser.parse_args(argv)
-    except Exception as exc:  # noqa: BLE001 - argparse.ArgumentError and its kin: a bad value typed into a field
-        raise cli.UsageError(str(exc)) from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - argparse's errors (a subcommand's exit): a value the fields cannot give
+        raise cli.UsageError(f"cannot run blurflow {' '.join(argv)} ({exc.__class__.__name__})") from None
     cli.check_args(args)
     return args
 
@@ -134,10 +138,12 @@ def predict_widget(
     """``blurflow predict`` on the image layer: its flow (v1, v2, v3, z0, w) as layers and files."""
 
     def build():
-        path = _input(image, out)
+        path, unsaved = _input(image, out)
         argv = ["predict", *([str(model)] if _given(model) else []), str(path), "--quiet", "--offset", repr(offset), "--gain", repr(gain)]
         argv += _number_flags(exposure_ms=exposure_ms, pixel_size_um=pixel_size_um) + (["--out", str(out)] if _given(out, folder=True) else [])
         _parse(argv)
+        if unsaved:
+            _save(image, path)
         return _start(viewer, argv, _outputs(path, out, "predict"))
 
     return _guarded("predict", build)
@@ -167,7 +173,7 @@ def particles_widget(
     tracks too."""
 
     def build():
-        path = _input(image, out)
+        path, unsaved = _input(image, out)
         suffix = optics.suffix.lower() if _given(optics) else ""
         model = [str(optics)] if suffix in cli.MODEL_SUFFIXES else []
         source = {".h5": ["--psf", str(optics)], ".yaml": ["--config", str(optics)], ".yml": ["--config", str(optics)]}.get(suffix, [])
@@ -178,6 +184,8 @@ def particles_widget(
         argv += _number_flags(exposure_ms=exposure_ms) + (["--static"] if static else []) + (["--out", str(out)] if _given(out, folder=True) else [])
         argv += (["--link"] + _number_flags(frame_interval_ms=frame_interval_ms)) if link else []
         _parse(argv)
+        if unsaved:
+            _save(image, path)
         return _start(viewer, argv, _outputs(path, out, "particles", link))
 
     return _guarded("particles", build)
@@ -198,7 +206,7 @@ def tracks_widget(
         table = particles.metadata.get("path", "")
         if not str(table).endswith("_particles.csv"):
             raise cli.InputError(f"the layer '{particles.name}' is not a particle table of blurflow particles (*_particles.csv)")
-        argv = ["tracks", str(table), "--quiet", "--memory", str(memory)] + _number_flags(frame_interval_ms=frame_interval_ms, exposure_ms=exposure_ms)
+        argv = ["tracks", str(table), "--quiet", "--memory", str(memory), "--frame-interval-ms", repr(frame_interval_ms), "--exposure-ms", repr(exposure_ms)]
         return _start(viewer, argv, [cli.tracks_out(_parse(argv))])
 
     return _guarded("tracks", build)
