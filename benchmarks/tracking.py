@@ -35,7 +35,7 @@ import torch
 
 from blurflow import testsets
 from blurflow.cli import particle_table
-from blurflow.field import depth_range, grid
+from blurflow.field import depth_range, grid, signed_rows
 from blurflow.particles import BeadFitter, detect, fit_frames
 from blurflow.synthesis import Setup
 from blurflow.tracks import link
@@ -123,8 +123,7 @@ def field_profile(tracks: pd.DataFrame, truth: pd.DataFrame, args: argparse.Name
     whose w lies within 1 and 2 standard errors of 0; the tracks' depth range (5th-95th percentile) against
     the walls."""
     field = grid(tracks, args.size * pixel_um * 2, z_bins=bins)
-    linked = tracks.groupby("particle")["frame"].transform("size") >= 2
-    counted = tracks[tracks["direction"].isin(["fit", "track"]) & linked]  # the points the field counts, and its depth bins
+    counted = signed_rows(tracks)[0]  # the points the field counts, and its depth bins
     edges = np.linspace(*depth_range(counted["z_um"].to_numpy()), bins + 1)
     known = counted[counted["bead"] >= 0]
     speed = truth.set_index(["frame", "bead"]).loc[list(zip(known["frame"], known["bead"])), "speed_px"].to_numpy() * pixel_um / interval_s

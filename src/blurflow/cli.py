@@ -517,10 +517,10 @@ def saturated_pixels(path: Path, raw: np.ndarray, saturation: float | None, top:
     if saturation is None:
         peak = float(raw.max())
         adc_top = peak >= 255 and float(peak + 1).is_integer() and (int(peak) + 1) & int(peak) == 0  # 2^k - 1: an ADC's top (8-16 bit)
-        if adc_top and np.count_nonzero(raw == peak) >= PLATEAU:
+        held = np.count_nonzero(raw == peak) if adc_top else 0
+        if held >= PLATEAU:
             saturation = peak
             if not quiet:
-                held = np.count_nonzero(raw == peak)
                 note(f"blurflow: warning: {path}: {held} pixels at the maximum {peak:g}: taken as the camera's saturation (--saturation sets it)")
         else:
             saturation = top

@@ -32,8 +32,9 @@ class FieldError(ValueError):
     """A table that gives no field (one line naming why)."""
 
 
-def _signed_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """(the rows whose velocities are signed, with ``z_um``; their speed unit); FieldError where none."""
+def signed_rows(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """(the rows whose velocities are signed, with ``z_um``: those :func:`grid` counts; their speed
+    unit); FieldError where none."""
     tracks = "direction" in table.columns
     if not tracks and "direction_resolved" not in table.columns:
         raise FieldError("not a blurflow particle or tracks table: neither 'direction' nor 'direction_resolved'")
@@ -62,7 +63,7 @@ def grid(table: pd.DataFrame, cell_um: float, z_bins: int = 1) -> pd.DataFrame:
     (:func:`_robust_means`). Cells without beads are left out. FieldError (one line) for a table
     that gives no field."""
     _check(cell_um, z_bins)
-    return _gridded(*_signed_rows(table), cell_um, z_bins)
+    return _gridded(*signed_rows(table), cell_um, z_bins)
 
 
 def grid_flow(flow: np.ndarray, pixel_um: float, unit: str, cell_um: float, z_bins: int = 1) -> pd.DataFrame:

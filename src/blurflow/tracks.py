@@ -106,7 +106,7 @@ def link(table: pd.DataFrame, frame_interval_s: float, exposure_s: float, memory
         if np.array_equal(np.isnan(arrived), np.isnan(seen)) and np.allclose(arrived, seen, equal_nan=True):
             break
         seen = arrived
-    _directions(linked)
+    _directions(linked, pixel_um)
     linked["x"], linked["y"] = linked["x_px"], linked["y_px"]
     return linked[list(TRACK_COLUMNS)]
 
@@ -149,13 +149,13 @@ def _cut(linked: pd.DataFrame, interval_s: float, pixel_um: float) -> pd.DataFra
     sign): trackpy's one search range is wide for a precise bead, whose successor may be missing.
     Track ids renumbered from 0 in order."""
     velocity, std = linked[["v1", "v2"]].to_numpy(float), linked[["v1_std", "v2_std"]].to_numpy(float)
-    position, position_std = linked[["x_um", "y_um"]].to_numpy(float), linked[["x_std_px", "y_std_px"]].to_numpy(float) * pixel_um
-    track, frame = linked["particle"].to_numpy(), linked["frame"].to_numpy()
+    position_std = linked[["x_std_px", "y_std_px"]].to_numpy(float) * pixel_um
+    moved, frames = _from_previous(linked)  # NaN at a track's start: no cut there but the track's own
+    moved, time = moved[1:, :2], (frames[1:] * interval_s)[:, None]
     apart = np.minimum(np.abs(velocity[1:] - velocity[:-1]), np.abs(velocity[1:] + velocity[:-1])) / np.hypot(std[1:], std[:-1])
-    time = ((frame[1:] - frame[:-1]) * interval_s)[:, None]
-    moved = position[1:] - position[:-1]
     spread = np.sqrt(position_std[1:] ** 2 + position_std[:-1] ** 2 + (std[:-1] * time) ** 2)
     miss = np.minimum(np.abs(moved - velocity[:-1] * time), np.abs(moved + velocity[:-1] * time)) / spread
+    track = linked["particle"].to_numpy()
     start = np.insert((track[1:] != track[:-1]) | (apart.max(1) > MISMATCH) | (np.hypot(*miss.T) > GATE), 0, True)
     return linked.assign(particle=np.cumsum(start) - 1)
 
@@ -228,11 +228,11 @@ def _signs(
     return sign
 
 
-def _directions(linked: pd.DataFrame) -> None:
+def _directions(linked: pd.DataFrame, pixel_um: float) -> None:
     """Set ``direction`` ('track': by the track's lateral displacement to its next or from its
     previous point, where it is unresolved by the exposure or the displacement contradicts the
     exposure by more than TRACK_SIGMAS position std; 'fit': by the exposure; 'unknown') and turn the
-    velocities to it. In place; ``linked`` sorted by particle, frame. A bead that keeps its depth
+    velocities to it. In place; ``linked`` sorted by particle, frame; pixels of ``pixel_um``. A bead that keeps its depth
     shows its direction in the exposure only by chance (an astray fit or noise); the track shows it
     by its displacement, and v3 keeps no selection's sign."""
     resolved = linked["direction_resolved"].astype(bool).to_numpy()
@@ -241,7 +241,6 @@ def _directions(linked: pd.DataFrame) -> None:
     ahead = np.append(back[1:], np.full((1, 3), np.nan), 0)  # to the next point: its displacement from this one
     moved = np.nan_to_num(np.where(np.isnan(ahead), back, ahead))  # to the next point, else from the previous, else 0
     along = (moved[:, :2] * velocity[:, :2]).sum(1) / np.maximum(np.hypot(velocity[:, 0], velocity[:, 1]), 1e-12)  # um along the lateral motion
-    pixel_um = float(np.nanmedian(linked["x_um"] / linked["x_px"]))
     std = np.sqrt(2) * np.hypot(linked["x_std_px"], linked["y_std_px"]).to_numpy(float) * pixel_um  # of a displacement between two fits
     by_track = np.where(resolved, along < -TRACK_SIGMAS * std, along != 0)  # depth may be folded: the lateral motion tells
     flip = by_track & (along < 0)
