@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from blurflow import testsets
-from blurflow.cli import particle_table
+from blurflow.cli import merged_blobs, particle_table
 from blurflow.field import depth_range, grid, signed_rows
 from blurflow.particles import BeadFitter, detect, fit_frames
 from blurflow.synthesis import Setup
@@ -167,7 +167,7 @@ def main() -> None:
         found = [detect(f, window) for f in frames]
         parts = fit_frames(fitter, frames, found)
         fit_s = time.perf_counter() - t0
-        table = pd.DataFrame(particle_table(parts, parts.detections, setup.scales, setup.optics.pixel_um, args.exposure_ms))
+        table = pd.DataFrame(particle_table(parts, merged_blobs(parts.detections), setup.scales, setup.optics.pixel_um, args.exposure_ms))
         table = table[table["flag"].fillna("") == ""].reset_index(drop=True)
         table["bead"] = matched(table, truth)
         interval_s = constants["interval_over_exposure"] * args.exposure_ms / 1000

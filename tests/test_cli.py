@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from blurflow import cli
+from blurflow.imagefile import open_image, scan
 from blurflow.model import FlowNet, encode
 from blurflow.modelfile import save_model
 from blurflow.optics import Optics
@@ -330,8 +331,8 @@ def test_palette_and_grey_alpha_images_are_read_as_seen(model_file, tmp_path, mo
         im = Image.fromarray(np.stack([grey, np.full_like(grey, 200)], -1), "LA")
     seen = grey.astype(np.float32)
     im.save(tmp_path / "a.png")
-    planes, skipped, _ = cli.load_planes(tmp_path / "a.png")
-    assert planes.shape == (1, 96, 96) and np.array_equal(planes[0], seen) and skipped == []
+    picture = open_image(tmp_path / "a.png")
+    assert picture.shape == (1, 96, 96) and np.array_equal(picture.rows(0, 0, 96), seen) and scan(picture).skipped == []
     assert cli.main(["predict", str(model_file), str(tmp_path / "a.png"), "--quiet"]) == 0
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 IMPORT_TO_PACKAGE = {  # top-level module -> distribution name (conda-forge name where it differs)
     "numpy": "numpy", "scipy": "scipy", "h5py": "h5py", "skimage": "scikit-image",
     "matplotlib": "matplotlib", "pandas": "pandas", "pooch": "pooch", "requests": "requests",
-    "tifffile": "tifffile", "tqdm": "tqdm", "torch": "torch", "yaml": "pyyaml",
+    "tifffile": "tifffile", "zarr": "zarr", "tqdm": "tqdm", "torch": "torch", "yaml": "pyyaml",
     "segmentation_models_pytorch": "segmentation-models-pytorch", "PIL": "pillow", "jsonschema": "jsonschema",
 }  # fmt: skip
 CONDA_NAMES = {"torch": ("pytorch", "pytorch-gpu"), "matplotlib": ("matplotlib", "matplotlib-base")}

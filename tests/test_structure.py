@@ -10,7 +10,7 @@ FLOORS = [
     ["__init__", "files", "logs", "schema", "devices"],  # nothing of blurflow (schema: the config's keys and defaults)
     ["camera", "optics"],
     ["sources", "model", "psfmodel"],
-    ["synthesis", "modelfile"],  # synthesis holds Setup: what every stage that makes images shares
+    ["synthesis", "modelfile", "imagefile"],  # synthesis holds Setup: what every stage that makes images shares
     ["data", "testsets"],
     ["particles.fit"],  # the particles package, job by job
     ["particles.detection"],

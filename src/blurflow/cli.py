@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,9 +19,11 @@ from blurflow import __version__, devices, logs, schema
 from blurflow.files import atomic_path, remove_stale_temporaries
 from blurflow.optics import Optics
 
+if TYPE_CHECKING:
+    from blurflow.imagefile import ImageFile, Scan
+
 log = logging.getLogger("blurflow")
 CHANNELS = ("v1", "v2", "v3", "z0", "w")
-MIN_SIZE = 32  # px: the U-Net halves the image five times
 MAX_WINDOW = 512  # px: the largest particle fit window (a 512 px window's kernel bank alone takes gigabytes)
 
 
@@ -44,40 +48,36 @@ def read_pixels(path: Path) -> np.ndarray:
         raise InputError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 
 
-def load_planes(path: Path) -> tuple[np.ndarray, list[int], float | None]:
-    """(image planes (T, H, W) float32 of a TIFF (2D or stack), PNG or JPEG file, in its own
-    units; the frames of a stack left out; the top value of its integer dtype, None for floats). RGB(A) images are converted to grey by luminance with
-    a warning; images of more than 4 dimensions and images smaller than 32 px are errors, and so
-    are NaN/Inf pixels in a single image. In a stack, a frame with NaN/Inf pixels or with all pixels
-    0 is left out (its pixels set to 0; one warning line names them) and the others are processed;
-    a stack with no other frame is an error."""
-    from blurflow.sources import luminance
+def open_planes(path: Path, offset: float, working_bytes: Callable[[int, int], int]) -> tuple[ImageFile, Scan]:
+    """The image at ``path`` opened without decoding it (blurflow.imagefile.open_image: one line
+    where it cannot be read, is too small, or would not fit the memory at hand with
+    ``working_bytes(h, w)``) and scanned band by band (blurflow.imagefile.scan: frames of a stack
+    left out, the share of pixels at or below ``offset``, the peak); its warnings printed."""
+    from blurflow.imagefile import ImageError, open_image, scan
 
-    data = read_pixels(path)
-    if data.size == 0:
-        raise InputError(f"{path}: cannot read image (no pixel data)")
-    if data.ndim >= 3 and data.shape[-1] in (3, 4):  # (…, H, W, RGB[A]); a stack ends in W >= 32
-        note(f"blurflow: warning: {path}: colour image converted to grey (luminance)")
-        data = luminance(data)
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise InputError(f"{path}: expected a 2D image or a stack of 2D images, got shape {data.shape}")
-    top = float(np.iinfo(data.dtype).max) if np.issubdtype(data.dtype, np.integer) else None
-    data = data.astype(np.float32)
-    if min(data.shape[-2:]) < MIN_SIZE:
-        raise InputError(f"{path}: image of {data.shape[-2]} x {data.shape[-1]} px is smaller than the network's minimum {MIN_SIZE} x {MIN_SIZE} px")
-    broken = ~np.isfinite(data).all(axis=(1, 2))
-    if len(data) == 1 and broken[0]:
-        raise InputError(f"{path}: image contains NaN or Inf pixels")
-    data[broken] = 0.0
-    empty = ~broken & ~data.any(axis=(1, 2))
-    if (broken | empty).all() and len(data) > 1:
-        raise InputError(f"{path}: no frame of the stack holds an image (NaN/Inf pixels or all 0)")
-    if (broken | empty).any() and len(data) > 1:
-        named = [f"{', '.join(map(str, np.flatnonzero(m)))} ({why})" for m, why in ((broken, "NaN or Inf pixels"), (empty, "all pixels 0")) if m.any()]
-        note(f"blurflow: warning: {path}: frames left out (counted from 0): {'; '.join(named)}")
-    return data, [int(i) for i in np.flatnonzero(broken | empty)] if len(data) > 1 else [], top
+    try:
+        image = open_image(path, working_bytes)
+        for line in image.notes:
+            note(f"blurflow: warning: {line}")
+        found = scan(image, offset)
+    except ImageError as exc:
+        raise InputError(str(exc)) from None
+    for line in found.notes:
+        note(f"blurflow: warning: {line}")
+    return image, found
+
+
+def check_disk(target: Path, size: int) -> None:
+    """InputError (one line, nothing written) where the disk that will hold ``target`` has less
+    than ``size`` bytes free."""
+    import shutil
+
+    from blurflow.imagefile import gigabytes
+
+    folder = next(p for p in (target.absolute(), *target.absolute().parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise InputError(f"{target}: needs {gigabytes(size)} of disk, {gigabytes(free)} free there: nothing written")
 
 
 def to_physical(pred: np.ndarray, meta: dict, pixel_um: float, exposure_ms: float | None) -> tuple[np.ndarray, list[str]]:
@@ -160,26 +160,43 @@ def check_targets(stem: Path, command: str = "predict") -> None:
 PREVIEW_PX = 1024  # the PNG shows at most this many pixels along a side (every n-th pixel of the flow)
 
 
+PREDICT_BYTES = 1_000_000_000  # PyTorch, segmentation-models-pytorch, a model and its batch of tiles
+PREDICT_BYTES_PER_PX = 64  # memory per pixel of a band's rows: the input, the raw sums, the smoothing's rows
+
+
+def predict_working(tile: int, chosen: dict) -> Callable[[int, int], int]:
+    """Memory (bytes) that predicting an image of h x w px takes beside its decoding: the model
+    and a band of about three tile rows and the smoothing's margins (blurflow.evaluate.predict_bands)."""
+    from blurflow.model import smoothing_reach
+
+    rows = 3 * tile + 2 * smoothing_reach(chosen["smooth_px"], chosen["edges"])
+    return lambda h, w: PREDICT_BYTES + PREDICT_BYTES_PER_PX * w * min(rows, h)
+
+
 def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Namespace, pixel_um: float, chosen: dict) -> list[Path]:
     """Predict one image and write ``<stem>_flow.tif`` (ImageJ hyperstack, float32, channels v1 v2
     v3 z0 w; written band by band) and ``<stem>_flow.png``; both appear only when complete.
     ``chosen``: the readout (keyword arguments of blurflow.evaluate.predict_bands).
-    Memory: the input plus a few tile rows, whatever the image size."""
+    Memory: a few tile rows and what the file decodes at once, whatever the image size
+    (blurflow.imagefile); an image that would not fit, or whose flow would not fit the disk, is
+    refused before anything is written."""
     import tifffile
-    from skimage.measure import block_reduce
 
     from blurflow import figures
     from blurflow.evaluate import predict_bands, tile_count
+    from blurflow.imagefile import preview as reduced
 
-    planes, skipped, _ = load_planes(path)
-    below_offset(path, planes, args)
-    t, h, w = planes.shape
     tile = meta["image_px"]
+    image, scanned = open_planes(path, args.offset, predict_working(tile, chosen))
+    below_offset(path, scanned.below, args)
+    skipped = scanned.skipped
+    t, h, w = image.shape
     step = -(-max(h, w) // PREVIEW_PX)
     units = to_physical(np.zeros((5, 1, 1), np.float32), meta, pixel_um, args.exposure_ms)[1]
     labels = [f"{c} ({u})" for c, u in zip(CHANNELS, units)]
     shape, axes = ((t, 5, h, w), "TCYX") if t > 1 else ((5, h, w), "CYX")
     tif, png = output_paths(stem)
+    check_disk(tif, t * 5 * h * w * 4)
     tiles = t * tile_count(h, w, tile)
     with (
         atomic_path(tif) as tmp_tif,
@@ -194,7 +211,7 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
         preview = np.zeros((5, -(-h // step), -(-w // step)), np.float32)
         shown = min(set(range(t)) - set(skipped))  # the preview's frame: the first one processed
         with open(tmp_tif, "r+b") as f:
-            for i, plane in enumerate(planes):
+            for i in range(t):
                 if i in skipped:  # a frame left out: NaN flow
                     f.seek(offset + i * 5 * h * w * 4)
                     for _ in range(5 * h):
@@ -202,8 +219,8 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
                     bar.update(tiles // t)
                     continue
 
-                def read(y0: int, y1: int, plane=plane) -> torch.Tensor:
-                    return torch.from_numpy((plane[None, y0:y1] - args.offset) * args.gain)
+                def read(y0: int, y1: int, i: int = i) -> torch.Tensor:
+                    return torch.from_numpy((image.rows(i, y0, y1)[None] - args.offset) * args.gain)
 
                 for y0, maps in predict_bands(model, read, h, w, tile, batch=args.batch, bar=bar, **chosen):
                     phys = to_physical(maps.numpy(), meta, pixel_um, args.exposure_ms)[0].astype("<f4")
@@ -213,8 +230,7 @@ def predict_file(model, meta: dict, path: Path, stem: Path, args: argparse.Names
                     if i == shown:
                         first = -y0 % step
                         preview[:, (y0 + first) // step : (y0 + phys.shape[1] - 1) // step + 1] = phys[:, first::step, ::step]
-        image = block_reduce(planes[shown], step, np.mean) if step > 1 else planes[shown]
-        figures.save_png(figures.flow_overlay(image, preview, units), tmp_png, SOFTWARE)
+        figures.save_png(figures.flow_overlay(reduced(image, shown, step), preview, units), tmp_png, SOFTWARE)
     return [tif, png]
 
 
@@ -323,6 +339,8 @@ def run_images(plan: dict[Path, Path], process, args: argparse.Namespace, comman
     """``process(path, stem)`` for every planned image, which returns the files it wrote: a bad
     image, an unwritable folder or a full disk is one line for that image, and the others go on.
     Exit status 1 if any failed."""
+    from blurflow.imagefile import ImageError
+
     failed = 0
     for folder in {stem.parent for stem in plan.values()}:  # what killed runs left in the output folders
         remove_stale_temporaries(folder, [f"*{suffix}" for suffix in OUTPUTS[command]])
@@ -332,7 +350,7 @@ def run_images(plan: dict[Path, Path], process, args: argparse.Namespace, comman
             written = process(path, stem)
             if not args.quiet:
                 note(f"{path}: wrote {', '.join(str(p) for p in written)}", sys.stdout)
-        except InputError as exc:
+        except (InputError, ImageError) as exc:
             note(f"blurflow: error: {exc}")
             failed += 1
         except OSError as exc:  # an output folder that cannot be written, a full disk
@@ -355,8 +373,13 @@ BELOW_OFFSET = 0.95  # an image with more of its pixels at or below the offset h
 FAINT = 5.0  # photons below this many of their std: not significant against the background (a flag)
 
 
+def merged_blobs(found: list) -> np.ndarray:
+    """(M, 3) frame, row, col of the merged blobs of ``found`` (blurflow.particles.Detection, one per frame)."""
+    return np.concatenate([np.column_stack([np.full(len(d.merged), f), d.merged]) for f, d in enumerate(found)] + [np.zeros((0, 3))])
+
+
 def particle_table(
-    particles, found: list, scales, pixel_um: float, exposure_ms: float | None, flag: str = "", saturated: np.ndarray | None = None
+    particles, merged: np.ndarray, scales, pixel_um: float, exposure_ms: float | None, flag: str = "", saturated: np.ndarray | None = None
 ) -> list[dict]:
     """One row per particle (PARTICLE_COLUMNS) of blurflow.particles.fit_frames' ``particles`` in
     physical units: ``frame`` (the plane of a stack: a time series), positions in px of the image
@@ -368,8 +391,8 @@ def particle_table(
     a fit whose deviance exceeds POOR_FIT per counted pixel is flagged 'poor_fit', one whose
     photons lie within FAINT of their std of none 'faint' (maybe no particle: noise or a
     neighbour's tail); the
-    merged blobs of the detections ``found`` (one per frame) get rows with their position, flag
-    'merged' and no numbers."""
+    ``merged`` blobs (M, 3: frame, row, col; :func:`merged_blobs`) get rows with their position,
+    flag 'merged' and no numbers."""
     per = 1000 / exposure_ms if exposure_ms else 1.0
     lateral, axial = scales.lateral_scale_px * pixel_um * per, scales.axial_scale_um
     fit, rows = particles.fit, []
@@ -391,41 +414,113 @@ def particle_table(
             "at_bound": bool(fit.at_bound[i]), "converged": bool(fit.converged[i]), "group": int(particles.group[i]),
             "neighbours": int(particles.neighbours[i]), "flag": ";".join(f for f in (flag, poor) if f),
         })  # fmt: skip
-    for f, det in enumerate(found):
-        for y, x in det.merged:
-            rows.append({
-                "particle": len(rows) + 1, "frame": f, "x": x, "y": y, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um,
-                "flag": ";".join(g for g in (flag, "merged") if g),
-            })  # fmt: skip
+    for f, y, x in merged:
+        rows.append({
+            "particle": len(rows) + 1, "frame": int(f), "x": x, "y": y, "x_px": x, "y_px": y, "x_um": x * pixel_um, "y_um": y * pixel_um,
+            "flag": ";".join(g for g in (flag, "merged") if g),
+        })  # fmt: skip
     return rows
+
+
+PIECE_PX = 2048  # px: own rows and columns of a piece of a frame longer than 1.5 times it (detected and fitted apart)
+BATCH_PX = 1 << 24  # pixels of pieces (a movie's frames) fitted in one batch
+BATCH_PARTICLES = 4096  # streaks fitted in one batch
+PARTICLES_BYTES = 1_200_000_000  # PyTorch, the fitter's motion PSF and kernel bank, a batch's fits
+DETECT_BYTES_PER_PX = 40  # memory per pixel of a piece while it is detected
+HELD_BYTES_PER_PX = 12  # memory per pixel of a piece while it waits in its batch (counts, labels, masks)
+
+
+def spans(n: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """(own start, own end, read start, read end) of the pieces along a side of ``n`` px: the whole
+    side up to 1.5 PIECE_PX, else PIECE_PX each, read with ``margin`` px on either side (where a
+    streak centred in its own part finds all of its neighbours)."""
+    if n <= PIECE_PX * 3 // 2:
+        return [(0, n, 0, n)]
+    return [(a, min(a + PIECE_PX, n), max(a - margin, 0), min(a + PIECE_PX + margin, n)) for a in range(0, n, PIECE_PX)]
+
+
+def particles_working(window: int) -> Callable[[int, int], int]:
+    """Memory (bytes) that fitting the particles of an image of h x w px takes beside its decoding:
+    the fitter, a piece being detected and a batch of pieces waiting to be fitted."""
+    side = PIECE_PX * 3 // 2 + 4 * window
+    return lambda h, w: PARTICLES_BYTES + DETECT_BYTES_PER_PX * min(h, side) * min(w, side) + HELD_BYTES_PER_PX * min(BATCH_PX, h * w)
 
 
 def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> list[Path]:
     """Detect and fit the beads of every plane of one image (a stack is a time series: one kernel
-    bank, one batch across its frames, neighbours fitted together); write
-    ``<stem>_particles.csv`` (PARTICLE_COLUMNS) and ``<stem>_particles.png`` (the first frame)."""
+    bank, batches across its frames, neighbours fitted together); write ``<stem>_particles.csv``
+    (PARTICLE_COLUMNS) and ``<stem>_particles.png`` (the first frame processed). A frame longer
+    than 1.5 PIECE_PX is detected and fitted in pieces (:func:`spans`), each particle where its
+    centre lies: memory stays bounded whatever the image size (blurflow.imagefile)."""
     import pandas as pd
 
     from blurflow import figures
-    from blurflow.particles import POOR_FIT, detect, fit_frames, windows
+    from blurflow.imagefile import preview as reduced
+    from blurflow.particles import POOR_FIT, Particles, detect, fit_frames, windows
 
-    raw, skipped, top = load_planes(path)
-    if fitter.window > min(raw.shape[-2:]):
-        raise InputError(f"{path}: the fit window ({fitter.window} px) is larger than the image ({raw.shape[-2]} x {raw.shape[-1]} px): use a smaller --window")
-    flag = "below_offset" if below_offset(path, raw, args) else ""
-    saturated = saturated_pixels(path, raw, args.saturation, top, args.quiet)
-    planes = (raw - args.offset) * args.gain
-    planes[skipped] = 0.0  # frames left out: nothing to detect
-    found = [detect(plane, fitter.window, threshold=args.threshold) for plane in planes]
-    for det, mask in zip(found, saturated):
-        det.unfitted |= mask  # left out of every fit
-    fitted = fit_frames(fitter, planes, found)
-    found = fitted.detections  # with the streaks that were split
-    clipped = np.zeros(len(fitted.centres), bool)  # fits whose window held saturated pixels
-    for f in np.flatnonzero(saturated.any(axis=(1, 2))):
-        mine = fitted.frame == f
-        clipped[mine] = windows(saturated[f].astype(np.float32), fitted.centres[mine], fitter.window).any(axis=(1, 2))
-    rows = particle_table(fitted, found, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag, clipped)
+    w = fitter.window
+    image, scanned = open_planes(path, args.offset, particles_working(w))
+    t, height, width = image.shape
+    if w > min(height, width):
+        raise InputError(f"{path}: the fit window ({w} px) is larger than the image ({height} x {width} px): use a smaller --window")
+    flag = "below_offset" if below_offset(path, scanned.below, args) else ""
+    saturation = saturation_level(path, scanned, args.saturation, image.top, args.quiet)
+    shown = min(set(range(t)) - set(scanned.skipped))  # the figure's frame: the first one processed
+    step = -(-max(height, width) // PREVIEW_PX)
+    streaks = np.zeros((-(-height // step), -(-width // step)), bool)  # the figure's frame's streaks, reduced
+    fitted_rows: list[dict] = []
+    merged_rows: list[dict] = []
+    rejected = {"border": 0, "merged": 0}
+    groups = 0
+    batch: list[tuple] = []  # (frame, own box, origin, counts, detection, saturated pixels)
+
+    def fit_batch() -> None:
+        nonlocal groups
+        if not batch:
+            return
+        fitted = fit_frames(fitter, [b[3] for b in batch], [b[4] for b in batch])
+        piece, (cy, cx) = fitted.frame, fitted.centres.T
+        own = np.array([b[1] for b in batch]).reshape(-1, 4)
+        mine = np.flatnonzero((own[piece, 0] <= cy) & (cy < own[piece, 1]) & (own[piece, 2] <= cx) & (cx < own[piece, 3]))
+        clipped = np.zeros(len(piece), bool)  # fits whose window held saturated pixels
+        for j, (_, _, _, _, _, hot) in enumerate(batch):
+            if hot is not None and hot.any():
+                clipped[piece == j] = windows(hot.astype(np.float32), fitted.centres[piece == j], w).numpy().any(axis=(1, 2))
+        origin = np.array([b[2] for b in batch]).reshape(-1, 2)
+        frames = np.array([b[0] for b in batch])
+        at = piece[mine]
+        kept = Particles(frames[at], fitted.centres[mine] + origin[at], fitted.group[mine] + groups, fitted.neighbours[mine], fitted.fit.take(mine), [])
+        merged = merged_blobs(fitted.detections)
+        merged[:, 1:] += origin[merged[:, 0].astype(int)]
+        merged[:, 0] = frames[merged[:, 0].astype(int)]
+        rows = particle_table(kept, merged, fitter.scales, fitter.optics.pixel_um, args.exposure_ms, flag, clipped[mine])
+        fitted_rows.extend(rows[: len(mine)])
+        merged_rows.extend(rows[len(mine) :])
+        groups += int(fitted.group.max()) + 1 if len(piece) else 0
+        for (k, (y0, y1, x0, x1), (oy, ox), *_), det in zip(batch, fitted.detections):
+            rejected.update({r: rejected[r] + n for r, n in det.rejected.items()})
+            if k == shown:
+                ys, xs = np.nonzero(det.labels[y0:y1, x0:x1])
+                streaks[(ys + y0 + oy) // step, (xs + x0 + ox) // step] = True
+        batch.clear()
+
+    for k in sorted(set(range(t)) - set(scanned.skipped)):
+        for ys in spans(height, 2 * w):
+            for xs in spans(width, 2 * w):
+                raw = image.rows(k, ys[2], ys[3], xs[2], xs[3])
+                counts = (raw - args.offset) * args.gain
+                box = (ys[0] - ys[2], ys[1] - ys[2], xs[0] - xs[2], xs[1] - xs[2])
+                det = detect(counts, w, threshold=args.threshold, own=None if counts.shape == (height, width) else box)
+                hot = raw >= saturation if saturation is not None else None
+                if hot is not None:
+                    det.unfitted |= hot  # left out of every fit
+                batch.append((k, box, (ys[2], xs[2]), counts, det, hot))
+                if sum(b[3].size for b in batch) >= BATCH_PX or sum(len(b[4].centres) for b in batch) >= BATCH_PARTICLES:
+                    fit_batch()
+    fit_batch()
+    rows = fitted_rows + merged_rows
+    for i, row in enumerate(rows):
+        row["particle"] = i + 1
     table = pd.DataFrame(rows, columns=list(PARTICLE_COLUMNS))
     if fitter.static:  # held at 0, not measured
         table[["dx_px", "dy_px", "v1", "v1_std", "v2", "v2_std", "v3", "v3_std"]] = np.nan
@@ -433,8 +528,10 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
     tracks = link_table(path, table, args) if args.link else None
     with atomic_path(csv) as tmp_csv, atomic_path(png) as tmp_png:
         table.to_csv(tmp_csv, index=False)
-        shown = min(set(range(len(planes))) - set(skipped))  # the figure's frame: the first one processed
-        figures.save_png(figures.particles_overlay(planes[shown], found[shown].labels, table[table["frame"] == shown]), tmp_png, SOFTWARE)
+        drawn = table[table["frame"] == shown].copy()
+        drawn[["x_px", "y_px", "dx_px", "dy_px"]] = (drawn[["x_px", "y_px", "dx_px", "dy_px"]] + [0.5, 0.5, 0, 0]) / step - [0.5, 0.5, 0, 0]
+        figure = figures.particles_overlay((reduced(image, shown, step) - args.offset) * args.gain, streaks, drawn)
+        figures.save_png(figure, tmp_png, SOFTWARE)
     written = [csv, png]
     if tracks is not None:
         written.append(output_paths(stem, "tracks")[0])
@@ -442,11 +539,10 @@ def particles_file(fitter, path: Path, stem: Path, args: argparse.Namespace) -> 
             tracks.to_csv(tmp, index=False)
     if not args.quiet:
         why = {"border": "at the border", "merged": "merged blobs wider than the window (rows flagged 'merged')"}
-        rejected = {k: sum(d.rejected[k] for d in found) for k in why}
         left = ", ".join(f"{n} {why[k]}" for k, n in rejected.items() if n)
         flags = table["flag"].fillna("")
         jointly = int((table["neighbours"].fillna(0) > 0).sum())
-        frames = f" in {len(planes)} frames" if len(planes) > 1 else ""
+        frames = f" in {t} frames" if t > 1 else ""
         note(
             f"blurflow: {path}: {int((~flags.str.contains('merged')).sum())} particles fitted{frames}"
             + (f", {jointly} of them with their neighbours" if jointly else "")
@@ -494,9 +590,8 @@ def tracks_summary(tracks) -> str:
     )
 
 
-def below_offset(path: Path, planes: np.ndarray, args: argparse.Namespace) -> bool:
-    """Whether nearly all pixels (more than BELOW_OFFSET) are at or below ``--offset``: a warning line."""
-    share = float(np.mean(planes <= args.offset))
+def below_offset(path: Path, share: float, args: argparse.Namespace) -> bool:
+    """Whether nearly all pixels (a ``share`` of more than BELOW_OFFSET) are at or below ``--offset``: a warning line."""
     if share > BELOW_OFFSET and not args.quiet:
         note(
             f"blurflow: warning: {path}: {share:.1%} of the pixels are at or below the offset {args.offset:g}: "
@@ -508,23 +603,21 @@ def below_offset(path: Path, planes: np.ndarray, args: argparse.Namespace) -> bo
 PLATEAU = 4  # pixels at an image's maximum that make a plateau: the camera's saturation
 
 
-def saturated_pixels(path: Path, raw: np.ndarray, saturation: float | None, top: float | None, quiet: bool) -> np.ndarray:
-    """(T, H, W) bool: the pixels of ``raw`` (camera values, before --offset and --gain) at or
-    above the camera's saturation: ``saturation`` (--saturation), else the stack's maximum where it
-    is an ADC's top (2^k - 1, 8 bits or more) and PLATEAU or more pixels hold it (a clipped bead
-    of a 12-bit camera in a 16-bit file: one warning line), else the top of the file's integer
-    dtype ``top``."""
-    if saturation is None:
-        peak = float(raw.max())
-        adc_top = peak >= 255 and float(peak + 1).is_integer() and (int(peak) + 1) & int(peak) == 0  # 2^k - 1: an ADC's top (8-16 bit)
-        held = np.count_nonzero(raw == peak) if adc_top else 0
-        if held >= PLATEAU:
-            saturation = peak
-            if not quiet:
-                note(f"blurflow: warning: {path}: {held} pixels at the maximum {peak:g}: taken as the camera's saturation (--saturation sets it)")
-        else:
-            saturation = top
-    return raw >= saturation if saturation is not None else np.zeros(raw.shape, bool)
+def saturation_level(path: Path, scanned: Scan, saturation: float | None, top: float | None, quiet: bool) -> float | None:
+    """The camera value (before --offset and --gain) at and above which pixels are saturated:
+    ``saturation`` (--saturation), else the image's maximum (``scanned``) where it is an ADC's top
+    (2^k - 1, 8 bits or more) and PLATEAU or more pixels hold it (a clipped bead of a 12-bit
+    camera in a 16-bit file: one warning line), else the top of the file's integer dtype ``top``
+    (None for floats: no pixel is saturated)."""
+    if saturation is not None:
+        return saturation
+    peak = scanned.peak
+    adc_top = peak >= 255 and float(peak + 1).is_integer() and (int(peak) + 1) & int(peak) == 0  # 2^k - 1: an ADC's top (8-16 bit)
+    if adc_top and scanned.held >= PLATEAU:
+        if not quiet:
+            note(f"blurflow: warning: {path}: {scanned.held} pixels at the maximum {peak:g}: taken as the camera's saturation (--saturation sets it)")
+        return peak
+    return top
 
 
 OPTICS_FLAGS = ("na", "n", "wavelength_um", "magnification", "camera_pixel_um")

@@ -41,14 +41,19 @@ class Detection:
         return connected_components(graph, directed=False)[1] if n else np.zeros(0, np.int64)
 
 
-def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold: float = 5.0, min_area_px: int = 6) -> Detection:
+def detect(
+    image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold: float = 5.0, min_area_px: int = 6, own: tuple[int, int, int, int] | None = None,
+) -> Detection:  # fmt: skip
     """Streaks in a camera image (H, W): the image smoothed by a Gaussian of ``sigma_px`` minus its
     background (median over blocks of ``window`` px, interpolated), thresholded at ``threshold``
     noise standard deviations (median absolute deviation of the smoothed residual); the connected
     components of at least ``min_area_px`` pixels are streaks. A component wider than the window
     (its largest extent) is several particles merged ('merged'); a streak is kept when a
     ``window`` px window centred on it lies inside the image (else 'border'). Kept streaks whose
-    windows hold each other's pixels are neighbours (fitted together, blurflow.particles.fit_frames)."""
+    windows hold each other's pixels are neighbours (fitted together, blurflow.particles.fit_frames).
+    ``own`` (row0, row1, col0, col1): the part of a piece of a larger image that is its own; the
+    streaks centred outside it are kept to be fitted with their neighbours but neither counted
+    among the rejected nor reported as merged (the piece beside it does)."""
     from scipy import ndimage
     from skimage import measure, transform
 
@@ -67,12 +72,14 @@ def detect(image: np.ndarray, window: int = 64, sigma_px: float = 1.5, threshold
     keep, centres, merged, lost = [], [], [], []
     for region in regions:
         cy, cx = (round(c) for c in region.centroid_weighted)
+        counted = own is None or (own[0] <= cy < own[1] and own[2] <= cx < own[3])
         if region.feret_diameter_max > window:
-            rejected["merged"] += 1
-            merged.append(region.centroid_weighted)
+            rejected["merged"] += counted
+            if counted:
+                merged.append(region.centroid_weighted)
             lost.append(region.label)
         elif cy - half < 0 or cx - half < 0 or cy + half > h or cx + half > w:
-            rejected["border"] += 1
+            rejected["border"] += counted
             lost.append(region.label)
         else:
             keep.append(region.label)

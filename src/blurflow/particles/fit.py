@@ -244,10 +244,10 @@ class BeadFitter:
                 if self.z_lo <= z0 and z0 + v3 <= self.z_hi
             ]  # fmt: skip
             params = torch.tensor(rows, device=self.device)
-            light = self.psf(params).clamp(min=0)
+            light = self.psf(params, chunk=_chunk(self.psf)).clamp(min=0)  # in chunks: all kernels' OTF samples at once took 0.8 GB
             stray = centroid(light)
             if stray.abs().max() > STRAY_PX:  # a PSF whose light leaves its origin with depth (coma, tilt): each kernel centred on its light
-                light = self.psf(params, offset_px=-stray)
+                light = self.psf(params, offset_px=-stray, chunk=_chunk(self.psf))
             else:  # (the ideal PSF's stray by < 0.15 px, where the window cuts their tails)
                 stray = torch.zeros_like(stray)
             self._bank = (params, light.reshape(len(rows), -1), stray)
