@@ -12,7 +12,7 @@ rule predict:
         testset="|".join(TESTSETS),
     conda:
         GPU_CONDA_ENV
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
