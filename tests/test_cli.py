@@ -406,9 +406,11 @@ def test_the_output_folder_appears_only_with_the_first_output(model_file, tmp_pa
 
 
 @pytest.mark.parametrize("smooth_px, edges", [(8.0, False), (6.0, True)])
-def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_file, tmp_path, smooth_px, edges):
-    """Band by band (bounded memory) gives the maps of the whole image at once (one batch of all
-    72 tiles: a single band), smoothing included, Gaussian or edge-preserving."""
+def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_file, tmp_path, smooth_px, edges, monkeypatch):
+    """Band by band (bounded memory), each band smoothed in blocks of 40 columns, gives the maps of
+    the whole image at once (one batch of all 72 tiles: a single band, smoothed whole), smoothing
+    included, Gaussian or edge-preserving."""
+    from blurflow import evaluate
     from blurflow.evaluate import predict, predict_bands
     from blurflow.modelfile import load_model
 
@@ -418,6 +420,7 @@ def test_a_large_image_is_predicted_in_bands_with_the_whole_image_result(model_f
     counts = torch.from_numpy(image((300, 257))).float()[None, None]
     whole = predict(model, counts, tile=64, batch=72, smooth_px=smooth_px, edges=edges)
     ticks = []
+    monkeypatch.setattr(evaluate, "SMOOTH_BLOCK_PX", 40)
 
     class Bar:
         def update(self, n):

@@ -323,7 +323,7 @@ def test_the_pretrained_preset_scores_a_given_model_without_training(built, tmp_
     shutil.copy(built / "results/model/model.pt", workdir / "models/tiny.pt")
     shutil.copy(built / "results/model/training_log.csv", workdir / "models/tiny.log.csv")
     (workdir / "model.yaml").write_text("train:\n  model_file: models/tiny.pt\n")
-    configs = ["--configfile", "tiny.yaml", "workflow/presets/pretrained.yaml", "model.yaml"]
+    configs = ["--configfile", "workflow/presets/pretrained.yaml", "tiny.yaml", "model.yaml"]  # tiny's test sets over the preset's
     run = snakemake(*configs, cwd=workdir)
     assert run.returncode == 0, run.stderr
     assert "rule pretrained_model" in run.stderr and "rule train:" not in run.stderr

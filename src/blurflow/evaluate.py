@@ -59,6 +59,22 @@ def tile_count(h: int, w: int, tile: int, overlap: int = 32) -> int:
     return len(_starts(h, th, th - ov)) * len(_starts(w, tw, tw - ov))
 
 
+SMOOTH_BLOCK_PX = 2048  # columns of a band smoothed at once (the edge-preserving passes' temporaries: 0.7 GB for a band 20,000 px wide)
+
+
+def _smoothed(raw: torch.Tensor, smooth_px: float, edges: bool, margin: int, encoding: str) -> torch.Tensor:
+    """Decoded maps (1, 5, H, W) of raw outputs (1, 5, H, W) smoothed (blurflow.model.smooth_outputs)
+    in blocks of SMOOTH_BLOCK_PX columns, each read with the smoothing's ``margin`` on either side:
+    the maps of the whole band, with the temporaries of a block."""
+    w = raw.shape[-1]
+    out = torch.empty_like(raw)
+    for x0 in range(0, w, SMOOTH_BLOCK_PX):
+        x1 = min(x0 + SMOOTH_BLOCK_PX, w)
+        a, b = max(0, x0 - margin), min(w, x1 + margin)
+        out[..., x0:x1] = decode(smooth_outputs(raw[..., a:b], smooth_px, edges), encoding)[..., x0 - a : x1 - a]
+    return out
+
+
 @torch.no_grad()
 def predict_bands(
     model: FlowNet, read: Callable[[int, int], torch.Tensor], h: int, w: int, tile: int | None = None, overlap: int = 32,
@@ -112,8 +128,8 @@ def predict_bands(
         end = h if a0 == h else a0 - margin
         if end > emitted:
             s0 = max(d0, emitted - margin)
-            maps = decode(smooth_outputs(done[None, :, s0 - d0 : min(h, end + margin) - d0], smooth_px, edges), model.encoding)[0]
-            yield emitted, maps[:, emitted - s0 : end - s0].cpu()
+            raw = done[None, :, s0 - d0 : min(h, end + margin) - d0]
+            yield emitted, _smoothed(raw, smooth_px, edges, margin, model.encoding)[0, :, emitted - s0 : end - s0].cpu()
             keep = max(d0, end - margin)
             done, d0, emitted = done[:, keep - d0 :], keep, end
 
